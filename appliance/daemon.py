@@ -1,0 +1,100 @@
+"""`appliance serve`: start the services in order, tell systemd, stop them in reverse."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from appliance import __version__
+from appliance.config import Settings
+from appliance.http.app import Runtime, create_app
+from appliance.http.service import HttpService
+from appliance.metrics import count_models
+from appliance.store.client import Store
+from appliance.store.server import EmbeddedRedis
+from appliance.supervisor import Supervisor
+from appliance.systemd import Notifier, watchdog_loop
+
+LOGGER = logging.getLogger("appliance.daemon")
+
+STATUS_REFRESH: Final = 5.0
+# Time for redis-server to save and exit, on top of the HTTP drain.
+STORE_STOP_TIMEOUT: Final = 30.0
+
+
+def status_line(supervisor: Supervisor, settings: Settings, urls: list[str]) -> str:
+    failing = supervisor.unhealthy_critical()
+    models = count_models(Path(settings.models_dir))
+    where = urls[0] if urls else settings.bind
+    if failing:
+        return f"degraded: {', '.join(failing)} not healthy; {models} models; {where}"
+    return f"ready: {models} models; serving {where}"
+
+
+async def _keep_status(notifier: Notifier, supervisor: Supervisor, settings: Settings, http: HttpService) -> None:
+    while True:
+        notifier.status(status_line(supervisor, settings, http.urls))
+        with trio.move_on_after(STATUS_REFRESH):
+            await supervisor.changed.wait()
+
+
+def _prepare_directories(settings: Settings) -> None:
+    for path in (settings.state_dir, settings.runtime_dir):
+        Path(path).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
+    """Run until SIGTERM/SIGINT; return the exit code. ServiceFailed propagates."""
+    notifier = notifier or Notifier()
+    await trio.to_thread.run_sync(_prepare_directories, settings)
+    LOGGER.info("appliance %s starting (%s)", __version__, settings.env)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            supervisor = Supervisor(
+                nursery,
+                restart_limit=settings.restart_limit,
+                restart_window=settings.restart_window,
+            )
+            stop_requested = trio.Event()
+
+            async def wait_for_signal(startup: trio.CancelScope) -> None:
+                async for signum in signals:
+                    LOGGER.info("received %s; stopping", signal.Signals(signum).name)
+                    stop_requested.set()
+                    startup.cancel()
+                    return
+
+            with trio.CancelScope() as startup:
+                nursery.start_soon(wait_for_signal, startup)
+                http = await _start_services(supervisor, settings)
+                notifier.ready(status_line(supervisor, settings, http.urls))
+                LOGGER.info("ready on %s", ", ".join(http.urls))
+                nursery.start_soon(watchdog_loop, notifier, supervisor.unhealthy_critical)
+                nursery.start_soon(_keep_status, notifier, supervisor, settings, http)
+            await stop_requested.wait()
+            notifier.stopping()
+            await supervisor.stop_all(timeout=settings.graceful_timeout + STORE_STOP_TIMEOUT)
+            nursery.cancel_scope.cancel()
+    LOGGER.info("stopped")
+    return 0
+
+
+async def _start_services(supervisor: Supervisor, settings: Settings) -> HttpService:
+    if settings.embedded_redis:
+        redis = EmbeddedRedis(
+            Path(settings.state_dir), Path(settings.runtime_dir), settings.redis_maxmemory
+        )
+        await supervisor.start(redis)
+        url = f"unix://{redis.socket_path}"
+    else:
+        url = settings.redis_url
+    store = Store(url)
+    await supervisor.start(store)
+    app = create_app(Runtime(settings=settings, supervisor=supervisor, store=store))
+    http = HttpService(app, settings)
+    await supervisor.start(http)
+    return http

@@ -1,0 +1,122 @@
+"""The Quart-Trio application: request ids, access lines, body limit, CORS, JSON errors."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Final
+
+import quart_cors
+from quart import Quart, Response, current_app, g, request
+from quart_trio import QuartTrio
+
+from appliance.config import Settings
+from appliance.http.errors import ApiError, register_error_handlers
+from appliance.logs import request_context
+from appliance.metrics import ProcessSampler, RequestStats
+from appliance.store.client import Store
+from appliance.supervisor import Supervisor
+
+ACCESS_LOGGER = logging.getLogger("appliance.access")
+
+REQUEST_ID_HEADER: Final = "X-Request-ID"
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+# The HTTP service's own liveness probe; its requests are not access-logged.
+PROBE_USER_AGENT: Final = "appliance-self-probe"
+
+
+@dataclass
+class Runtime:
+    """What the handlers need from the daemon; owned by the daemon, shared by reference."""
+
+    settings: Settings
+    supervisor: Supervisor
+    store: Store
+    started: float = field(default_factory=time.monotonic)
+    sampler: ProcessSampler = field(default_factory=ProcessSampler)
+    requests: RequestStats = field(default_factory=RequestStats)
+
+
+def runtime() -> Runtime:
+    value: Runtime = current_app.extensions["appliance"]
+    return value
+
+
+def request_id_from(header: str | None) -> str:
+    """The caller's id when it is sane (short, printable, no spaces), else a new one."""
+    if header and _SANE_REQUEST_ID.fullmatch(header):
+        return header
+    return f"req-{uuid.uuid4().hex}"
+
+
+def create_app(state: Runtime) -> Quart:
+    from appliance.http.health import blueprint as health
+
+    app: Quart = QuartTrio("appliance")
+    app.extensions["appliance"] = state
+    app.config["MAX_CONTENT_LENGTH"] = state.settings.max_body_bytes
+    app.config["JSON_SORT_KEYS"] = False
+    app.register_blueprint(health)
+    register_error_handlers(app)
+    _install_request_hooks(app, state)
+    origins = state.settings.allowed_origins
+    if origins:
+        app = quart_cors.cors(
+            app,
+            allow_origin="*" if "*" in origins else list(origins),
+            allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+            expose_headers=[REQUEST_ID_HEADER],
+            max_age=600,
+        )
+    return app
+
+
+def _install_request_hooks(app: Quart, state: Runtime) -> None:
+    limit = state.settings.max_body_bytes
+
+    @app.before_request
+    async def _begin() -> None:
+        g.started = time.perf_counter()
+        g.request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        g.counted = True
+        state.requests.in_flight += 1
+        request_context.set(
+            {"request_id": g.request_id, "endpoint": request.path, "method": request.method}
+        )
+        length = request.content_length
+        if length is not None and length > limit:
+            raise ApiError(
+                413,
+                "request_too_large",
+                f"request body is {length} bytes; the limit is {limit} bytes "
+                "(APPLIANCE_MAX_BODY_BYTES)",
+            )
+
+    @app.after_request
+    async def _finish(response: Response) -> Response:
+        request_id = g.get("request_id") or request_id_from(None)
+        response.headers[REQUEST_ID_HEADER] = request_id
+        if g.pop("counted", False):
+            state.requests.in_flight -= 1
+        state.requests.record(response.status_code)
+        if request.headers.get("User-Agent") != PROBE_USER_AGENT:
+            started = g.get("started")
+            duration = (time.perf_counter() - started) * 1000 if started else 0.0
+            ACCESS_LOGGER.info(
+                "%s %s %d",
+                request.method,
+                request.path,
+                response.status_code,
+                extra={
+                    "request_id": request_id,
+                    "endpoint": request.path,
+                    "method": request.method,
+                    "status": response.status_code,
+                    "duration_ms": round(duration, 2),
+                },
+            )
+        return response

@@ -1,0 +1,95 @@
+"""One JSON error shape for every failure (OpenAI's, so OpenAI clients can read ours)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from quart import Quart, Response, g, jsonify
+from werkzeug.exceptions import HTTPException
+
+LOGGER = logging.getLogger("appliance.http")
+
+# HTTP status -> the `type` OpenAI clients look at.
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    507: "insufficient_storage",
+}
+
+
+class ApiError(Exception):
+    """An error with a status, a stable code and a message that says what to do."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+
+def error_body(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+            "param": param,
+            "code": code,
+            "request_id": g.get("request_id"),
+        }
+    }
+
+
+def error_response(
+    status: int, code: str, message: str, *, param: str | None = None
+) -> tuple[Response, int]:
+    return jsonify(error_body(status, code, message, param)), status
+
+
+_MESSAGES = {
+    404: "no such endpoint; see the API list in the README",
+    405: "this endpoint does not accept that method",
+}
+
+
+def register_error_handlers(app: Quart) -> None:
+    @app.errorhandler(ApiError)
+    async def _api_error(error: ApiError) -> tuple[Response, int, dict[str, str]]:
+        response, status = error_response(
+            error.status, error.code, error.message, param=error.param
+        )
+        return response, status, error.headers
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(error: HTTPException) -> tuple[Response, int]:
+        status = error.code or 500
+        code = (error.name or "error").lower().replace(" ", "_")
+        message = _MESSAGES.get(status) or error.description or error.name
+        return error_response(status, code, message)
+
+    @app.errorhandler(Exception)
+    async def _unexpected(error: Exception) -> tuple[Response, int]:
+        # The trace goes to the log with the request id; the client gets no internals.
+        LOGGER.exception("unhandled error while serving a request")
+        return error_response(
+            500, "internal_error", "internal error; the log has details under this request id"
+        )

@@ -1,0 +1,147 @@
+"""Health endpoints: live, ready, metrics (JSON or Prometheus) and supervised services."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+from quart import Blueprint, Response, request
+
+from appliance import __version__
+from appliance.http.app import Runtime, runtime
+from appliance.metrics import count_models, system_metrics, to_prometheus, uptime_since
+from appliance.store.client import StoreUnavailable
+
+blueprint = Blueprint("health", __name__, url_prefix="/api/v1/health")
+
+READY_PROBE_TIMEOUT = 1.0
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(body), status=status, mimetype="application/json")
+
+
+@blueprint.get("/live")
+async def live() -> Response:
+    state = runtime()
+    return _json(
+        {"status": "alive", "version": __version__, "uptime_seconds": uptime_since(state.started)}
+    )
+
+
+async def _redis_check(state: Runtime) -> dict[str, Any]:
+    try:
+        seconds = await state.store.ping(timeout=READY_PROBE_TIMEOUT)
+    except StoreUnavailable as exc:
+        return {"name": "redis", "state": "fail", "detail": str(exc)}
+    return {"name": "redis", "state": "ok", "detail": f"answered in {seconds * 1000:.1f} ms"}
+
+
+def _disk_check(state: Runtime) -> dict[str, Any]:
+    settings = state.settings
+    try:
+        free = shutil.disk_usage(settings.state_dir).free
+    except OSError:
+        return {"name": "disk", "state": "fail", "detail": "the state directory is not readable"}
+    needed = settings.min_free_disk_mb * 1024 * 1024
+    free_mb = free // (1024 * 1024)
+    if free < needed:
+        return {
+            "name": "disk",
+            "state": "fail",
+            "detail": f"{free_mb} MB free in the state directory; "
+            f"{settings.min_free_disk_mb} MB needed (APPLIANCE_MIN_FREE_DISK_MB)",
+        }
+    return {"name": "disk", "state": "ok", "detail": f"{free_mb} MB free"}
+
+
+def _models_check(state: Runtime) -> dict[str, Any]:
+    count = count_models(Path(state.settings.models_dir))
+    return {"name": "models", "state": "ok", "detail": f"{count} models available"}
+
+
+def _services_check(state: Runtime) -> dict[str, Any]:
+    failing = state.supervisor.unhealthy_critical()
+    if failing:
+        return {"name": "services", "state": "fail", "detail": "not running: " + ", ".join(failing)}
+    return {"name": "services", "state": "ok", "detail": "all critical services running"}
+
+
+@blueprint.get("/ready")
+async def ready() -> Response:
+    state = runtime()
+    checks = [
+        await _redis_check(state),
+        _disk_check(state),
+        _models_check(state),
+        _services_check(state),
+    ]
+    is_ready = all(check["state"] == "ok" for check in checks)
+    return _json(
+        {"status": "ready" if is_ready else "not_ready", "checks": checks},
+        status=200 if is_ready else 503,
+    )
+
+
+async def metrics_snapshot(state: Runtime) -> dict[str, Any]:
+    services = state.supervisor.snapshot()
+    pids = {"appliance": os.getpid()}
+    pids.update({s.name: s.pid for s in services if s.pid is not None})
+
+    def sample() -> dict[str, Any]:
+        return {
+            "system": system_metrics(Path(state.settings.state_dir)),
+            "processes": {name: state.sampler.sample(pid) for name, pid in pids.items()},
+            "models": count_models(Path(state.settings.models_dir)),
+        }
+
+    sampled = await trio.to_thread.run_sync(sample)
+    redis: dict[str, Any] = {"healthy": state.store.healthy()}
+    try:
+        with trio.fail_after(READY_PROBE_TIMEOUT):
+            memory = await state.store.memory()
+        redis["used_memory_bytes"] = memory["used_memory"]
+        redis["maxmemory_bytes"] = memory["maxmemory"]
+    except (StoreUnavailable, trio.TooSlowError):
+        redis["healthy"] = False
+    return {
+        "version": __version__,
+        "uptime_seconds": uptime_since(state.started),
+        "system": sampled["system"],
+        "process": sampled["processes"]["appliance"],
+        "processes": sampled["processes"],
+        "services": {
+            "redis": redis,
+            "models": {"count": sampled["models"]},
+            "supervised": [msgspec.to_builtins(s) for s in services],
+        },
+        "http": {
+            "by_status": dict(state.requests.by_status),
+            "in_flight": state.requests.in_flight,
+        },
+    }
+
+
+def _wants_prometheus() -> bool:
+    if request.args.get("format") == "prometheus":
+        return True
+    accept = request.headers.get("Accept", "")
+    return "text/plain" in accept and "application/json" not in accept
+
+
+@blueprint.get("/metrics")
+async def metrics() -> Response:
+    snapshot = await metrics_snapshot(runtime())
+    if _wants_prometheus():
+        return Response(to_prometheus(snapshot), mimetype="text/plain; version=0.0.4")
+    return _json(snapshot)
+
+
+@blueprint.get("/services")
+async def services() -> Response:
+    state = runtime()
+    return _json({"services": [msgspec.to_builtins(s) for s in state.supervisor.snapshot()]})

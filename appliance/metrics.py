@@ -1,0 +1,135 @@
+"""System, process and service metrics (psutil), as JSON and as Prometheus text."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+class RequestStats:
+    """Counts of HTTP requests by status class, kept by the app that serves them."""
+
+    def __init__(self) -> None:
+        self.by_status: Counter[str] = Counter()
+        self.in_flight = 0
+
+    def record(self, status: int) -> None:
+        self.by_status[f"{status // 100}xx"] += 1
+
+
+class ProcessSampler:
+    """psutil handles kept between scrapes, so CPU percentages cover the interval since."""
+
+    def __init__(self) -> None:
+        self._processes: dict[int, psutil.Process] = {}
+
+    def sample(self, pid: int) -> dict[str, Any] | None:
+        process = self._processes.get(pid)
+        try:
+            if process is None:
+                process = psutil.Process(pid)
+                process.cpu_percent(None)
+                self._processes[pid] = process
+            with process.oneshot():
+                memory = process.memory_info()
+                return {
+                    "pid": pid,
+                    "rss_bytes": memory.rss,
+                    "vms_bytes": memory.vms,
+                    "cpu_percent": process.cpu_percent(None),
+                    "threads": process.num_threads(),
+                    "open_fds": process.num_fds(),
+                }
+        except psutil.Error:
+            self._processes.pop(pid, None)
+            return None
+
+
+def system_metrics(state_dir: Path) -> dict[str, Any]:
+    memory = psutil.virtual_memory()
+    disk = psutil.disk_usage(str(state_dir)) if state_dir.exists() else None
+    return {
+        "cpu_percent": psutil.cpu_percent(None),
+        "cpu_count": psutil.cpu_count() or 0,
+        "load_average": list(os.getloadavg()),
+        "memory_total_bytes": memory.total,
+        "memory_available_bytes": memory.available,
+        "memory_percent": memory.percent,
+        "disk_total_bytes": disk.total if disk else 0,
+        "disk_free_bytes": disk.free if disk else 0,
+        "disk_percent": disk.percent if disk else 0.0,
+    }
+
+
+def count_models(models_dir: Path) -> int:
+    try:
+        return sum(1 for entry in models_dir.iterdir() if entry.suffix == ".gguf")
+    except OSError:
+        return 0
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, snapshot: dict[str, Any]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot
+        for key, value in snap["system"].items():
+            if isinstance(value, int | float):
+                yield _gauge(f"appliance_system_{key}", f"system {key}", value)
+        for key in ("rss_bytes", "vms_bytes", "cpu_percent", "threads", "open_fds"):
+            family = GaugeMetricFamily(
+                f"appliance_process_{key}", f"{key} per process", labels=["process"]
+            )
+            for name, proc in snap["processes"].items():
+                if proc is not None:
+                    family.add_metric([name], proc[key])
+            yield family
+        yield _gauge("appliance_uptime_seconds", "seconds since start", snap["uptime_seconds"])
+        redis = snap["services"]["redis"]
+        yield _gauge("appliance_redis_up", "1 when Redis answers", 1 if redis["healthy"] else 0)
+        for key in ("used_memory_bytes", "maxmemory_bytes"):
+            if key in redis:
+                yield _gauge(f"appliance_redis_{key}", f"Redis {key}", redis[key])
+        yield _gauge("appliance_models", "models available", snap["services"]["models"]["count"])
+        healthy = GaugeMetricFamily(
+            "appliance_service_healthy", "1 when the service runs and answers", labels=["service"]
+        )
+        restarts = GaugeMetricFamily(
+            "appliance_service_restarts", "restarts since start", labels=["service"]
+        )
+        for service in snap["services"]["supervised"]:
+            healthy.add_metric([service["name"]], 1 if service["healthy"] else 0)
+            restarts.add_metric([service["name"]], service["restarts"])
+        yield healthy
+        yield restarts
+        requests = GaugeMetricFamily(
+            "appliance_http_requests", "requests answered, by status class", labels=["status"]
+        )
+        for status, count in sorted(snap["http"]["by_status"].items()):
+            requests.add_metric([status], count)
+        yield requests
+        yield _gauge("appliance_http_in_flight", "requests in flight", snap["http"]["in_flight"])
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def to_prometheus(snapshot: dict[str, Any]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SnapshotCollector(snapshot))
+    return generate_latest(registry)
+
+
+def uptime_since(started_monotonic: float) -> float:
+    return round(time.monotonic() - started_monotonic, 3)

@@ -1,0 +1,1 @@
+"""Storage: the embedded redis-server child and the client the rest of the daemon uses."""

@@ -1,0 +1,217 @@
+"""The supervisor: starts services in one nursery, restarts them, stops them in order.
+
+A service is an object with `name`, `critical` and `async def run(*, task_status)` that
+calls `task_status.started(value)` once it is really ready and runs until it fails or is
+cancelled. A failed service is restarted with exponential back-off; more failures than
+the limit inside the window raise `ServiceFailed`, which ends the daemon with a non-zero
+exit so that systemd restarts the whole unit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any, Final, Literal
+
+import msgspec
+import trio
+
+LOGGER = logging.getLogger("appliance.supervisor")
+
+MAX_BACKOFF_SECONDS: Final = 30.0
+FIRST_BACKOFF_SECONDS: Final = 0.5
+
+State = Literal["starting", "running", "backoff", "stopping", "stopped", "failed"]
+
+
+class ServiceFailed(Exception):
+    """A service failed more often than the restart policy allows."""
+
+
+class Service:
+    """Base class of supervised services. Subclasses override `run` and maybe the rest."""
+
+    name: str = "service"
+    critical: bool = True
+    # True when `drain` makes `run` return by itself (finishing work in flight);
+    # otherwise stopping the service cancels it at once.
+    drains: bool = False
+
+    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        raise NotImplementedError
+
+    async def drain(self) -> None:
+        """Ask the service to finish its work and return from `run`; default: cancel it."""
+
+    def healthy(self) -> bool:
+        """Whether the service currently answers; used by readiness and the watchdog."""
+        return True
+
+    def pid(self) -> int | None:
+        """The pid of the child process behind the service, if any."""
+        return None
+
+
+class ServiceState(msgspec.Struct):
+    """What `/api/v1/health/services` shows for one service."""
+
+    name: str
+    critical: bool
+    state: State
+    healthy: bool
+    pid: int | None
+    restarts: int
+    last_error: str | None
+    since: float
+
+
+class _Record:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.state: State = "starting"
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.since = time.time()
+        self.failures: deque[float] = deque()
+        self.scope = trio.CancelScope()
+        self.stopping = False
+        self.done = trio.Event()
+
+    def enter(self, state: State) -> None:
+        self.state = state
+        self.since = time.time()
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an operator; the exception's own text is expected to be safe to show."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Supervisor:
+    """Owns the services of one daemon; state belongs here, not in module globals."""
+
+    def __init__(
+        self, nursery: trio.Nursery, *, restart_limit: int = 5, restart_window: float = 60.0
+    ) -> None:
+        self._nursery = nursery
+        self._limit = restart_limit
+        self._window = restart_window
+        self._records: dict[str, _Record] = {}
+        self.changed = trio.Event()
+
+    async def start(self, service: Service) -> Any:
+        """Start `service` and wait until it is ready; later failures restart it."""
+        if service.name in self._records:
+            raise ValueError(f"service {service.name} is already supervised")
+        record = _Record(service)
+        self._records[service.name] = record
+        return await self._nursery.start(self._supervise, record)
+
+    def _notify_change(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def _supervise(
+        self, record: _Record, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        service = record.service
+        reported = False
+        with record.scope:
+            try:
+                while True:
+                    record.enter("starting")
+                    self._notify_change()
+                    error: str
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            value = await nursery.start(service.run)
+                            record.enter("running")
+                            self._notify_change()
+                            LOGGER.info("service %s is running", service.name)
+                            if not reported:
+                                reported = True
+                                task_status.started(value)
+                        error = "exited without an error"
+                    except Exception as exc:
+                        error = describe_error(exc)
+                    if record.stopping:
+                        return
+                    await self._after_failure(record, error)
+            finally:
+                record.enter("stopped" if record.stopping else "failed")
+                record.done.set()
+                self._notify_change()
+
+    async def _after_failure(self, record: _Record, error: str) -> None:
+        service = record.service
+        now = time.monotonic()
+        record.failures.append(now)
+        while record.failures and now - record.failures[0] > self._window:
+            record.failures.popleft()
+        record.last_error = error
+        if len(record.failures) > self._limit:
+            LOGGER.error(
+                "service %s failed %d times in %.0f s (last: %s); giving up",
+                service.name,
+                len(record.failures),
+                self._window,
+                error,
+            )
+            raise ServiceFailed(
+                f"service {service.name} failed {len(record.failures)} times in "
+                f"{self._window:.0f} s; last error: {error}"
+            )
+        delay = min(FIRST_BACKOFF_SECONDS * 2 ** (len(record.failures) - 1), MAX_BACKOFF_SECONDS)
+        LOGGER.warning(
+            "service %s stopped (%s); restarting in %.1f s", service.name, error, delay
+        )
+        record.restarts += 1
+        record.enter("backoff")
+        self._notify_change()
+        await trio.sleep(delay)
+
+    async def stop(self, name: str, timeout: float) -> None:
+        """Drain one service (bounded by `timeout`), then cancel what is left of it."""
+        record = self._records[name]
+        if record.done.is_set():
+            return
+        record.stopping = True
+        record.enter("stopping")
+        self._notify_change()
+        if record.service.drains:
+            with trio.move_on_after(timeout):
+                await record.service.drain()
+                await record.done.wait()
+        record.scope.cancel()
+        await record.done.wait()
+
+    async def stop_all(self, timeout: float) -> None:
+        """Stop every service, the last started first (HTTP drains before the store)."""
+        for name in reversed(list(self._records)):
+            await self.stop(name, timeout)
+
+    def snapshot(self) -> list[ServiceState]:
+        return [
+            ServiceState(
+                name=name,
+                critical=record.service.critical,
+                state=record.state,
+                healthy=record.state == "running" and record.service.healthy(),
+                pid=record.service.pid() if record.state == "running" else None,
+                restarts=record.restarts,
+                last_error=record.last_error,
+                since=record.since,
+            )
+            for name, record in self._records.items()
+        ]
+
+    def unhealthy_critical(self) -> list[str]:
+        """Names of critical services that are not running and answering."""
+        return [s.name for s in self.snapshot() if s.critical and not s.healthy]
+
+    def service(self, name: str) -> Service:
+        return self._records[name].service
