@@ -13,6 +13,7 @@ from quart import Blueprint, Response, request
 
 from appliance import __version__
 from appliance.http.app import Runtime, runtime
+from appliance.http.errors import ApiError
 from appliance.metrics import count_models, system_metrics, to_prometheus, uptime_since
 from appliance.store.client import StoreUnavailable
 
@@ -133,9 +134,35 @@ def _wants_prometheus() -> bool:
     return "text/plain" in accept and "application/json" not in accept
 
 
+MAX_SAMPLE_SECONDS = 10.0
+
+
+def _sample_seconds() -> float:
+    raw = request.args.get("sample_seconds", "0")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= MAX_SAMPLE_SECONDS:
+        raise ApiError(
+            400,
+            "invalid_parameter",
+            f"sample_seconds must be a number from 0 to {MAX_SAMPLE_SECONDS:.0f}",
+            param="sample_seconds",
+        )
+    return value
+
+
 @blueprint.get("/metrics")
 async def metrics() -> Response:
-    snapshot = await metrics_snapshot(runtime())
+    """Metrics now; with `?sample_seconds=N`, CPU figures cover the next N seconds."""
+    state = runtime()
+    sample_seconds = _sample_seconds()
+    if sample_seconds:
+        # The first reading only starts the CPU counters; the snapshot closes the window.
+        await metrics_snapshot(state)
+        await trio.sleep(sample_seconds)
+    snapshot = await metrics_snapshot(state)
     if _wants_prometheus():
         return Response(to_prometheus(snapshot), mimetype="text/plain; version=0.0.4")
     return _json(snapshot)

@@ -1,0 +1,170 @@
+"""Process plumbing shared by the benchmarks: temp dirs, ports, children, the daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+REPO: Final = Path(__file__).resolve().parent.parent
+BENCH_DIR: Final = REPO / "bench"
+VENV_BIN: Final = REPO / ".venv" / "bin"
+PYTHON: Final = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+APPLIANCE: Final = str(VENV_BIN / "appliance")
+LOOPBACK: Final = "127.0.0.1"
+STOP_TIMEOUT: Final = 15.0
+# Variables that would make the daemon read settings or talk to systemd behind our back.
+_INHERITED_NOISE: Final = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "STATE_DIRECTORY",
+    "RUNTIME_DIRECTORY",
+    "JOURNAL_STREAM",
+)
+
+
+def note(message: str) -> None:
+    """Progress for humans: stderr, so stdout stays one JSON object per line."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def result(bench: str, metric: str, value: float, unit: str, **extra: Any) -> dict[str, Any]:
+    return {"bench": bench, "metric": metric, "value": value, "unit": unit, **extra}
+
+
+@contextlib.contextmanager
+def short_tempdir() -> Iterator[Path]:
+    # Short on purpose: the daemon's redis socket and our notify socket live inside it, and
+    # unix socket paths are limited to 107 bytes.
+    path = Path(tempfile.mkdtemp(prefix="ab", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode} while starting")
+        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {LOOPBACK}:{port} after {timeout} s")
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> int | None:
+    """SIGTERM, wait, SIGKILL as a last resort; the exit code (None if it had to be killed)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            note(f"{process.args!r} ignored SIGTERM for {timeout} s; killing it")
+            process.kill()
+            process.wait()
+            return None
+    return process.returncode
+
+
+def daemon_environment(state_dir: Path, port: int, **extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("APPLIANCE_") and k not in _INHERITED_NOISE
+    }
+    env_file = state_dir / "empty.env"
+    env_file.touch()
+    env.update(
+        APPLIANCE_STATE_DIR=str(state_dir),
+        APPLIANCE_BIND=f"{LOOPBACK}:{port}",
+        # An empty file of our own, so a system-wide /etc/appliance/appliance.env is not read.
+        APPLIANCE_ENV_FILE=str(env_file),
+        **extra,
+    )
+    return env
+
+
+class Daemon:
+    """`appliance serve` in a temp state dir, with a notify socket of ours to hear READY=1."""
+
+    def __init__(self, state_dir: Path, log_level: str = "INFO") -> None:
+        self.state_dir = state_dir
+        self.port = free_port()
+        self.base_url = f"http://{LOOPBACK}:{self.port}"
+        self.log_path = state_dir / "daemon.log"
+        self.notify_path = state_dir / "notify.sock"
+        self.log_level = log_level
+        self.process: subprocess.Popen[bytes] | None = None
+        self.exit_code: int | None = None
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def __enter__(self) -> Daemon:
+        # The socket must exist first: the daemon connects to it once, at start.
+        self._notify.bind(str(self.notify_path))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.process is not None:
+                self.exit_code = stop(self.process)
+        finally:
+            self._notify.close()
+
+    def start(self) -> float:
+        """Start the daemon; the monotonic time just before it was spawned."""
+        env = daemon_environment(
+            self.state_dir,
+            self.port,
+            NOTIFY_SOCKET=str(self.notify_path),
+            APPLIANCE_LOG_LEVEL=self.log_level,
+        )
+        # Logs go to a file rather than a pipe nobody reads, so they never block the daemon.
+        with self.log_path.open("wb") as log:
+            started = time.monotonic()
+            self.process = subprocess.Popen(
+                [APPLIANCE, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        return started
+
+    def wait_ready(self, timeout: float = 60.0) -> float:
+        """Block until READY=1 arrives; the monotonic time it arrived."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"the daemon exited with {self.process.returncode}: {self.log()}")
+            self._notify.settimeout(min(left, 0.5))
+            try:
+                message = self._notify.recv(4096).decode("ascii", "replace")
+            except TimeoutError:
+                continue
+            if "READY=1" in message.split("\n"):
+                return time.monotonic()
+        raise TimeoutError(f"no READY=1 within {timeout} s: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""
+
+
+def spawn_python(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([PYTHON, *argv], **kwargs)

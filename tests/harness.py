@@ -1,0 +1,192 @@
+"""Start the real daemon as a child process, with a real NOTIFY_SOCKET, for tests.
+
+Nothing here stands in for a part of the product: the daemon, its redis-server and its
+HTTP server are the real ones; the test talks to them over loopback and unix sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+READY_TIMEOUT = 60.0
+
+
+def short_tempdir(prefix: str = "ap") -> Path:
+    """A short directory under /tmp: unix socket paths must stay under 107 bytes."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class NotifySocket:
+    """A unix datagram socket where the daemon sends its sd_notify messages."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "notify.sock"
+        self._socket = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.messages: list[tuple[float, str]] = []
+
+    async def bind(self) -> None:
+        await self._socket.bind(str(self.path))
+
+    async def receive(self) -> str:
+        data = await self._socket.recv(4096)
+        text = data.decode()
+        self.messages.append((trio.current_time(), text))
+        return text
+
+    async def wait_for(self, needle: str, timeout: float = READY_TIMEOUT) -> str:
+        """Receive until a message contains `needle`; return that message."""
+        with trio.fail_after(timeout):
+            while True:
+                message = await self.receive()
+                if needle in message:
+                    return message
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+@dataclass
+class Daemon:
+    process: trio.Process
+    state_dir: Path
+    log_path: Path
+    url: str
+    notify: NotifySocket | None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=10, **kwargs)
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for raw in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except json.JSONDecodeError:
+                lines.append({"raw": raw})
+        return lines
+
+    async def service_pid(self, name: str) -> int:
+        async with self.client() as client:
+            services = (await client.get("/api/v1/health/services")).json()["services"]
+        for service in services:
+            if service["name"] == name and service["pid"]:
+                return int(service["pid"])
+        raise LookupError(f"no running service {name}")
+
+    async def wait_exit(self, timeout: float = 60) -> int:
+        with trio.fail_after(timeout):
+            return await self.process.wait()
+
+    async def stop(self, signum: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signum)
+        with trio.fail_after(timeout):
+            return await self.process.wait()
+
+
+def daemon_environment(state_dir: Path, extra: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"):
+        env.pop(name, None)
+    empty_env_file = state_dir / "test.env"
+    empty_env_file.touch()
+    env.update(
+        {
+            "APPLIANCE_ENV_FILE": str(empty_env_file),
+            "APPLIANCE_STATE_DIR": str(state_dir),
+            "APPLIANCE_BIND": "127.0.0.1:0",
+            "APPLIANCE_LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+async def start_daemon(
+    state_dir: Path, extra_env: Mapping[str, str] | None = None, *, notify: bool = True
+) -> Daemon:
+    """Start `appliance serve`; with `notify`, wait for READY=1 and read the URL from STATUS."""
+    env = daemon_environment(state_dir, extra_env or {})
+    notifier = None
+    if notify:
+        notifier = NotifySocket(state_dir)
+        await notifier.bind()
+        env["NOTIFY_SOCKET"] = str(notifier.path)
+    log_path = state_dir / "daemon.log"
+    with log_path.open("ab") as log:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "appliance", "serve"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    daemon = Daemon(process, state_dir, log_path, url="", notify=notifier, env=env)
+    if notifier is not None:
+        try:
+            ready = await notifier.wait_for("READY=1")
+        except trio.TooSlowError:
+            process.kill()
+            raise AssertionError("daemon never became ready:\n" + log_path.read_text()) from None
+        daemon.url = ready.split("serving ", 1)[1].strip()
+    return daemon
+
+
+@asynccontextmanager
+async def running_daemon(
+    extra_env: Mapping[str, str] | None = None,
+    *,
+    notify: bool = True,
+    state_dir: Path | None = None,
+) -> AsyncIterator[Daemon]:
+    state_dir = state_dir or short_tempdir()
+    daemon = await start_daemon(state_dir, extra_env, notify=notify)
+    try:
+        yield daemon
+    finally:
+        with trio.CancelScope(shield=True):
+            if daemon.process.returncode is None:
+                daemon.process.send_signal(signal.SIGTERM)
+                with trio.move_on_after(60):
+                    await daemon.process.wait()
+                if daemon.process.returncode is None:
+                    daemon.process.kill()
+                    await daemon.process.wait()
+            if daemon.notify is not None:
+                daemon.notify.close()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is gone for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
