@@ -148,7 +148,7 @@ class Supervisor:
 
     async def _after_failure(self, record: _Record, error: str) -> None:
         service = record.service
-        now = time.monotonic()
+        now = trio.current_time()
         record.failures.append(now)
         while record.failures and now - record.failures[0] > self._window:
             record.failures.popleft()

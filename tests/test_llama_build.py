@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from tiny_gguf import write_tiny_llama
+from tests.tiny_gguf import write_tiny_llama
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 N_TOKENS = 20

@@ -14,6 +14,7 @@ import sys
 
 import gguf
 import numpy as np
+import numpy.typing as npt
 
 # Common English words. Each becomes a "▁word" piece (SentencePiece marks a leading space with ▁),
 # along with every prefix ("▁w", "▁wo", ...): SentencePiece builds a word by merging adjacent
@@ -25,7 +26,7 @@ each she which do their time if will way about many then them write would like s
 make thing see him two has look more day could go come did number sound no most people my over
 know water than call first who may down side been now find any new work part take get place made
 live where after back hello assistant question answer blue model test yes
-""".split()
+"""
 
 _SPECIAL = ("<unk>", "<s>", "</s>")
 
@@ -44,7 +45,7 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
     pieces += [chr(c) for c in range(ord("a"), ord("z") + 1)]
     pieces += list(".,!?'-:;()0123456789")
     pieces += [f"▁{chr(c)}" for c in range(ord("a"), ord("z") + 1)]
-    pieces += [f"▁{word[:n]}" for word in _WORDS for n in range(1, len(word) + 1)]
+    pieces += [f"▁{word[:n]}" for word in _WORDS.split() for n in range(1, len(word) + 1)]
     seen: set[str] = set(tokens)
     for piece in pieces:
         if piece in seen:
@@ -67,8 +68,8 @@ def write_tiny_llama(
     """Write a tiny random-weight llama GGUF to ``path`` and return ``path``.
 
     The same ``seed`` gives the same weights. There are 4 query heads sharing 2 KV heads
-    (grouped-query attention, as in current llama models). numpy shapes are (rows, cols); GGUF stores
-    dimensions reversed, so e.g. ``attn_q`` is numpy ``(n_head * head_dim, n_embd)``.
+    (grouped-query attention, as in current llama models). numpy shapes are (rows, cols) and
+    GGUF stores dimensions reversed, so ``attn_q`` is numpy ``(n_head * head_dim, n_embd)``.
     """
     path = pathlib.Path(path)
     n_head = 4
@@ -82,11 +83,11 @@ def write_tiny_llama(
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
 
-    def weight(*shape: int) -> np.ndarray:
-        fan_in = shape[-1]
-        return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+    def weight(*shape: int) -> npt.NDArray[np.float32]:
+        # Scaled by 1/sqrt(fan_in) so activations stay in a sane range through the layers.
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(shape[-1] ** -0.5)
 
-    def norm() -> np.ndarray:
+    def norm() -> npt.NDArray[np.float32]:
         return np.ones(n_embd, dtype=np.float32)
 
     writer = gguf.GGUFWriter(path, "llama")
