@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -69,13 +70,14 @@ async def terminate(process: trio.Process, grace: float) -> int:
     """SIGTERM, wait up to `grace` seconds, then SIGKILL. Safe to call when cancelled."""
     with trio.CancelScope(shield=True):
         if process.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             with trio.move_on_after(grace):
                 await process.wait()
             if process.returncode is None:
-                LOGGER.warning("child %d ignored SIGTERM for %.0f s; killing it", process.pid, grace)
+                LOGGER.warning(
+                    "child %d ignored SIGTERM for %.0f s; killing it", process.pid, grace
+                )
                 process.kill()
-        return await process.wait()
+        await process.wait()
+    return process.returncode if process.returncode is not None else -1

@@ -215,7 +215,9 @@ def _config_check(args: argparse.Namespace) -> int:
     problems = production_problems(settings)
     shown = masked(settings)
     if args.json:
-        print(json.dumps({"valid": not problems, "problems": problems, "settings": shown}, indent=2))
+        print(
+            json.dumps({"valid": not problems, "problems": problems, "settings": shown}, indent=2)
+        )
     else:
         width = max(len(name) for name in shown)
         for name, value in shown.items():

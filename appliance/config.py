@@ -64,9 +64,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = msgspec.field(
         default=1_048_576, name="APPLIANCE_MAX_BODY_BYTES"
     )
-    graceful_timeout: PositiveFloat = msgspec.field(
-        default=30.0, name="APPLIANCE_GRACEFUL_TIMEOUT"
-    )
+    graceful_timeout: PositiveFloat = msgspec.field(default=30.0, name="APPLIANCE_GRACEFUL_TIMEOUT")
     min_free_disk_mb: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(
         default=100, name="APPLIANCE_MIN_FREE_DISK_MB"
     )
@@ -149,7 +147,9 @@ DOCS: Final[dict[str, SettingDoc]] = {
     ),
     "APPLIANCE_RESTART_WINDOW": SettingDoc("seconds, above 0", "the window for the restart limit"),
     "SECRET_KEY": SettingDoc("32+ characters", "root secret; required in production"),
-    "PRIVACY_SALT": SettingDoc("text", "salt for key derivation and hashed ids; required in production"),
+    "PRIVACY_SALT": SettingDoc(
+        "text", "salt for key derivation and hashed ids; required in production"
+    ),
     "BACKEND_CORS_ORIGINS": SettingDoc(
         "comma-separated or JSON list of origins", "browser origins allowed (none by default)"
     ),
@@ -269,11 +269,8 @@ def _apply_directory_defaults(raw: dict[str, str], environ: Mapping[str, str]) -
 def _explain(exc: msgspec.ValidationError, values: Mapping[str, Any]) -> str:
     message = str(exc)
     match = re.search(r"at `\$\.(\w+)`", message)
-    if match:
-        name = match.group(1)
-    else:
-        # __post_init__ raises ValueError(<name>); msgspec reports its text as the message.
-        name = message.split(" - ")[0].strip()
+    # __post_init__ raises ValueError(<name>); msgspec reports its text as the message.
+    name = match.group(1) if match else message.split(" - ")[0].strip()
     doc = DOCS.get(name)
     if doc is None:
         return f"invalid settings: {message}"

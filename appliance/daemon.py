@@ -35,7 +35,9 @@ def status_line(supervisor: Supervisor, settings: Settings, urls: list[str]) -> 
     return f"ready: {models} models; serving {where}"
 
 
-async def _keep_status(notifier: Notifier, supervisor: Supervisor, settings: Settings, http: HttpService) -> None:
+async def _keep_status(
+    notifier: Notifier, supervisor: Supervisor, settings: Settings, http: HttpService
+) -> None:
     while True:
         notifier.status(status_line(supervisor, settings, http.urls))
         with trio.move_on_after(STATUS_REFRESH):

@@ -166,9 +166,7 @@ class Supervisor:
                 f"{self._window:.0f} s; last error: {error}"
             )
         delay = min(FIRST_BACKOFF_SECONDS * 2 ** (len(record.failures) - 1), MAX_BACKOFF_SECONDS)
-        LOGGER.warning(
-            "service %s stopped (%s); restarting in %.1f s", service.name, error, delay
-        )
+        LOGGER.warning("service %s stopped (%s); restarting in %.1f s", service.name, error, delay)
         record.restarts += 1
         record.enter("backoff")
         self._notify_change()

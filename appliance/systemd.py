@@ -76,9 +76,7 @@ async def watchdog_loop(notifier: Notifier, unhealthy: Callable[[], list[str]]) 
         failing = unhealthy()
         if failing:
             if failing != silent_since:
-                LOGGER.error(
-                    "withholding watchdog pings: %s not healthy", ", ".join(failing)
-                )
+                LOGGER.error("withholding watchdog pings: %s not healthy", ", ".join(failing))
             silent_since = failing
         else:
             if silent_since:

@@ -130,7 +130,9 @@ def test_production_requires_strong_secrets_and_exact_cors(tmp_path: Path) -> No
 
 
 def test_masked_settings_hide_secrets(tmp_path: Path) -> None:
-    settings = load_settings({"SECRET_KEY": STRONG, "PRIVACY_SALT": "pepper"}, _env_file(tmp_path, ""))
+    settings = load_settings(
+        {"SECRET_KEY": STRONG, "PRIVACY_SALT": "pepper"}, _env_file(tmp_path, "")
+    )
     shown = masked(settings)
     assert shown["SECRET_KEY"] == "set (40 characters)"
     assert shown["PRIVACY_SALT"] == "set (6 characters)"

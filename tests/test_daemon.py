@@ -195,7 +195,7 @@ async def test_external_redis_url_skips_the_embedded_server() -> None:
     )
     try:
         with trio.fail_after(60):
-            while not sock.exists():
+            while not sock.exists():  # noqa: ASYNC110 - polling a file, no event to wait on
                 await trio.sleep(0.05)
             async with running_daemon({"APPLIANCE_REDIS_URL": f"unix://{sock}"}) as daemon:
                 async with daemon.client() as client:

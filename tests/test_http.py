@@ -53,7 +53,10 @@ async def test_metrics_in_prometheus_text() -> None:
                 assert response.headers["content-type"].startswith("text/plain")
                 families = {f.name: f for f in text_string_to_metric_families(response.text)}
                 assert families["appliance_redis_up"].samples[0].value == 1
-                rss = {s.labels["process"]: s.value for s in families["appliance_process_rss_bytes"].samples}
+                rss = {
+                    s.labels["process"]: s.value
+                    for s in families["appliance_process_rss_bytes"].samples
+                }
                 assert rss["appliance"] > 0 and rss["redis"] > 0
                 assert "appliance_system_memory_total_bytes" in families
             bad = await client.get("/api/v1/health/metrics", params={"sample_seconds": "lots"})
@@ -105,34 +108,32 @@ async def test_without_cors_origins_no_origin_is_allowed() -> None:
 
 async def test_body_limit_unknown_routes_and_request_ids() -> None:
     with trio.fail_after(60):
-        async with running_daemon({"APPLIANCE_MAX_BODY_BYTES": "2048"}) as daemon:
-            async with daemon.client() as client:
-                big = await client.post("/api/v1/health/live", content=b"x" * 4096)
-                assert big.status_code == 413
-                assert "APPLIANCE_MAX_BODY_BYTES" in big.json()["error"]["message"]
+        async with (
+            running_daemon({"APPLIANCE_MAX_BODY_BYTES": "2048"}) as daemon,
+            daemon.client() as client,
+        ):
+            big = await client.post("/api/v1/health/live", content=b"x" * 4096)
+            assert big.status_code == 413
+            assert "APPLIANCE_MAX_BODY_BYTES" in big.json()["error"]["message"]
 
-                missing = await client.get("/api/v1/nothing-here")
-                assert missing.status_code == 404
-                assert missing.headers["content-type"] == "application/json"
-                assert missing.json()["error"]["type"] == "not_found_error"
+            missing = await client.get("/api/v1/nothing-here")
+            assert missing.status_code == 404
+            assert missing.headers["content-type"] == "application/json"
+            assert missing.json()["error"]["type"] == "not_found_error"
 
-                wrong_method = await client.delete("/api/v1/health/live")
-                assert wrong_method.status_code == 405
-                assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+            wrong_method = await client.delete("/api/v1/health/live")
+            assert wrong_method.status_code == 405
+            assert wrong_method.json()["error"]["code"] == "method_not_allowed"
 
-                echoed = await client.get(
-                    "/api/v1/health/live", headers={"X-Request-ID": "req-123"}
-                )
-                assert echoed.headers["x-request-id"] == "req-123"
-                for insane in ("has space", "x" * 300, "<script>"):
-                    replaced = await client.get(
-                        "/api/v1/health/live", headers={"X-Request-ID": insane}
-                    )
-                    assert replaced.headers["x-request-id"].startswith("req-")
-                    assert replaced.headers["x-request-id"] != insane
-                generated = await client.get("/api/v1/health/live")
-                assert generated.headers["x-request-id"].startswith("req-")
-                assert missing.json()["error"]["request_id"] == missing.headers["x-request-id"]
+            echoed = await client.get("/api/v1/health/live", headers={"X-Request-ID": "req-123"})
+            assert echoed.headers["x-request-id"] == "req-123"
+            for insane in ("has space", "x" * 300, "<script>"):
+                replaced = await client.get("/api/v1/health/live", headers={"X-Request-ID": insane})
+                assert replaced.headers["x-request-id"].startswith("req-")
+                assert replaced.headers["x-request-id"] != insane
+            generated = await client.get("/api/v1/health/live")
+            assert generated.headers["x-request-id"].startswith("req-")
+            assert missing.json()["error"]["request_id"] == missing.headers["x-request-id"]
 
 
 async def test_access_log_line_fields_and_no_secrets_in_logs() -> None:

@@ -51,7 +51,9 @@ def error_body(status: int, code: str, message: str, param: str | None = None) -
     return {
         "error": {
             "message": message,
-            "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+            "type": _TYPES.get(
+                status, "server_error" if status >= 500 else "invalid_request_error"
+            ),
             "param": param,
             "code": code,
             "request_id": g.get("request_id"),

@@ -76,7 +76,7 @@ class HttpService(Service):
         # serve() returns after a shutdown once requests in flight are done (or the
         # graceful timeout passed); then the probe loop beside it is cancelled too.
         await serve(
-            self.app,  # type: ignore[arg-type]
+            self.app,
             hypercorn_config(self.settings),
             shutdown_trigger=self._shutdown.wait,
             task_status=task_status,

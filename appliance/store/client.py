@@ -67,9 +67,8 @@ class Store(Service):
         except (coredis.exceptions.RedisError, OSError) as exc:
             raise StoreUnavailable(f"Redis did not answer: {type(exc).__name__}") from None
         return {
-            "used_memory": int(info.get("used_memory", 0)),
-            "maxmemory": int(info.get("maxmemory", 0)),
-            "used_memory_rss": int(info.get("used_memory_rss", 0)),
+            key: int(str(info.get(key, 0)))
+            for key in ("used_memory", "maxmemory", "used_memory_rss")
         }
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
