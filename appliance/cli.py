@@ -15,7 +15,7 @@ import httpx
 import trio
 
 from appliance import __version__
-from appliance.config import ConfigError, Settings, load_settings, masked, production_problems
+from appliance.config import ConfigError, Settings, load_settings, masked, startup_problems
 from appliance.envfile import DEFAULT_ENV_FILE, generate_env_file_text, write_new_env_file
 
 LOGGER = logging.getLogger("appliance.cli")
@@ -85,7 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _error(str(exc))
         return EXIT_ERROR
-    problems = production_problems(settings)
+    problems = startup_problems(settings)
     if problems:
         for problem in problems:
             _error(problem)
@@ -212,7 +212,7 @@ def _config_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _error(str(exc))
         return EXIT_ERROR
-    problems = production_problems(settings)
+    problems = startup_problems(settings)
     shown = masked(settings)
     if args.json:
         print(

@@ -305,6 +305,21 @@ def production_problems(settings: Settings) -> list[str]:
     return problems
 
 
+def startup_problems(settings: Settings) -> list[str]:
+    """Everything that stops the daemon from starting with these settings."""
+    problems = production_problems(settings)
+    # The switches must be honest: a feature this version cannot provide is refused.
+    if settings.search_enabled:
+        problems.append(
+            "SEARCH_ENABLED=true, but this version has no search provider; set it to false"
+        )
+    if settings.remote_llm_enabled:
+        problems.append(
+            "REMOTE_LLM_ENABLED=true, but this version has no remote LLM support; set it to false"
+        )
+    return problems
+
+
 def masked(settings: Settings) -> dict[str, str]:
     """Every effective setting by its variable name, secrets replaced by a description."""
     shown: dict[str, str] = {}

@@ -189,3 +189,17 @@ def test_version_flag() -> None:
     done = _cli("--version")
     assert done.returncode == 0
     assert done.stdout.startswith("appliance ")
+
+
+@pytest.mark.parametrize("switch", ["SEARCH_ENABLED", "REMOTE_LLM_ENABLED"])
+def test_external_service_switches_are_honest(tmp_path: Path, switch: str) -> None:
+    state = tmp_path / "state"
+    done = _cli(
+        "--env-file",
+        str(_env_file(tmp_path, "")),
+        "serve",
+        env={switch: "true", "APPLIANCE_STATE_DIR": str(state)},
+    )
+    assert done.returncode == 1
+    assert f"{switch}=true" in done.stderr
+    assert not state.exists()
