@@ -46,6 +46,7 @@ class NotifySocket:
         self.messages: list[tuple[float, str]] = []
 
     async def bind(self) -> None:
+        self.path.unlink(missing_ok=True)
         await self._socket.bind(str(self.path))
 
     async def receive(self) -> str:

@@ -210,3 +210,16 @@ async def test_external_redis_url_skips_the_embedded_server() -> None:
     finally:
         server.terminate()
         await server.wait()
+
+
+async def test_kill9_of_the_supervisor_takes_redis_down_with_it() -> None:
+    with trio.fail_after(60):
+        async with running_daemon() as daemon:
+            redis_pid = await daemon.service_pid("redis")
+            daemon.process.kill()
+            await daemon.wait_exit()
+            while pid_alive(redis_pid):  # noqa: ASYNC110 - polling another process
+                await trio.sleep(0.05)
+        # A restarted daemon finds the old socket and data and starts cleanly.
+        async with running_daemon(state_dir=daemon.state_dir) as again, again.client() as client:
+            assert (await client.get("/api/v1/health/ready")).status_code == 200

@@ -39,6 +39,7 @@ async def test_live_ready_services_and_metrics() -> None:
             assert metrics["processes"]["redis"]["rss_bytes"] > 0
             assert metrics["services"]["redis"]["healthy"] is True
             assert metrics["services"]["redis"]["maxmemory_bytes"] == 256 * 1024 * 1024
+            assert 0 < metrics["services"]["redis"]["memory_percent"] < 100
             assert metrics["services"]["models"]["count"] == 0
 
 

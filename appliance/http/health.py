@@ -107,6 +107,9 @@ async def metrics_snapshot(state: Runtime) -> dict[str, Any]:
             memory = await state.store.memory()
         redis["used_memory_bytes"] = memory["used_memory"]
         redis["maxmemory_bytes"] = memory["maxmemory"]
+        if memory["maxmemory"]:
+            # With noeviction, writes are refused once this reaches 100.
+            redis["memory_percent"] = round(100 * memory["used_memory"] / memory["maxmemory"], 1)
     except (StoreUnavailable, trio.TooSlowError):
         redis["healthy"] = False
     return {
