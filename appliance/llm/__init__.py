@@ -1,0 +1,1 @@
+"""Local inference: the model registry, the worker process and its protocol, the scheduler."""
