@@ -37,19 +37,37 @@ def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 async def spawn(
     argv: Sequence[str], *, env: Mapping[str, str] | None = None, pass_fds: Sequence[int] = ()
 ) -> trio.Process:
-    """Start a child whose stdout and stderr come back to us as one pipe."""
-    return await trio.lowlevel.open_process(
-        list(argv),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=child_environment(env),
-        preexec_fn=_die_with_parent,
-        # Its own session: a terminal's Ctrl-C (or a process-group kill) reaches only the
-        # supervisor, which then stops the child in order, after draining requests.
-        start_new_session=True,
-        pass_fds=tuple(pass_fds),
-    )
+    """Start a child whose stdout and stderr come back to us as one pipe.
+
+    The fork happens on the calling (event loop) thread, not in trio's thread pool:
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, and trio
+    retires idle pool threads after 10 s, which would kill a healthy child.
+    """
+    read_end, write_end = os.pipe()
+    try:
+        popen = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.STDOUT,
+            env=child_environment(env),
+            preexec_fn=_die_with_parent,
+            # Its own session: a terminal's Ctrl-C (or a process-group kill) reaches only
+            # the supervisor, which then stops the child in order, after draining requests.
+            start_new_session=True,
+            pass_fds=tuple(pass_fds),
+        )
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    # trio offers no public way to adopt a Popen; _create is its own constructor.
+    return trio.Process._create(popen, None, trio.lowlevel.FdStream(read_end), None)  # type: ignore[attr-defined,no-any-return]
+
+
+def _level_of(line: str) -> int:
+    return logging.WARNING if "WARNING" in line else logging.INFO
 
 
 async def forward_output(process: trio.Process, logger: logging.Logger) -> None:
@@ -61,9 +79,11 @@ async def forward_output(process: trio.Process, logger: logging.Logger) -> None:
         *lines, pending = pending.split(b"\n")
         for line in lines:
             if line.strip():
-                logger.info("%s", line.decode("utf-8", "replace").rstrip())
+                text = line.decode("utf-8", "replace").rstrip()
+                logger.log(_level_of(text), "%s", text)
     if pending.strip():
-        logger.info("%s", pending.decode("utf-8", "replace").rstrip())
+        text = pending.decode("utf-8", "replace").rstrip()
+        logger.log(_level_of(text), "%s", text)
 
 
 async def terminate(process: trio.Process, grace: float) -> int:

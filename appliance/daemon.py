@@ -44,6 +44,20 @@ async def _keep_status(
             await supervisor.changed.wait()
 
 
+async def _report(
+    scope: trio.CancelScope,
+    notifier: Notifier,
+    supervisor: Supervisor,
+    settings: Settings,
+    http: HttpService,
+) -> None:
+    """Watchdog pings and STATUS= updates, until the daemon starts stopping."""
+    with scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watchdog_loop, notifier, supervisor.unhealthy_critical)
+            nursery.start_soon(_keep_status, notifier, supervisor, settings, http)
+
+
 def _prepare_directories(settings: Settings) -> None:
     for path in (settings.state_dir, settings.runtime_dir):
         Path(path).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -70,14 +84,15 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
                     startup.cancel()
                     return
 
+            reporting = trio.CancelScope()
             with trio.CancelScope() as startup:
                 nursery.start_soon(wait_for_signal, startup)
                 http = await _start_services(supervisor, settings)
                 notifier.ready(status_line(supervisor, settings, http.urls))
                 LOGGER.info("ready on %s", ", ".join(http.urls))
-                nursery.start_soon(watchdog_loop, notifier, supervisor.unhealthy_critical)
-                nursery.start_soon(_keep_status, notifier, supervisor, settings, http)
+                nursery.start_soon(_report, reporting, notifier, supervisor, settings, http)
             await stop_requested.wait()
+            reporting.cancel()
             notifier.stopping()
             await supervisor.stop_all(timeout=settings.graceful_timeout + STORE_STOP_TIMEOUT)
             nursery.cancel_scope.cancel()

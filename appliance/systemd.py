@@ -25,6 +25,10 @@ class Notifier:
         environ = os.environ if environ is None else environ
         self.enabled = bool(environ.get("NOTIFY_SOCKET"))
         self._notifier = sdnotify.SystemdNotifier() if self.enabled else None
+        if self._notifier is not None and self._notifier.socket is not None:
+            # Never block the event loop on a full notify queue: a dropped STATUS or
+            # WATCHDOG is harmless; a frozen daemon is not.
+            self._notifier.socket.setblocking(False)
         self.watchdog_interval = _watchdog_interval(environ)
         self._last_status = ""
 

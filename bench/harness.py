@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +24,7 @@ PYTHON: Final = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else 
 APPLIANCE: Final = str(VENV_BIN / "appliance")
 LOOPBACK: Final = "127.0.0.1"
 STOP_TIMEOUT: Final = 15.0
+NOTIFY_POLL: Final = 0.2
 # Variables that would make the daemon read settings or talk to systemd behind our back.
 _INHERITED_NOISE: Final = (
     "NOTIFY_SOCKET",
@@ -106,7 +109,12 @@ def daemon_environment(state_dir: Path, port: int, **extra: str) -> dict[str, st
 
 
 class Daemon:
-    """`appliance serve` in a temp state dir, with a notify socket of ours to hear READY=1."""
+    """`appliance serve` in a temp state dir, with a notify socket of ours to hear READY=1.
+
+    A thread keeps reading the notify socket, as systemd does: the daemon's sd_notify sends
+    block once the socket's queue (net.unix.max_dgram_qlen, often 10) is full, and a
+    blocked send stalls its whole event loop.
+    """
 
     def __init__(self, state_dir: Path, log_level: str = "INFO") -> None:
         self.state_dir = state_dir
@@ -117,19 +125,51 @@ class Daemon:
         self.log_level = log_level
         self.process: subprocess.Popen[bytes] | None = None
         self.exit_code: int | None = None
+        self.notifications: list[tuple[float, str]] = []  # (monotonic time, datagram)
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._ready = threading.Event()
+        self._closing = threading.Event()
+        self._listener = threading.Thread(target=self._listen, name="notify", daemon=True)
 
     def __enter__(self) -> Daemon:
         # The socket must exist first: the daemon connects to it once, at start.
         self._notify.bind(str(self.notify_path))
+        self._notify.settimeout(NOTIFY_POLL)
+        self._listener.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         try:
             if self.process is not None:
                 self.exit_code = stop(self.process)
+                self._report_trouble()
         finally:
+            self._closing.set()
+            self._listener.join()
             self._notify.close()
+
+    def _listen(self) -> None:
+        while not self._closing.is_set():
+            try:
+                datagram = self._notify.recv(4096)
+            except TimeoutError:
+                continue
+            message = datagram.decode("ascii", "replace")
+            self.notifications.append((time.monotonic(), message))
+            if "READY=1" in message.split("\n"):
+                self._ready.set()
+
+    def _report_trouble(self) -> None:
+        """Surface what a benchmark would otherwise hide: a bad exit, warnings, errors."""
+        if self.exit_code != 0:
+            note(f"the daemon exited with {self.exit_code} after SIGTERM")
+        for line in self.log().splitlines():
+            try:
+                level = json.loads(line).get("level")
+            except ValueError:
+                level = "UNPARSED"
+            if level in ("WARNING", "ERROR", "CRITICAL", "UNPARSED"):
+                note(f"daemon log: {line[:300]}")
 
     def start(self) -> float:
         """Start the daemon; the monotonic time just before it was spawned."""
@@ -148,19 +188,16 @@ class Daemon:
         return started
 
     def wait_ready(self, timeout: float = 60.0) -> float:
-        """Block until READY=1 arrives; the monotonic time it arrived."""
+        """Block until READY=1 has arrived; the monotonic time it arrived."""
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
+        while not self._ready.wait(NOTIFY_POLL):
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"the daemon exited with {self.process.returncode}: {self.log()}")
-            self._notify.settimeout(min(left, 0.5))
-            try:
-                message = self._notify.recv(4096).decode("ascii", "replace")
-            except TimeoutError:
-                continue
-            if "READY=1" in message.split("\n"):
-                return time.monotonic()
-        raise TimeoutError(f"no READY=1 within {timeout} s: {self.log()}")
+                raise RuntimeError(
+                    f"the daemon exited with {self.process.returncode}: {self.log()}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no READY=1 within {timeout} s: {self.log()}")
+        return next(at for at, message in self.notifications if "READY=1" in message.split("\n"))
 
     def log(self) -> str:
         return self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""

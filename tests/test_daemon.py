@@ -223,3 +223,16 @@ async def test_kill9_of_the_supervisor_takes_redis_down_with_it() -> None:
         # A restarted daemon finds the old socket and data and starts cleanly.
         async with running_daemon(state_dir=daemon.state_dir) as again, again.client() as client:
             assert (await client.get("/api/v1/health/ready")).status_code == 200
+
+
+async def test_children_outlive_trio_worker_threads() -> None:
+    # PR_SET_PDEATHSIG follows the thread that forked the child; trio retires idle pool
+    # threads after 10 s. A child forked from the pool would be killed then.
+    with trio.fail_after(60):
+        async with running_daemon() as daemon:
+            pid = await daemon.service_pid("redis")
+            await trio.sleep(12)
+            assert await daemon.service_pid("redis") == pid
+            async with daemon.client() as client:
+                services = (await client.get("/api/v1/health/services")).json()["services"]
+            assert all(s["restarts"] == 0 for s in services), services

