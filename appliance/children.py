@@ -45,7 +45,7 @@ async def spawn(
     """
     read_end, write_end = os.pipe()
     try:
-        popen = subprocess.Popen(
+        popen = subprocess.Popen(  # noqa: ASYNC220 - on the loop thread on purpose, see above
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=write_end,
@@ -63,7 +63,7 @@ async def spawn(
     finally:
         os.close(write_end)
     # trio offers no public way to adopt a Popen; _create is its own constructor.
-    return trio.Process._create(popen, None, trio.lowlevel.FdStream(read_end), None)  # type: ignore[attr-defined,no-any-return]
+    return trio.Process._create(popen, None, trio.lowlevel.FdStream(read_end), None)
 
 
 def _level_of(line: str) -> int:

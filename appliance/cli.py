@@ -41,6 +41,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("serve", help="run the daemon (what systemd starts)")
+    worker = commands.add_parser("worker", help="(internal) the inference worker process")
+    worker.add_argument("--fd", type=int, required=True, help="socket inherited from serve")
+    models = commands.add_parser("models", help="list, import, verify and remove models")
+    model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    model_list = model_commands.add_parser("list", help="installed models and their state")
+    model_list.add_argument("--json", action="store_true", help="print JSON for scripts")
+    model_import = model_commands.add_parser("import", help="copy a GGUF file in, checked")
+    model_import.add_argument("path", type=Path, help="the .gguf file")
+    model_import.add_argument("--name", help="model name (default: the file name)")
+    model_verify = model_commands.add_parser("verify", help="re-check headers and checksums")
+    model_verify.add_argument("name", nargs="?", help="one model (default: all)")
+    model_remove = model_commands.add_parser("remove", help="delete a model")
+    model_remove.add_argument("name", help="the model to remove")
     status = commands.add_parser("status", help="ask the running daemon how it is")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
@@ -62,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _status,
         "init": _init,
         "config": _config_check,
+        "worker": _worker,
+        "models": _models,
     }
     code: int = handlers[args.command](args)
     return code
@@ -116,6 +131,23 @@ def _find(exc: BaseException, kind: type[E]) -> E | None:
             if found is not None:
                 return found
     return None
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from appliance.llm.worker import run_worker
+
+    return run_worker(args.fd)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from appliance.model_commands import run_models_command
+
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_ERROR
+    return run_models_command(settings, args)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -70,6 +70,29 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     )
     restart_limit: PositiveInt = msgspec.field(default=5, name="APPLIANCE_RESTART_LIMIT")
     restart_window: PositiveFloat = msgspec.field(default=60.0, name="APPLIANCE_RESTART_WINDOW")
+    default_model: str = msgspec.field(default="", name="APPLIANCE_DEFAULT_MODEL")
+    preload: bool = msgspec.field(default=True, name="APPLIANCE_PRELOAD")
+    context_size: Annotated[int, msgspec.Meta(ge=128)] = msgspec.field(
+        default=4096, name="APPLIANCE_CONTEXT_SIZE"
+    )
+    threads: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(default=0, name="APPLIANCE_THREADS")
+    gpu_layers: Annotated[int, msgspec.Meta(ge=-1)] = msgspec.field(
+        default=0, name="APPLIANCE_GPU_LAYERS"
+    )
+    max_queue: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(
+        default=8, name="APPLIANCE_MAX_QUEUE"
+    )
+    request_timeout: PositiveFloat = msgspec.field(default=300.0, name="APPLIANCE_REQUEST_TIMEOUT")
+    max_tokens_limit: PositiveInt = msgspec.field(default=4096, name="APPLIANCE_MAX_TOKENS")
+    default_max_tokens: PositiveInt = msgspec.field(
+        default=512, name="APPLIANCE_DEFAULT_MAX_TOKENS"
+    )
+    worker_max_requests: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(
+        default=1000, name="APPLIANCE_WORKER_MAX_REQUESTS"
+    )
+    worker_max_rss_mb: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(
+        default=3072, name="APPLIANCE_WORKER_MAX_RSS_MB"
+    )
     secret_key: str = msgspec.field(default="", name="SECRET_KEY")
     privacy_salt: str = msgspec.field(default="", name="PRIVACY_SALT")
     cors_origins: str = msgspec.field(default="", name="BACKEND_CORS_ORIGINS")
@@ -146,6 +169,33 @@ DOCS: Final[dict[str, SettingDoc]] = {
         "whole number, 1 or more", "service failures tolerated per window before exiting"
     ),
     "APPLIANCE_RESTART_WINDOW": SettingDoc("seconds, above 0", "the window for the restart limit"),
+    "APPLIANCE_DEFAULT_MODEL": SettingDoc(
+        "a model name", "model used when a request names none; default: the only or first one"
+    ),
+    "APPLIANCE_PRELOAD": SettingDoc("true | false", "load the default model before READY"),
+    "APPLIANCE_CONTEXT_SIZE": SettingDoc(
+        "tokens, 128 or more", "context window (capped at the model's own)"
+    ),
+    "APPLIANCE_THREADS": SettingDoc("whole number; 0 = usable cores", "llama.cpp threads"),
+    "APPLIANCE_GPU_LAYERS": SettingDoc(
+        "whole number; -1 = all", "layers offloaded to a GPU backend, if built with one"
+    ),
+    "APPLIANCE_MAX_QUEUE": SettingDoc(
+        "whole number", "generations that may wait; beyond it 429 with Retry-After"
+    ),
+    "APPLIANCE_REQUEST_TIMEOUT": SettingDoc(
+        "seconds, above 0", "deadline of one generation, queueing included"
+    ),
+    "APPLIANCE_MAX_TOKENS": SettingDoc("whole number, 1 or more", "largest max_tokens accepted"),
+    "APPLIANCE_DEFAULT_MAX_TOKENS": SettingDoc(
+        "whole number, 1 or more", "max_tokens when a request gives none"
+    ),
+    "APPLIANCE_WORKER_MAX_REQUESTS": SettingDoc(
+        "whole number; 0 = never", "recycle the worker after this many requests"
+    ),
+    "APPLIANCE_WORKER_MAX_RSS_MB": SettingDoc(
+        "megabytes; 0 = no limit", "recycle the worker when its RSS grows past this"
+    ),
     "SECRET_KEY": SettingDoc("32+ characters", "root secret; required in production"),
     "PRIVACY_SALT": SettingDoc(
         "text", "salt for key derivation and hashed ids; required in production"

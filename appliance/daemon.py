@@ -13,6 +13,8 @@ from appliance import __version__
 from appliance.config import Settings
 from appliance.http.app import Runtime, create_app
 from appliance.http.service import HttpService
+from appliance.llm.engine import InferenceService
+from appliance.llm.registry import ModelRegistry
 from appliance.metrics import count_models
 from appliance.store.client import Store
 from appliance.store.server import EmbeddedRedis
@@ -59,7 +61,7 @@ async def _report(
 
 
 def _prepare_directories(settings: Settings) -> None:
-    for path in (settings.state_dir, settings.runtime_dir):
+    for path in (settings.state_dir, settings.runtime_dir, settings.models_dir):
         Path(path).mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
@@ -111,7 +113,15 @@ async def _start_services(supervisor: Supervisor, settings: Settings) -> HttpSer
         url = settings.redis_url
     store = Store(url)
     await supervisor.start(store)
-    app = create_app(Runtime(settings=settings, supervisor=supervisor, store=store))
+    registry = ModelRegistry(Path(settings.models_dir))
+    engine = InferenceService(settings, registry)
+    # Before HTTP: with preloading on, READY waits for the default model.
+    await supervisor.start(engine)
+    app = create_app(
+        Runtime(
+            settings=settings, supervisor=supervisor, store=store, registry=registry, engine=engine
+        )
+    )
     http = HttpService(app, settings)
     await supervisor.start(http)
     return http

@@ -119,6 +119,28 @@ class _SnapshotCollector(Collector):
             requests.add_metric([status], count)
         yield requests
         yield _gauge("appliance_http_in_flight", "requests in flight", snap["http"]["in_flight"])
+        llm = snap["llm"]
+        yield _gauge("appliance_llm_queue_depth", "generations waiting", llm["queue_depth"])
+        yield _gauge("appliance_llm_busy", "1 while a generation runs", 1 if llm["busy"] else 0)
+        for key in ("completed", "failed", "rejected", "worker_crashes", "tokens_generated"):
+            yield _gauge(f"appliance_llm_{key}", f"generations {key} since start", llm[key])
+        yield _gauge(
+            "appliance_llm_tokens_per_second",
+            "decode speed of the last generation",
+            llm["last_tokens_per_second"],
+        )
+        yield _gauge(
+            "appliance_llm_queue_wait_seconds",
+            "queue wait of the last generation",
+            llm["last_queue_wait_seconds"],
+        )
+        ttft = GaugeMetricFamily(
+            "appliance_llm_time_to_first_token_seconds", "time to first token", labels=["stat"]
+        )
+        for stat, value in llm["time_to_first_token_seconds"].items():
+            if value is not None:
+                ttft.add_metric([stat], value)
+        yield ttft
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

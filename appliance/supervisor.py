@@ -37,6 +37,9 @@ class Service:
     # True when `drain` makes `run` return by itself (finishing work in flight);
     # otherwise stopping the service cancels it at once.
     drains: bool = False
+    # False for a service whose failures the daemon survives (the inference worker: a
+    # model that keeps crashing must not take the API down); it is restarted forever.
+    give_up: bool = True
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         raise NotImplementedError
@@ -153,7 +156,7 @@ class Supervisor:
         while record.failures and now - record.failures[0] > self._window:
             record.failures.popleft()
         record.last_error = error
-        if len(record.failures) > self._limit:
+        if service.give_up and len(record.failures) > self._limit:
             LOGGER.error(
                 "service %s failed %d times in %.0f s (last: %s); giving up",
                 service.name,
@@ -180,12 +183,14 @@ class Supervisor:
         record.stopping = True
         record.enter("stopping")
         self._notify_change()
+        started = trio.current_time()
         if record.service.drains:
             with trio.move_on_after(timeout):
                 await record.service.drain()
                 await record.done.wait()
         record.scope.cancel()
         await record.done.wait()
+        LOGGER.info("service %s stopped in %.2f s", name, trio.current_time() - started)
 
     async def stop_all(self, timeout: float) -> None:
         """Stop every service, the last started first (HTTP drains before the store)."""

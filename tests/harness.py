@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -126,10 +127,33 @@ def daemon_environment(state_dir: Path, extra: Mapping[str, str]) -> dict[str, s
     return env
 
 
+_TINY_MODEL: list[Path] = []
+
+
+def install_tiny_model(models_dir: Path, name: str = "tiny", **kwargs: Any) -> Path:
+    """Put the tiny test model (a real GGUF that llama.cpp loads) into `models_dir`."""
+    from tests.tiny_gguf import write_tiny_llama
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    target = models_dir / f"{name}.gguf"
+    if kwargs:
+        return write_tiny_llama(target, **kwargs)
+    if not _TINY_MODEL:
+        _TINY_MODEL.append(write_tiny_llama(short_tempdir("tm") / "tiny.gguf"))
+    shutil.copyfile(_TINY_MODEL[0], target)
+    return target
+
+
 async def start_daemon(
-    state_dir: Path, extra_env: Mapping[str, str] | None = None, *, notify: bool = True
+    state_dir: Path,
+    extra_env: Mapping[str, str] | None = None,
+    *,
+    notify: bool = True,
+    with_model: bool = True,
 ) -> Daemon:
     """Start `appliance serve`; with `notify`, wait for READY=1 and read the URL from STATUS."""
+    if with_model and not (state_dir / "models").exists():
+        install_tiny_model(state_dir / "models")
     env = daemon_environment(state_dir, extra_env or {})
     notifier = None
     if notify:
@@ -162,9 +186,10 @@ async def running_daemon(
     *,
     notify: bool = True,
     state_dir: Path | None = None,
+    with_model: bool = True,
 ) -> AsyncIterator[Daemon]:
     state_dir = state_dir or short_tempdir()
-    daemon = await start_daemon(state_dir, extra_env, notify=notify)
+    daemon = await start_daemon(state_dir, extra_env, notify=notify, with_model=with_model)
     try:
         yield daemon
     finally:

@@ -204,7 +204,7 @@ async def test_external_redis_url_skips_the_embedded_server() -> None:
                         for s in (await client.get("/api/v1/health/services")).json()["services"]
                     ]
                     ready = await client.get("/api/v1/health/ready")
-                assert names == ["store", "http"]
+                assert names == ["store", "worker", "http"]
                 assert ready.status_code == 200
                 assert not (daemon.state_dir / "redis").exists()
     finally:
@@ -236,3 +236,15 @@ async def test_children_outlive_trio_worker_threads() -> None:
             async with daemon.client() as client:
                 services = (await client.get("/api/v1/health/services")).json()["services"]
             assert all(s["restarts"] == 0 for s in services), services
+
+
+async def test_idle_keep_alive_connections_do_not_hold_up_the_stop() -> None:
+    async with (
+        running_daemon({"APPLIANCE_GRACEFUL_TIMEOUT": "120"}) as daemon,
+        daemon.client() as client,
+    ):
+        assert (await client.get("/api/v1/health/live")).status_code == 200
+        # The client keeps its connection open; nothing is in flight.
+        daemon.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await daemon.wait_exit() == 0

@@ -28,7 +28,7 @@ async def test_live_ready_services_and_metrics() -> None:
 
             services = (await client.get("/api/v1/health/services")).json()["services"]
             by_name = {s["name"]: s for s in services}
-            assert set(by_name) == {"redis", "store", "http"}
+            assert set(by_name) == {"redis", "store", "worker", "http"}
             assert by_name["redis"]["pid"] > 0
             assert all(s["state"] == "running" and s["restarts"] == 0 for s in services)
 
@@ -40,7 +40,7 @@ async def test_live_ready_services_and_metrics() -> None:
             assert metrics["services"]["redis"]["healthy"] is True
             assert metrics["services"]["redis"]["maxmemory_bytes"] == 256 * 1024 * 1024
             assert 0 < metrics["services"]["redis"]["memory_percent"] < 100
-            assert metrics["services"]["models"]["count"] == 0
+            assert metrics["services"]["models"]["count"] == 1
 
 
 async def test_metrics_in_prometheus_text() -> None:

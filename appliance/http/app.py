@@ -15,6 +15,8 @@ from quart_trio import QuartTrio
 
 from appliance.config import Settings
 from appliance.http.errors import ApiError, register_error_handlers
+from appliance.llm.engine import InferenceService
+from appliance.llm.registry import ModelRegistry
 from appliance.logs import request_context
 from appliance.metrics import ProcessSampler, RequestStats
 from appliance.store.client import Store
@@ -35,6 +37,8 @@ class Runtime:
     settings: Settings
     supervisor: Supervisor
     store: Store
+    registry: ModelRegistry
+    engine: InferenceService
     started: float = field(default_factory=time.monotonic)
     sampler: ProcessSampler = field(default_factory=ProcessSampler)
     requests: RequestStats = field(default_factory=RequestStats)
@@ -53,13 +57,17 @@ def request_id_from(header: str | None) -> str:
 
 
 def create_app(state: Runtime) -> Quart:
+    from appliance.http.chat import blueprint as chat
     from appliance.http.health import blueprint as health
+    from appliance.http.models import blueprint as models
+    from appliance.http.openai import blueprint as openai
 
     app: Quart = QuartTrio("appliance")
     app.extensions["appliance"] = state
     app.config["MAX_CONTENT_LENGTH"] = state.settings.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
-    app.register_blueprint(health)
+    for blueprint in (health, chat, models, openai):
+        app.register_blueprint(blueprint)
     register_error_handlers(app)
     _install_request_hooks(app, state)
     origins = state.settings.allowed_origins

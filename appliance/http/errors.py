@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import coredis
 from quart import Quart, Response, g, jsonify
 from werkzeug.exceptions import HTTPException
+
+from appliance.store.client import StoreUnavailable
 
 LOGGER = logging.getLogger("appliance.http")
 
@@ -87,6 +90,23 @@ def register_error_handlers(app: Quart) -> None:
         code = (error.name or "error").lower().replace(" ", "_")
         message = _MESSAGES.get(status) or error.description or error.name
         return error_response(status, code, message)
+
+    @app.errorhandler(StoreUnavailable)
+    async def _store_unavailable(error: StoreUnavailable) -> tuple[Response, int]:
+        return error_response(503, "store_unavailable", "storage is unavailable; retry shortly")
+
+    @app.errorhandler(coredis.exceptions.RedisError)
+    async def _redis_error(error: coredis.exceptions.RedisError) -> tuple[Response, int]:
+        if "OOM" in str(error):
+            # maxmemory with noeviction: refuse rather than silently drop stored data.
+            return error_response(
+                507,
+                "storage_full",
+                "storage is full (APPLIANCE_REDIS_MAXMEMORY reached); nothing was written. "
+                "Delete old conversations or raise the limit",
+            )
+        LOGGER.warning("Redis error while serving a request: %s", type(error).__name__)
+        return error_response(503, "store_unavailable", "storage is unavailable; retry shortly")
 
     @app.errorhandler(Exception)
     async def _unexpected(error: Exception) -> tuple[Response, int]:

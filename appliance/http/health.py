@@ -14,6 +14,7 @@ from quart import Blueprint, Response, request
 from appliance import __version__
 from appliance.http.app import Runtime, runtime
 from appliance.http.errors import ApiError
+from appliance.llm.registry import RegistryError
 from appliance.metrics import count_models, system_metrics, to_prometheus, uptime_since
 from appliance.store.client import StoreUnavailable
 
@@ -60,9 +61,25 @@ def _disk_check(state: Runtime) -> dict[str, Any]:
     return {"name": "disk", "state": "ok", "detail": f"{free_mb} MB free"}
 
 
-def _models_check(state: Runtime) -> dict[str, Any]:
-    count = count_models(Path(state.settings.models_dir))
-    return {"name": "models", "state": "ok", "detail": f"{count} models available"}
+async def _models_check(state: Runtime) -> dict[str, Any]:
+    try:
+        default = await trio.to_thread.run_sync(
+            state.registry.default_name, state.settings.default_model or None
+        )
+    except RegistryError as exc:
+        return {"name": "models", "state": "fail", "detail": str(exc)}
+    if default is None:
+        return {
+            "name": "models",
+            "state": "fail",
+            "detail": "no usable model is installed; import one with: appliance models import PATH",
+        }
+    loaded = state.engine.loaded_model
+    if loaded is not None:
+        return {"name": "models", "state": "ok", "detail": f"{loaded} loaded"}
+    if state.settings.preload:
+        return {"name": "models", "state": "fail", "detail": f"{default} is not loaded yet"}
+    return {"name": "models", "state": "ok", "detail": f"{default} loads on first use"}
 
 
 def _services_check(state: Runtime) -> dict[str, Any]:
@@ -78,7 +95,7 @@ async def ready() -> Response:
     checks = [
         await _redis_check(state),
         _disk_check(state),
-        _models_check(state),
+        await _models_check(state),
         _services_check(state),
     ]
     is_ready = all(check["state"] == "ok" for check in checks)
@@ -126,6 +143,33 @@ async def metrics_snapshot(state: Runtime) -> dict[str, Any]:
         "http": {
             "by_status": dict(state.requests.by_status),
             "in_flight": state.requests.in_flight,
+        },
+        "llm": llm_metrics(state),
+    }
+
+
+def llm_metrics(state: Runtime) -> dict[str, Any]:
+    engine = state.engine
+    stats = engine.stats
+    recent = sorted(stats.recent_ttft)
+    return {
+        "loaded_model": engine.loaded_model,
+        "busy": engine.busy,
+        "queue_depth": engine.waiting,
+        "max_queue": state.settings.max_queue,
+        "completed": stats.completed,
+        "failed": stats.failed,
+        "rejected": stats.rejected,
+        "worker_crashes": stats.crashes,
+        "tokens_generated": stats.tokens,
+        "last_tokens_per_second": round(stats.last_tokens_per_second, 2),
+        "last_queue_wait_seconds": round(stats.last_queue_wait, 4),
+        "time_to_first_token_seconds": {
+            "last": round(stats.last_time_to_first_token, 4),
+            "p50": round(recent[len(recent) // 2], 4) if recent else None,
+            "p99": round(recent[min(len(recent) - 1, int(len(recent) * 0.99))], 4)
+            if recent
+            else None,
         },
     }
 

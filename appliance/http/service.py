@@ -46,6 +46,8 @@ class HttpService(Service):
         self.settings = settings
         self.urls: list[str] = []
         self._shutdown = trio.Event()
+        self._drained = trio.Event()
+        self.in_flight = 0
         self._last_ok = 0.0
 
     def healthy(self) -> bool:
@@ -64,6 +66,7 @@ class HttpService(Service):
                 raise RuntimeError(f"the HTTP server on {urls[0]} does not answer its own probe")
             task_status.started(urls)
             nursery.start_soon(self._probe_forever, probe_url)
+            nursery.start_soon(self._close_when_drained, nursery.cancel_scope)
         if not self._shutdown.is_set():
             raise RuntimeError("the HTTP server stopped without being asked to")
 
@@ -73,14 +76,41 @@ class HttpService(Service):
         *,
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        # serve() returns after a shutdown once requests in flight are done (or the
-        # graceful timeout passed); then the probe loop beside it is cancelled too.
         await serve(
-            self.app,
+            self._count_requests,
             hypercorn_config(self.settings),
             shutdown_trigger=self._shutdown.wait,
             task_status=task_status,
         )
+        scope.cancel()
+
+    async def _count_requests(self, scope: Any, receive: Any, send: Any) -> None:
+        """ASGI wrapper that knows how many HTTP requests are in flight, streams included."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._drained.set()
+                self._drained = trio.Event()
+
+    async def _close_when_drained(self, scope: trio.CancelScope) -> None:
+        # hypercorn keeps idle keep-alive connections open until graceful_timeout; once
+        # the last request in flight is answered there is nothing left to wait for.
+        await self._shutdown.wait()
+        with trio.move_on_after(self.settings.graceful_timeout):
+            while self.in_flight:
+                await self._drained.wait()
+        if self.in_flight:
+            LOGGER.warning(
+                "%d requests still running after %.0f s (APPLIANCE_GRACEFUL_TIMEOUT); closing them",
+                self.in_flight,
+                self.settings.graceful_timeout,
+            )
         scope.cancel()
 
     async def _probe(self, url: str) -> bool:

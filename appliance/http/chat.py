@@ -1,0 +1,191 @@
+"""The guide's chat API: send a message (optionally streamed), list, read, delete."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Final
+
+import msgspec
+from quart import Blueprint, Response, request
+
+from appliance.http.app import runtime
+from appliance.http.bodies import parse_body
+from appliance.http.errors import ApiError
+from appliance.http.generation import (
+    collect,
+    finish_reason,
+    generate,
+    max_tokens_for,
+    resolve_model,
+    sse,
+    sse_error,
+    started,
+)
+from appliance.llm.protocol import ChatMessage, Done, Token
+from appliance.store.conversations import Conversations, new_id, valid_id
+
+blueprint = Blueprint("chat", __name__, url_prefix="/api/v1")
+
+MAX_MESSAGE_CHARS: Final = 100_000
+MAX_PAGE: Final = 100
+
+
+class ChatSendRequest(msgspec.Struct, forbid_unknown_fields=True):
+    message: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MESSAGE_CHARS)]
+    conversation_id: str | None = None
+    model: str | None = None
+    stream: bool = False
+    max_tokens: int | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 0.7
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.95
+    seed: int | None = None
+    system: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_CHARS)] | None = None
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(body), status=status, mimetype="application/json")
+
+
+def _not_found(conversation_id: str) -> ApiError:
+    return ApiError(
+        404,
+        "conversation_not_found",
+        f"conversation {conversation_id[:64]!r} does not exist "
+        "(it may have expired or been deleted)",
+    )
+
+
+def _usage(done: Done) -> dict[str, int]:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
+
+
+@blueprint.post("/chat/send")
+async def send() -> Response:
+    state = runtime()
+    body = await parse_body(ChatSendRequest)
+    conversations = Conversations(state.store)
+    history: list[ChatMessage] = []
+    if body.conversation_id is not None:
+        if not valid_id(body.conversation_id):
+            raise _not_found(body.conversation_id)
+        existing = await conversations.get(body.conversation_id)
+        if existing is None:
+            raise _not_found(body.conversation_id)
+        history = [ChatMessage(m.role, m.content) for m in existing.messages]
+    conversation_id = body.conversation_id or new_id()
+    model = await resolve_model(state, body.model)
+    max_tokens = max_tokens_for(state, body.max_tokens)
+    messages = [ChatMessage("system", body.system)] if body.system else []
+    messages += [*history, ChatMessage("user", body.message)]
+    events = generate(
+        state,
+        model,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+    )
+
+    async def store(answer: str, done: Done) -> str:
+        _, answered = await conversations.record_exchange(
+            conversation_id,
+            model=model,
+            question=body.message,
+            answer=answer,
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+        )
+        return answered.id
+
+    if not body.stream:
+        answer, done = await collect(events)
+        message_id = await store(answer, done)
+        return _json(
+            {
+                "conversation_id": conversation_id,
+                "model": model,
+                "message": {"id": message_id, "role": "assistant", "content": answer},
+                "finish_reason": finish_reason(done),
+                "usage": _usage(done),
+            }
+        )
+
+    events = await started(events)
+
+    async def stream() -> AsyncIterator[bytes]:
+        parts: list[str] = []
+        try:
+            async for event in events:
+                if isinstance(event, Token):
+                    parts.append(event.text)
+                    yield sse({"text": event.text}, event="token")
+                else:
+                    message_id = await store("".join(parts), event)
+                    yield sse(
+                        {
+                            "conversation_id": conversation_id,
+                            "message_id": message_id,
+                            "model": model,
+                            "finish_reason": finish_reason(event),
+                            "usage": _usage(event),
+                        },
+                        event="done",
+                    )
+        except ApiError as error:
+            yield sse_error(error)
+
+    return Response(stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+def _page_arguments() -> tuple[int, int]:
+    try:
+        offset = int(request.args.get("offset", "0"))
+        limit = int(request.args.get("limit", "20"))
+    except ValueError:
+        raise ApiError(400, "invalid_parameter", "offset and limit must be whole numbers") from None
+    if offset < 0 or not 1 <= limit <= MAX_PAGE:
+        raise ApiError(
+            400, "invalid_parameter", f"offset must be 0 or more and limit from 1 to {MAX_PAGE}"
+        )
+    return offset, limit
+
+
+@blueprint.get("/conversations")
+async def list_conversations() -> Response:
+    offset, limit = _page_arguments()
+    metas, total = await Conversations(runtime().store).page(offset, limit)
+    return _json(
+        {
+            "conversations": [msgspec.to_builtins(m) for m in metas],
+            "total": total,
+            "offset": offset,
+            "limit": limit,
+        }
+    )
+
+
+@blueprint.get("/conversations/<conversation_id>")
+async def get_conversation(conversation_id: str) -> Response:
+    found = None
+    if valid_id(conversation_id):
+        found = await Conversations(runtime().store).get(conversation_id)
+    if found is None:
+        raise _not_found(conversation_id)
+    body = msgspec.to_builtins(found.meta)
+    body["messages"] = [msgspec.to_builtins(m) for m in found.messages]
+    return _json(body)
+
+
+@blueprint.delete("/conversations/<conversation_id>")
+async def delete_conversation(conversation_id: str) -> Response:
+    removed = -1
+    if valid_id(conversation_id):
+        removed = await Conversations(runtime().store).delete(conversation_id)
+    if removed < 0:
+        raise _not_found(conversation_id)
+    return _json({"deleted": conversation_id, "messages_removed": removed})

@@ -1,0 +1,273 @@
+"""The OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models.
+
+Fields OpenAI clients commonly send but that mean nothing here (penalties, user, ...) are
+accepted and ignored; fields that would change the answer and are not supported (n > 1,
+tools) are refused with 422 rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+import trio
+from quart import Blueprint, Response
+
+from appliance.http.app import Runtime, runtime
+from appliance.http.bodies import parse_body
+from appliance.http.errors import ApiError
+from appliance.http.generation import (
+    collect,
+    finish_reason,
+    generate,
+    max_tokens_for,
+    resolve_model,
+    sse,
+    sse_error,
+    started,
+)
+from appliance.llm.protocol import ChatMessage, Done, Token
+
+blueprint = Blueprint("openai", __name__, url_prefix="/v1")
+
+MAX_STOP: Final = 4
+OPENAI_DEFAULT_COMPLETION_TOKENS: Final = 16
+
+
+class TextPart(msgspec.Struct):
+    type: str
+    text: str = ""
+
+
+class OpenAIMessage(msgspec.Struct):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class _Sampling(msgspec.Struct, kw_only=True):
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    max_tokens: int | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
+    # Accepted for compatibility; they do not change local generation.
+    user: str | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+
+
+class ChatCompletionRequest(_Sampling, kw_only=True):
+    messages: Annotated[list[OpenAIMessage], msgspec.Meta(min_length=1)]
+    max_completion_tokens: int | None = None
+    tools: list[Any] | None = None
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    prompt: str | list[str]
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(body), status=status, mimetype="application/json")
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    items = [stop] if isinstance(stop, str) else stop
+    if len(items) > MAX_STOP or any(not item for item in items):
+        raise ApiError(
+            422, "invalid_field", f"stop takes 1 to {MAX_STOP} non-empty strings", param="stop"
+        )
+    return items
+
+
+def _text_of(message: OpenAIMessage) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    for part in message.content:
+        if part.type != "text":
+            raise ApiError(
+                422,
+                "unsupported_content",
+                f"content parts of type {part.type!r} are not supported; send text",
+                param="messages",
+            )
+    return "".join(part.text for part in message.content)
+
+
+def _usage(done: Done) -> dict[str, int]:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
+
+
+def _stream_response(chunks: AsyncIterator[bytes]) -> Response:
+    return Response(chunks, mimetype="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+async def _events(
+    state: Runtime, body: _Sampling, **source: Any
+) -> tuple[str, AsyncGenerator[Token | Done, None]]:
+    model = await resolve_model(state, body.model)
+    requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    if isinstance(body, CompletionRequest) and requested is None:
+        requested = OPENAI_DEFAULT_COMPLETION_TOKENS
+    events = generate(
+        state,
+        model,
+        max_tokens=max_tokens_for(state, requested),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=_stop_list(body.stop),
+        seed=body.seed,
+        **source,
+    )
+    if body.stream:
+        events = await started(events)
+    return model, events
+
+
+@blueprint.post("/chat/completions")
+async def chat_completions() -> Response:
+    state = runtime()
+    body = await parse_body(ChatCompletionRequest)
+    if body.tools:
+        raise ApiError(422, "unsupported_field", "tools are not supported", param="tools")
+    messages = [
+        ChatMessage("system" if m.role == "developer" else m.role, _text_of(m))
+        for m in body.messages
+    ]
+    model, events = await _events(state, body, messages=messages)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if not body.stream:
+        text, done = await collect(events)
+        return _json(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": finish_reason(done),
+                    }
+                ],
+                "usage": _usage(done),
+            }
+        )
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(delta: dict[str, str], reason: str | None) -> bytes:
+        return sse(
+            {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+            }
+        )
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield chunk({"role": "assistant", "content": ""}, None)
+        try:
+            async for event in events:
+                if isinstance(event, Token):
+                    yield chunk({"content": event.text}, None)
+                else:
+                    yield chunk({}, finish_reason(event))
+                    if include_usage:
+                        yield sse(
+                            {
+                                "id": completion_id,
+                                "object": "chat.completion.chunk",
+                                "created": created,
+                                "model": model,
+                                "choices": [],
+                                "usage": _usage(event),
+                            }
+                        )
+            yield sse(b"[DONE]")
+        except ApiError as error:
+            yield sse_error(error)
+
+    return _stream_response(stream())
+
+
+@blueprint.post("/completions")
+async def completions() -> Response:
+    state = runtime()
+    body = await parse_body(CompletionRequest)
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise ApiError(422, "invalid_field", "prompt takes one string", param="prompt")
+        prompt = prompt[0]
+    model, events = await _events(state, body, prompt=prompt)
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    def body_of(text: str, reason: str | None) -> dict[str, Any]:
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+        }
+
+    if not body.stream:
+        text, done = await collect(events)
+        return _json({**body_of(text, finish_reason(done)), "usage": _usage(done)})
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                if isinstance(event, Token):
+                    yield sse(body_of(event.text, None))
+                else:
+                    yield sse(body_of("", finish_reason(event)))
+            yield sse(b"[DONE]")
+        except ApiError as error:
+            yield sse_error(error)
+
+    return _stream_response(stream())
+
+
+@blueprint.get("/models")
+async def models() -> Response:
+    records = await trio.to_thread.run_sync(runtime().registry.list)
+    return _json(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": record.name,
+                    "object": "model",
+                    "created": int(record.checked_at),
+                    "owned_by": "appliance",
+                }
+                for record in records
+                if record.ok
+            ],
+        }
+    )

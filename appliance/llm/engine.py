@@ -1,0 +1,467 @@
+"""The inference service: supervises the worker process and schedules generations on it.
+
+One generation runs at a time; callers wait in a bounded FIFO queue (beyond it they get
+`QueueFull`, which the API turns into 429 with Retry-After). If the worker dies, every
+request in flight gets `WorkerCrashed` (503), the worker is started again with back-off,
+and the model it had loaded is loaded again. A model that kills the worker while loading
+is marked failed in the registry and is not loaded again until it is verified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import psutil
+import trio
+
+from appliance.children import forward_output, spawn, terminate
+from appliance.config import Settings
+from appliance.llm.protocol import (
+    Cancel,
+    ChatMessage,
+    Done,
+    Error,
+    FrameBuffer,
+    FromWorker,
+    Generate,
+    Load,
+    Loaded,
+    ProtocolError,
+    Token,
+    ToWorker,
+    decode_from_worker,
+    encode_frame,
+)
+from appliance.llm.registry import ModelRegistry, RegistryError
+from appliance.supervisor import Service
+
+LOGGER = logging.getLogger("appliance.llm")
+
+STOP_GRACE: Final = 5.0
+CANCEL_GRACE: Final = 5.0
+RETRY_AFTER_SECONDS: Final = 2
+RECYCLE_TIMEOUT: Final = 120.0
+
+
+class InferenceError(Exception):
+    """A generation could not be served; `status` and `code` shape the HTTP answer."""
+
+    status = 500
+    code = "inference_error"
+
+
+class WorkerCrashed(InferenceError):
+    status = 503
+    code = "worker_crashed"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("model worker crashed; retry" + (f" ({detail})" if detail else ""))
+
+
+class QueueFull(InferenceError):
+    status = 429
+    code = "queue_full"
+
+
+class DeadlineExceeded(InferenceError):
+    status = 504
+    code = "deadline_exceeded"
+
+
+class ModelFailed(InferenceError):
+    """The worker refused the request (bad prompt, model that does not load...)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+# Worker error codes that are the client's to fix.
+_CLIENT_ERRORS: Final = {"context_length_exceeded": 400, "template_error": 422}
+
+
+def worker_command() -> list[str]:
+    """The same program, re-executed (inside a PyInstaller binary there is no -m)."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable, "worker"]
+    return [sys.executable, "-m", "appliance", "worker"]
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) or 1
+
+
+@dataclass
+class GenerationStats:
+    """Figures for the metrics endpoint, kept by the service."""
+
+    completed: int = 0
+    failed: int = 0
+    rejected: int = 0
+    crashes: int = 0
+    tokens: int = 0
+    last_tokens_per_second: float = 0.0
+    last_time_to_first_token: float = 0.0
+    last_queue_wait: float = 0.0
+    recent_ttft: list[float] = field(default_factory=list)
+
+
+class _Pending:
+    def __init__(self) -> None:
+        self.send, self.receive = trio.open_memory_channel[FromWorker | BaseException](1024)
+
+
+class InferenceService(Service):
+    """Owns the worker process; `generate` is what the HTTP handlers call."""
+
+    name = "worker"
+    critical = False
+    give_up = False
+
+    def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.stats = GenerationStats()
+        self.loaded_model: str | None = None
+        self.wanted_model: str | None = None
+        self.waiting = 0
+        self.busy = False
+        self._lock = trio.Lock()
+        self._stream: trio.SocketStream | None = None
+        self._process: trio.Process | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = 1
+        self._served = 0
+        self._recycle = trio.Event()
+        self._worker_ready = trio.Event()
+        self._loading: str | None = None
+
+    # -- service ---------------------------------------------------------------------
+
+    def pid(self) -> int | None:
+        process = self._process
+        return process.pid if process is not None and process.returncode is None else None
+
+    def healthy(self) -> bool:
+        return self.pid() is not None
+
+    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        reported = False
+        while True:
+            # Returns only when the worker is recycled; a crash raises to the supervisor.
+            await self._run_once(task_status if not reported else trio.TASK_STATUS_IGNORED)
+            reported = True
+
+    async def _run_once(self, task_status: trio.TaskStatus[Any]) -> None:
+        self._recycle = trio.Event()
+        parent, child = socket.socketpair()
+        try:
+            process = await spawn(
+                [*worker_command(), "--fd", str(child.fileno())],
+                pass_fds=[child.fileno()],
+                env={"APPLIANCE_LOG_LEVEL": self.settings.log_level},
+            )
+        finally:
+            child.close()
+        self._process = process
+        self._served = 0
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent))
+        self._stream = stream
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(forward_output, process, logging.getLogger("appliance.worker"))
+                nursery.start_soon(self._read_frames, stream)
+                model = self.wanted_model or await self._startup_model()
+                if model is not None:
+                    await self._load(model)
+                task_status.started(process.pid)
+                self._worker_ready.set()
+                with trio.CancelScope() as running:
+                    nursery.start_soon(_cancel_when_set, self._recycle, running)
+                    code = await process.wait()
+                    raise WorkerCrashed(_describe_exit(code))
+                LOGGER.info("recycling the worker after %d requests", self._served)
+                nursery.cancel_scope.cancel()
+        except WorkerCrashed as exc:
+            self.stats.crashes += 1
+            self._fail_pending(exc)
+            if self._loading is not None:
+                await self._mark_failed(self._loading, f"the worker died while loading it ({exc})")
+            raise
+        finally:
+            self._stream = None
+            self.loaded_model = None
+            self._loading = None
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            await terminate(process, STOP_GRACE)
+            self._fail_pending(WorkerCrashed("the worker stopped"))
+
+    async def _startup_model(self) -> str | None:
+        if not self.settings.preload:
+            return None
+        try:
+            return await trio.to_thread.run_sync(
+                self.registry.default_name, self.settings.default_model or None
+            )
+        except RegistryError as exc:
+            LOGGER.warning("no model preloaded: %s", exc)
+            return None
+
+    async def _mark_failed(self, model: str, reason: str) -> None:
+        LOGGER.error("model %s marked failed: %s", model, reason)
+        try:
+            await trio.to_thread.run_sync(self.registry.mark_failed, model, reason)
+        except RegistryError as exc:
+            LOGGER.warning("could not mark model %s failed: %s", model, exc)
+        if self.wanted_model == model:
+            self.wanted_model = None
+
+    def _fail_pending(self, error: BaseException) -> None:
+        for pending in self._pending.values():
+            with contextlib.suppress(
+                trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+            ):
+                pending.send.send_nowait(error)
+        self._pending.clear()
+
+    async def _read_frames(self, stream: trio.SocketStream) -> None:
+        frames = FrameBuffer()
+        try:
+            async for data in stream:
+                for body in frames.feed(bytes(data)):
+                    message = decode_from_worker(body)
+                    pending = self._pending.get(message.id)
+                    if pending is not None:
+                        await pending.send.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except ProtocolError as exc:
+            LOGGER.error("worker sent an invalid frame (%s); restarting it", exc)
+            process = self._process
+            if process is not None and process.returncode is None:
+                process.send_signal(signal.SIGKILL)
+
+    # -- requests --------------------------------------------------------------------
+
+    async def _send(self, message: ToWorker) -> None:
+        stream = self._stream
+        if stream is None:
+            raise WorkerCrashed("the worker is restarting")
+        try:
+            await stream.send_all(encode_frame(message))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise WorkerCrashed("the worker is gone") from None
+
+    def _open(self) -> tuple[int, _Pending]:
+        request_id = self._next_id
+        self._next_id += 1
+        pending = _Pending()
+        self._pending[request_id] = pending
+        return request_id, pending
+
+    async def _receive(self, pending: _Pending) -> FromWorker:
+        item = await pending.receive.receive()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def _load(self, model: str) -> None:
+        record = await trio.to_thread.run_sync(self.registry.usable, model)
+        path = self.registry.path_of(record)
+        context = self.settings.context_size
+        if record.context_length:
+            context = min(context, record.context_length)
+        request_id, pending = self._open()
+        self._loading = model
+        try:
+            await self._send(
+                Load(
+                    id=request_id,
+                    model=model,
+                    path=str(path),
+                    n_ctx=context,
+                    n_threads=self.settings.threads or usable_cores(),
+                    n_gpu_layers=self.settings.gpu_layers,
+                )
+            )
+            reply = await self._receive(pending)
+        finally:
+            self._pending.pop(request_id, None)
+            self._loading = None
+        if isinstance(reply, Error):
+            await self._mark_failed(model, reply.message)
+            raise ModelFailed(
+                503, "model_unavailable", f"model {model} failed to load: {reply.message}"
+            )
+        assert isinstance(reply, Loaded)
+        self.loaded_model = model
+        self.wanted_model = model
+        LOGGER.info(
+            "model %s loaded in %.2f s (context %d)", model, reply.load_seconds, reply.n_ctx
+        )
+
+    async def generate(
+        self,
+        model: str,
+        *,
+        deadline: float,
+        messages: list[ChatMessage] | None = None,
+        prompt: str | None = None,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> AsyncGenerator[Token | Done, None]:
+        """Queue, then stream Token events and one final Done; raises InferenceError.
+
+        `deadline` is absolute (trio time). No cancel scope stays open across a yield, so
+        the caller may consume this generator from anywhere in its task.
+        """
+        if self.waiting >= self.settings.max_queue:
+            self.stats.rejected += 1
+            raise QueueFull(
+                f"{self.waiting} requests are already waiting (APPLIANCE_MAX_QUEUE="
+                f"{self.settings.max_queue}); retry in a few seconds"
+            )
+        queued_at = time.monotonic()
+        self.waiting += 1
+        try:
+            with trio.move_on_at(deadline) as queueing:
+                await self._lock.acquire()
+        finally:
+            self.waiting -= 1
+        if queueing.cancelled_caught:
+            raise DeadlineExceeded("the request waited in the queue past its deadline")
+        request_id: int | None = None
+        finished = False
+        try:
+            self.busy = True
+            self.stats.last_queue_wait = time.monotonic() - queued_at
+            if self.loaded_model != model:
+                with trio.move_on_at(deadline) as loading:
+                    await self._load(model)
+                if loading.cancelled_caught:
+                    raise DeadlineExceeded("loading the model took past the request's deadline")
+            request_id, pending = self._open()
+            await self._send(
+                Generate(
+                    id=request_id,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    stop=stop or [],
+                    seed=seed,
+                    prompt=prompt,
+                    messages=messages,
+                )
+            )
+            started = time.monotonic()
+            first_token: float | None = None
+            while True:
+                event: FromWorker | None = None
+                with trio.move_on_at(deadline):
+                    event = await self._receive(pending)
+                if event is None:
+                    raise DeadlineExceeded("the generation ran past the request's deadline")
+                if isinstance(event, Error):
+                    self.stats.failed += 1
+                    raise ModelFailed(
+                        _CLIENT_ERRORS.get(event.code, 500), event.code, event.message
+                    )
+                if isinstance(event, Token):
+                    if first_token is None:
+                        first_token = time.monotonic()
+                        self._record_first_token(first_token - started)
+                    yield event
+                elif isinstance(event, Done):
+                    finished = True
+                    self._record_done(event, first_token)
+                    yield event
+                    return
+        finally:
+            if request_id is not None:
+                if not finished:
+                    await self._cancel(request_id)
+                self._pending.pop(request_id, None)
+            self.busy = False
+            self._served += 1
+            if self._needs_recycle():
+                # Still holding the lock: queued requests wait for the fresh worker.
+                self._worker_ready = trio.Event()
+                self._recycle.set()
+                with trio.move_on_after(RECYCLE_TIMEOUT) as scope:
+                    scope.shield = True
+                    await self._worker_ready.wait()
+            self._lock.release()
+
+    async def _cancel(self, request_id: int) -> None:
+        """The caller went away (client disconnect, deadline): stop the worker within a
+        token and wait for it, so the next request starts at once."""
+        pending = self._pending.get(request_id)
+        if pending is None:
+            return
+        with trio.move_on_after(CANCEL_GRACE) as scope:
+            scope.shield = True
+            try:
+                await self._send(Cancel(request_id))
+                while not isinstance(await self._receive(pending), Done | Error):
+                    pass
+            except InferenceError:
+                pass
+
+    def _record_first_token(self, seconds: float) -> None:
+        self.stats.last_time_to_first_token = seconds
+        self.stats.recent_ttft = [*self.stats.recent_ttft[-99:], seconds]
+
+    def _record_done(self, done: Done, first_token: float | None) -> None:
+        self.stats.completed += 1
+        self.stats.tokens += done.completion_tokens
+        if first_token is not None and done.completion_tokens > 1:
+            seconds = time.monotonic() - first_token
+            if seconds > 0:
+                self.stats.last_tokens_per_second = (done.completion_tokens - 1) / seconds
+
+    def _needs_recycle(self) -> bool:
+        """The guide's --max-requests against leaks, plus a memory ceiling."""
+        limit = self.settings.worker_max_requests
+        if limit and self._served >= limit:
+            LOGGER.info("worker served %d requests (APPLIANCE_WORKER_MAX_REQUESTS)", self._served)
+            return True
+        pid = self.pid()
+        rss_limit = self.settings.worker_max_rss_mb * 1024 * 1024
+        if pid is None or not rss_limit:
+            return False
+        try:
+            rss = psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            return False
+        if rss > rss_limit:
+            LOGGER.info("worker RSS is %d MB (APPLIANCE_WORKER_MAX_RSS_MB)", rss // 2**20)
+            return True
+        return False
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"

@@ -1,0 +1,131 @@
+"""The supervisor <-> inference worker protocol: length-prefixed msgpack frames.
+
+Each frame is a 4-byte big-endian length followed by one msgspec-encoded, tagged Struct.
+The supervisor sends Load, Generate and Cancel; the worker answers Loaded, Token, Done
+and Error. Requests are matched by `id`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Final
+
+import msgspec
+
+MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
+_LENGTH = struct.Struct(">I")
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame; the connection is unusable."""
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+class Load(msgspec.Struct, frozen=True, tag="load"):
+    id: int
+    model: str
+    path: str
+    n_ctx: int
+    n_threads: int
+    n_gpu_layers: int = 0
+
+
+class Generate(msgspec.Struct, frozen=True, tag="generate"):
+    """One generation; `messages` are rendered with the model's chat template, else `prompt`."""
+
+    id: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str] = []
+    seed: int | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+
+
+class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
+    id: int
+
+
+class Loaded(msgspec.Struct, frozen=True, tag="loaded"):
+    id: int
+    model: str
+    n_ctx: int
+    chat_template: bool
+    load_seconds: float
+
+
+class Token(msgspec.Struct, frozen=True, tag="token"):
+    id: int
+    text: str
+
+
+class Done(msgspec.Struct, frozen=True, tag="done"):
+    id: int
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Error(msgspec.Struct, frozen=True, tag="error"):
+    """`code` is stable for programs; `message` is safe to show to a client."""
+
+    id: int
+    code: str
+    message: str
+
+
+ToWorker = Load | Generate | Cancel
+FromWorker = Loaded | Token | Done | Error
+
+_ENCODER = msgspec.msgpack.Encoder()
+_TO_WORKER = msgspec.msgpack.Decoder(ToWorker)
+_FROM_WORKER = msgspec.msgpack.Decoder(FromWorker)
+
+
+def encode_frame(message: ToWorker | FromWorker) -> bytes:
+    body = _ENCODER.encode(message)
+    if len(body) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
+    return _LENGTH.pack(len(body)) + body
+
+
+class FrameBuffer:
+    """Accumulates bytes from a stream and yields complete frames' bodies."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        self._buffer += data
+        while len(self._buffer) >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self._buffer)
+            if length > MAX_FRAME_BYTES:
+                raise ProtocolError(f"frame length {length} exceeds {MAX_FRAME_BYTES}")
+            end = _LENGTH.size + length
+            if len(self._buffer) < end:
+                return
+            body = bytes(self._buffer[_LENGTH.size : end])
+            del self._buffer[:end]
+            yield body
+
+
+def decode_to_worker(body: bytes) -> ToWorker:
+    try:
+        message: ToWorker = _TO_WORKER.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"invalid frame: {exc}") from None
+    return message
+
+
+def decode_from_worker(body: bytes) -> FromWorker:
+    try:
+        message: FromWorker = _FROM_WORKER.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"invalid frame: {exc}") from None
+    return message

@@ -1,0 +1,719 @@
+"""The model registry: GGUF files named `<name>.gguf` directly in `APPLIANCE_MODELS_DIR`.
+
+`manifest.json` next to them records what was learnt about each file (size, mtime, SHA-256,
+header fields, state), so a scan only re-reads files whose size or mtime changed. The first
+SHA-256 recorded for a name is its reference: a later scan or `verify` that computes another
+one marks the model failed ("checksum changed since import") until it is verified clean or
+imported again. Every write of the manifest is atomic and serialised by a lock file, because
+the daemon (through `trio.to_thread`) and the CLI use the same directory.
+
+Everything here is blocking file work. Error messages are one line and name models, never
+absolute paths.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Collection, Iterator
+from pathlib import Path
+from typing import Final, Literal
+
+import msgspec
+
+from appliance.llm.gguf_header import GGUFHeader, GGUFHeaderError, check_gguf_header
+
+LOGGER = logging.getLogger("appliance.llm")
+
+SUFFIX: Final = ".gguf"
+MANIFEST_NAME: Final = "manifest.json"
+LOCK_NAME: Final = ".manifest.lock"
+MANIFEST_VERSION: Final = 1
+CHUNK_BYTES: Final = 1024 * 1024
+MAX_NAME_CHARS: Final = 64
+MAX_MANIFEST_BYTES: Final = 16 * 1024 * 1024  # far beyond any real manifest; refuses a bomb
+MAX_REASON_CHARS: Final = 300
+FILE_MODE: Final = 0o644  # weights and manifest are not secret; the directory guards access
+IMPORT_HINT: Final = "appliance models import PATH"
+VERIFY_HINT: Final = "appliance models verify"
+
+CHECKSUM_CHANGED: Final = "checksum changed since import"
+OUTSIDE_DIR: Final = "it is a symlink to a file outside the models directory"
+NOT_REGULAR: Final = "it is not a regular file"
+
+_NAME_CHARS: Final = re.compile(r"[A-Za-z0-9._-]+")
+_NAME_RULE: Final = (
+    f"use 1-{MAX_NAME_CHARS} characters from A-Z a-z 0-9 . _ -, "
+    "not starting with '.' or '-' and without '..'"
+)
+
+ModelState = Literal["ok", "failed"]
+Progress = Callable[[int, int], None]
+
+
+class RegistryError(Exception):
+    """Base of every registry error; the message is one line and safe to show to a client."""
+
+
+class InvalidModelName(RegistryError, ValueError):
+    """A model name that cannot name a file directly in the models directory."""
+
+
+class UnknownModel(RegistryError, LookupError):
+    """No model of that name is installed."""
+
+
+class ModelUnavailable(RegistryError):
+    """The model is installed but must not be loaded (failed check, crash, escaping symlink)."""
+
+
+class ModelExists(RegistryError):
+    """An import would replace an installed model."""
+
+
+class ImportRefused(RegistryError):
+    """The file offered for import is not a usable GGUF model, or cannot be copied."""
+
+
+class ManifestError(RegistryError):
+    """The manifest could not be written."""
+
+
+class _NotRegular(OSError):
+    """A FIFO, device or directory where a model file should be; it is never read."""
+
+
+class ModelRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """What the registry knows about one `<name>.gguf`; `sha256` is "" until it is hashed."""
+
+    name: str
+    file: str
+    size: int
+    sha256: str
+    state: ModelState
+    reason: str | None
+    architecture: str | None
+    context_length: int | None
+    has_chat_template: bool
+    checked_at: float
+    mtime: float
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
+
+
+class Manifest(msgspec.Struct, kw_only=True):
+    version: int = MANIFEST_VERSION
+    models: list[ModelRecord] = []
+
+
+class VerifyResult(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    state: ModelState
+    reason: str | None
+    previous_state: ModelState | None  # None: the registry had no record of it yet
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
+
+
+def validate_model_name(name: str) -> str:
+    """Return `name` if it can name `<name>.gguf` in the models directory, else raise."""
+    problem = _name_problem(name)
+    if problem is not None:
+        raise InvalidModelName(f"invalid model name: {problem}; {_NAME_RULE}")
+    return name
+
+
+def _name_problem(name: str) -> str | None:
+    if not name:
+        return "it is empty"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator"  # never echoed: it may be an absolute path
+    shown = repr(name) if len(name) <= 80 else repr(name[:77] + "...")
+    if len(name) > MAX_NAME_CHARS:
+        return f"{shown} is {len(name)} characters"
+    if not _NAME_CHARS.fullmatch(name):
+        return f"{shown} has other characters"
+    if name[0] in ".-":
+        return f"{shown} starts with {name[0]!r}"
+    if ".." in name:
+        return f"{shown} contains '..'"
+    return None
+
+
+def _one_line(text: str) -> str:
+    # Reasons come from exceptions and the worker; the manifest and CLI want one short line.
+    line = " ".join(text.split())
+    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 3] + "..."
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_regular(path: Path, *, follow: bool) -> int:
+    """Open a regular file for reading; anything else is refused before it is opened.
+
+    The fstat after opening catches a swap between the two; O_NONBLOCK keeps even that
+    case from hanging on a FIFO.
+    """
+    if not stat.S_ISREG(os.stat(path, follow_symlinks=follow).st_mode):
+        raise _NotRegular(NOT_REGULAR)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _NotRegular(NOT_REGULAR)
+    return fd
+
+
+def _stream(
+    fd: int, sink: Callable[[memoryview], object] | None, on_chunk: Callable[[int], None] | None
+) -> str:
+    """SHA-256 of the rest of `fd`, read in CHUNK_BYTES pieces, each also given to `sink`."""
+    digest = hashlib.sha256()
+    buffer = bytearray(CHUNK_BYTES)
+    view = memoryview(buffer)
+    with open(fd, "rb", buffering=0, closefd=False) as source:
+        while count := source.readinto(buffer):
+            digest.update(view[:count])
+            if sink is not None:
+                sink(view[:count])
+            if on_chunk is not None:
+                on_chunk(count)
+    return digest.hexdigest()
+
+
+def _unchanged(record: ModelRecord, info: os.stat_result) -> bool:
+    return record.size == info.st_size and record.mtime == info.st_mtime
+
+
+class ModelRegistry:
+    """The models in one directory. Cheap to create; every call reads the directory afresh."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = Path(models_dir)
+        self._warned: set[str] = set()
+
+    # -- queries -------------------------------------------------------------------------
+
+    def scan(self) -> builtins.list[ModelRecord]:
+        """Sync the manifest with the files; only new or changed files are read."""
+        found = self._files()
+        if not found and not self.models_dir.is_dir():
+            return []
+        before = self._read()
+        known = {} if before is None else before
+        fresh = {name: self._refresh(name, known.get(name)) for name in found}
+        return self._commit(before, fresh, strict=False)
+
+    def list(self) -> builtins.list[ModelRecord]:
+        return sorted(self.scan(), key=lambda record: record.name)
+
+    def get(self, name: str) -> ModelRecord:
+        validate_model_name(name)
+        records = {record.name: record for record in self.scan()}
+        if name not in records:
+            raise UnknownModel(_unknown_message(name, records))
+        return records[name]
+
+    def usable(self, name: str) -> ModelRecord:
+        record = self.get(name)
+        if not record.ok:
+            raise ModelUnavailable(_unavailable_message(record))
+        return record
+
+    def path_of(self, record: ModelRecord) -> Path:
+        """The checked real path to load; refuses a file that now escapes the directory."""
+        validate_model_name(record.name)
+        real = self._real_path(record.name)
+        if real is None:
+            raise ModelUnavailable(f"model {record.name!r} is unavailable: {OUTSIDE_DIR}")
+        return real
+
+    def default_name(self, configured: str | None) -> str | None:
+        """The configured default (its name checked, not its state), else the first usable."""
+        if configured:
+            return validate_model_name(configured)
+        usable = [record.name for record in self.list() if record.ok]
+        return usable[0] if usable else None
+
+    # -- changes -------------------------------------------------------------------------
+
+    def mark_failed(self, name: str, reason: str) -> ModelRecord:
+        """Persist a failure (e.g. the worker died loading it) until `verify` or a re-import."""
+        record = self.get(name)
+        failed = msgspec.structs.replace(
+            record, state="failed", reason=_one_line(reason), checked_at=time.time()
+        )
+        with self._locked():
+            current = self._load()
+            current[name] = failed
+            self._save(current)
+        LOGGER.warning("model %s marked failed: %s", name, failed.reason)
+        return failed
+
+    def verify(
+        self, name: str | None = None, progress: Progress | None = None
+    ) -> builtins.list[VerifyResult]:
+        """Re-read and re-hash every model (or one); a model that passes again is reset to ok."""
+        found = self._files()
+        before = self._read()
+        known = {} if before is None else before
+        if name is not None:
+            validate_model_name(name)
+            if name not in found:
+                raise UnknownModel(_unknown_message(name, found))
+            found = {name: found[name]}
+        total = sum(self._size(path) for path in found.values())
+        done = reported = 0
+
+        def report(value: int) -> None:
+            nonlocal reported
+            if progress is not None and value != reported:  # each value once: bars end on total
+                reported = value
+                progress(value, total)
+
+        def advance(count: int) -> None:
+            nonlocal done
+            done += count
+            report(done)
+
+        fresh: dict[str, ModelRecord] = {}
+        for model in sorted(found):
+            start = done
+            fresh[model] = self._inspect(model, known.get(model), advance)
+            done = start + self._size(found[model])  # a file refused unread still counts
+            report(done)
+        self._commit(before, fresh, strict=True)
+        results = []
+        for model, record in fresh.items():
+            old = known.get(model)
+            results.append(
+                VerifyResult(
+                    name=model,
+                    state=record.state,
+                    reason=record.reason,
+                    previous_state=old.state if old is not None else None,
+                )
+            )
+            if not record.ok:
+                LOGGER.warning("model %s failed verification: %s", model, record.reason)
+        return results
+
+    def import_file(
+        self, source: Path, name: str | None = None, progress: Progress | None = None
+    ) -> ModelRecord:
+        """Copy a checked GGUF in as `<name>.gguf`; a temp file until complete, never half."""
+        source = Path(source)
+        name = self._import_name(source, name)
+        self._check_source(source)
+        if os.path.lexists(self._file(name)):
+            raise ModelExists(_exists_message(name))
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=self.models_dir, prefix=f".{name}{SUFFIX}.importing-")
+        try:
+            with open(fd, "wb") as target:
+                sha256 = self._copy(source, target.write, progress)
+                os.fchmod(target.fileno(), FILE_MODE)
+                target.flush()
+                os.fsync(target.fileno())
+            header = self._header(Path(temp))  # what was written, not what was checked
+            if isinstance(header, str):
+                raise ImportRefused(f"cannot import {name!r}: {header}")
+            with self._locked():
+                return self._install(name, Path(temp), header, sha256)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+
+    def remove(self, name: str) -> None:
+        validate_model_name(name)
+        with self._locked():
+            current = self._load()
+            path = self._file(name)
+            present = os.path.lexists(path)
+            if not present and name not in current:
+                raise UnknownModel(_unknown_message(name, current))
+            if present:
+                try:
+                    path.unlink()  # a symlink itself, never its target
+                except OSError as exc:
+                    raise RegistryError(f"cannot remove model {name!r}: {exc.strerror}") from None
+                _fsync_dir(self.models_dir)
+            current.pop(name, None)
+            self._save(current)
+        LOGGER.info("model %s removed", name)
+
+    # -- files ---------------------------------------------------------------------------
+
+    def _file(self, name: str) -> Path:
+        return self.models_dir / f"{name}{SUFFIX}"
+
+    def _files(self) -> dict[str, Path]:
+        """`<name>.gguf` entries by name; hidden and temp files are skipped silently."""
+        try:
+            entries = builtins.list(os.scandir(self.models_dir))
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise RegistryError(f"cannot read the models directory: {exc.strerror}") from None
+        found: dict[str, Path] = {}
+        for entry in entries:
+            if not entry.name.endswith(SUFFIX) or entry.name.startswith("."):
+                continue
+            name = entry.name[: -len(SUFFIX)]
+            problem = _name_problem(name)
+            if problem is None:
+                found[name] = Path(entry.path)
+            elif entry.name not in self._warned:
+                self._warned.add(entry.name)  # once per registry, not on every scan
+                LOGGER.warning("ignoring a model file with an invalid name: %s", problem)
+        return found
+
+    def _real_path(self, name: str) -> Path | None:
+        """The file's real path, or None when a symlink takes it out of the directory."""
+        base = os.path.realpath(self.models_dir)
+        real = os.path.realpath(self._file(name))
+        if os.path.dirname(real) == base or real.startswith(base + os.sep):
+            return Path(real)
+        return None
+
+    def _size(self, path: Path) -> int:
+        try:
+            return path.stat().st_size if self._real_path(path.stem) is not None else 0
+        except OSError:
+            return 0
+
+    def _refresh(self, name: str, old: ModelRecord | None) -> ModelRecord:
+        """The manifest's record when the file looks unchanged, else a fresh inspection."""
+        real = self._real_path(name)
+        if old is not None and real is not None:
+            try:
+                info = os.stat(real)
+            except OSError:
+                info = None
+            if info is not None and stat.S_ISREG(info.st_mode) and _unchanged(old, info):
+                return old
+        return self._inspect(name, old, None)
+
+    def _inspect(
+        self, name: str, old: ModelRecord | None, on_chunk: Callable[[int], None] | None
+    ) -> ModelRecord:
+        """Check the header and hash the file; the state follows from what was found."""
+        reference = old.sha256 if old is not None else ""
+        real = self._real_path(name)
+        if real is None:
+            return self._failed(name, old, OUTSIDE_DIR, sha256=reference)
+        try:
+            fd = _open_regular(real, follow=False)
+        except OSError as exc:
+            return self._failed(name, old, _os_reason(exc), sha256=reference)
+        try:
+            info = os.fstat(fd)
+            header = self._header(real)
+            if isinstance(header, str):
+                return self._failed(name, old, header, sha256=reference, info=info)
+            sha256 = _stream(fd, None, on_chunk)
+        except OSError as exc:
+            return self._failed(name, old, _os_reason(exc), sha256=reference)
+        finally:
+            os.close(fd)
+        if reference and reference != sha256:
+            return self._failed(name, old, CHECKSUM_CHANGED, sha256=reference, info=info)
+        return _record(name, header, sha256, info, state="ok", reason=None)
+
+    def _failed(
+        self,
+        name: str,
+        old: ModelRecord | None,
+        reason: str,
+        *,
+        sha256: str,
+        info: os.stat_result | None = None,
+    ) -> ModelRecord:
+        if info is None:  # never opened: describe the directory entry itself
+            with contextlib.suppress(OSError):
+                info = os.lstat(self._file(name))
+        regular = info is not None and stat.S_ISREG(info.st_mode)
+        record = ModelRecord(
+            name=name,
+            file=f"{name}{SUFFIX}",
+            size=info.st_size if info is not None and regular else 0,
+            sha256=sha256,
+            state="failed",
+            reason=_one_line(reason),
+            architecture=None,
+            context_length=None,
+            has_chat_template=False,
+            checked_at=time.time(),
+            mtime=info.st_mtime if info is not None else 0.0,
+        )
+        if old is not None and msgspec.structs.replace(old, checked_at=0.0) == (
+            msgspec.structs.replace(record, checked_at=0.0)
+        ):
+            return old  # same verdict: keep the manifest as it is instead of rewriting it
+        return record
+
+    @staticmethod
+    def _header(path: Path) -> GGUFHeader | str:
+        """The header, or the reason it is refused."""
+        try:
+            return check_gguf_header(path)
+        except GGUFHeaderError as exc:
+            return str(exc)
+        except OSError as exc:
+            return _os_reason(exc)
+
+    # -- import --------------------------------------------------------------------------
+
+    @staticmethod
+    def _import_name(source: Path, name: str | None) -> str:
+        if name is not None:
+            return validate_model_name(name)
+        try:
+            return validate_model_name(source.stem)
+        except InvalidModelName as exc:
+            raise InvalidModelName(f"{exc} (the file name gives the name; pass one)") from None
+
+    def _check_source(self, source: Path) -> None:
+        try:
+            fd = _open_regular(source, follow=True)
+        except OSError as exc:
+            raise ImportRefused(f"cannot read {source.name!r}: {_os_reason(exc)}") from None
+        os.close(fd)
+        header = self._header(source)
+        if isinstance(header, str):
+            raise ImportRefused(f"cannot import {source.name!r}: {header}")
+
+    def _copy(
+        self, source: Path, write: Callable[[memoryview], object], progress: Progress | None
+    ) -> str:
+        """Stream `source` into `write`, hashing what was read; returns the SHA-256."""
+        try:
+            fd = _open_regular(source, follow=True)
+        except OSError as exc:
+            raise ImportRefused(f"cannot read {source.name!r}: {_os_reason(exc)}") from None
+        try:
+            total = os.fstat(fd).st_size
+            free = shutil.disk_usage(self.models_dir).free
+            if total > free:
+                raise ImportRefused(
+                    f"not enough disk space for {source.name!r}: it needs {_mb(total)} MB "
+                    f"and {_mb(free)} MB are free"
+                )
+            done = 0
+
+            def advance(count: int) -> None:
+                nonlocal done
+                done += count
+                if progress is not None:
+                    progress(done, total)
+
+            if progress is not None:
+                progress(0, total)
+            try:
+                sha256 = _stream(fd, write, advance)
+            except OSError as exc:
+                raise ImportRefused(f"cannot copy {source.name!r}: {_os_reason(exc)}") from None
+            if done != total:
+                raise ImportRefused(f"{source.name!r} changed size while it was being copied")
+            return sha256
+        finally:
+            os.close(fd)
+
+    def _install(self, name: str, temp: Path, header: GGUFHeader, sha256: str) -> ModelRecord:
+        """Rename the complete temp file into place and record it; the caller holds the lock."""
+        target = self._file(name)
+        if os.path.lexists(target):  # another import won the race while we copied
+            raise ModelExists(_exists_message(name))
+        os.rename(temp, target)
+        _fsync_dir(self.models_dir)
+        record = _record(name, header, sha256, target.stat(), state="ok", reason=None)
+        current = self._load()
+        current[name] = record
+        self._save(current)
+        LOGGER.info("model %s imported (%s, sha256 %s)", name, header.architecture, sha256)
+        return record
+
+    # -- manifest ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive across processes and threads (flock is per open file description)."""
+        try:
+            fd = os.open(
+                self.models_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE
+            )
+        except OSError as exc:
+            raise ManifestError(f"cannot lock the model manifest: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _load(self) -> dict[str, ModelRecord]:
+        """The manifest's records; a missing or unusable manifest has none (scan rebuilds)."""
+        records = self._read()
+        return {} if records is None else records
+
+    def _read(self, *, warn: bool = True) -> dict[str, ModelRecord] | None:
+        """The manifest's records, or None when a manifest is there but unusable (rewrite it)."""
+        log = LOGGER.warning if warn else LOGGER.debug
+        try:
+            with open(self.models_dir / MANIFEST_NAME, "rb") as file:
+                data = file.read(MAX_MANIFEST_BYTES + 1)
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            log("cannot read the model manifest (%s); rebuilding it", exc.strerror)
+            return None
+        if len(data) > MAX_MANIFEST_BYTES:
+            log("the model manifest is over %d bytes; rebuilding it", MAX_MANIFEST_BYTES)
+            return None
+        try:
+            manifest = msgspec.json.decode(data, type=Manifest)
+        except msgspec.DecodeError as exc:
+            log("the model manifest is not valid (%s); rebuilding it", exc)
+            return None
+        return {
+            record.name: record
+            for record in manifest.models
+            if _name_problem(record.name) is None and record.file == f"{record.name}{SUFFIX}"
+        }
+
+    def _save(self, records: dict[str, ModelRecord]) -> None:
+        """Write atomically: temp file in the same directory, fsync, rename, fsync the dir."""
+        manifest = Manifest(models=sorted(records.values(), key=lambda record: record.name))
+        data = msgspec.json.format(msgspec.json.encode(manifest), indent=2) + b"\n"
+        try:
+            fd, temp = tempfile.mkstemp(dir=self.models_dir, prefix=f".{MANIFEST_NAME}.")
+        except OSError as exc:
+            raise ManifestError(f"cannot write the model manifest: {exc.strerror}") from None
+        try:
+            with open(fd, "wb") as file:
+                file.write(data)
+                os.fchmod(file.fileno(), FILE_MODE)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, self.models_dir / MANIFEST_NAME)
+            _fsync_dir(self.models_dir)
+        except BaseException as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            if isinstance(exc, OSError):
+                raise ManifestError(f"cannot write the model manifest: {exc.strerror}") from None
+            raise
+
+    def _commit(
+        self,
+        before: dict[str, ModelRecord] | None,
+        fresh: dict[str, ModelRecord],
+        *,
+        strict: bool,
+    ) -> builtins.list[ModelRecord]:
+        """Merge `fresh` into the manifest as it is now and save it when anything changed.
+
+        `before` is the manifest the caller read (None: unusable, so it is rewritten). A record
+        another writer changed since then (a `mark_failed` during a long scan) wins over ours.
+        Records whose file is gone are dropped. Without `strict`, a manifest that cannot be
+        written is logged and the records are still returned, so a read-only models directory
+        can still be listed.
+        """
+        known = {} if before is None else before
+        if before is not None and all(
+            known.get(name) == fresh.get(name) for name in set(known) | set(fresh)
+        ):
+            return builtins.list(fresh.values())
+        try:
+            with self._locked():
+                read = self._read(warn=before is not None)  # the caller warned already
+                current = {} if read is None else read
+                merged: dict[str, ModelRecord] = {}
+                for name in set(current) | set(fresh):
+                    if not os.path.lexists(self._file(name)):
+                        continue
+                    if name in current and current[name] != known.get(name):
+                        merged[name] = current[name]
+                    else:
+                        merged[name] = fresh[name] if name in fresh else current[name]
+                if read is None or merged != current:
+                    self._save(merged)
+                return builtins.list(merged.values())
+        except ManifestError as exc:
+            if strict:
+                raise
+            LOGGER.warning("model manifest not updated: %s", exc)
+            return builtins.list(fresh.values())
+
+
+def _record(
+    name: str,
+    header: GGUFHeader,
+    sha256: str,
+    info: os.stat_result,
+    *,
+    state: ModelState,
+    reason: str | None,
+) -> ModelRecord:
+    return ModelRecord(
+        name=name,
+        file=f"{name}{SUFFIX}",
+        size=info.st_size,
+        sha256=sha256,
+        state=state,
+        reason=reason,
+        architecture=header.architecture,
+        context_length=header.context_length,
+        has_chat_template=header.chat_template is not None,
+        checked_at=time.time(),
+        mtime=info.st_mtime,
+    )
+
+
+def _os_reason(exc: OSError) -> str:
+    # strerror, not str(exc): the latter carries the absolute path.
+    if isinstance(exc, _NotRegular):
+        return NOT_REGULAR
+    return f"cannot read the file: {exc.strerror or type(exc).__name__}"
+
+
+def _mb(size: int) -> int:
+    return -(-size // (1024 * 1024))
+
+
+def _unknown_message(name: str, installed: Collection[str]) -> str:
+    if not installed:
+        return f"no models are installed; import one with: {IMPORT_HINT}"
+    return f"model {name!r} is not installed; installed: {', '.join(sorted(installed))}"
+
+
+def _unavailable_message(record: ModelRecord) -> str:
+    return (
+        f"model {record.name!r} is unavailable: {record.reason or 'it failed its checks'}; "
+        f"check it with: {VERIFY_HINT} {record.name}, or import it again"
+    )
+
+
+def _exists_message(name: str) -> str:
+    return (
+        f"model {name!r} is already installed; remove it first with: appliance models remove {name}"
+    )
