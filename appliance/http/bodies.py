@@ -27,9 +27,12 @@ async def parse_body(kind: type[T]) -> T:
         match = _PATH.search(message)
         field = match.group(1) if match else None
         reason = message.split(" - at ")[0]
+        if "unknown field" in reason and field in (None, ""):
+            known = ", ".join(f.encode_name for f in msgspec.structs.fields(kind))  # type: ignore[arg-type]
+            reason = f"{reason}; the fields this endpoint takes are: {known}"
         where = f"{field}: " if field else ""
         raise ApiError(422, "invalid_field", f"{where}{reason}", param=field) from None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         raise ApiError(
             400, "invalid_json", "the body is not valid JSON (UTF-8 encoded); check its syntax"
         ) from None

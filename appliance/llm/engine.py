@@ -50,6 +50,7 @@ STOP_GRACE: Final = 5.0
 CANCEL_GRACE: Final = 5.0
 RETRY_AFTER_SECONDS: Final = 2
 RECYCLE_TIMEOUT: Final = 120.0
+PRELOAD_TRIES: Final = 3
 
 
 class InferenceError(Exception):
@@ -181,9 +182,7 @@ class InferenceService(Service):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(forward_output, process, logging.getLogger("appliance.worker"))
                 nursery.start_soon(self._read_frames, stream)
-                model = self.wanted_model or await self._startup_model()
-                if model is not None:
-                    await self._load(model)
+                await self._load_at_start()
                 task_status.started(process.pid)
                 self._worker_ready.set()
                 with trio.CancelScope() as running:
@@ -206,6 +205,22 @@ class InferenceService(Service):
                 await stream.aclose()
             await terminate(process, STOP_GRACE)
             self._fail_pending(WorkerCrashed("the worker stopped"))
+
+    async def _load_at_start(self) -> None:
+        """Reload what was loaded before a restart, else preload the default model.
+
+        A model that fails is marked failed by `_load`, so the next choice differs; the
+        number of tries is bounded all the same.
+        """
+        for _ in range(PRELOAD_TRIES):
+            model = self.wanted_model or await self._startup_model()
+            if model is None:
+                return
+            try:
+                await self._load(model)
+                return
+            except ModelFailed as exc:
+                LOGGER.error("not preloading %s: %s", model, exc)
 
     async def _startup_model(self) -> str | None:
         if not self.settings.preload:
@@ -284,6 +299,8 @@ class InferenceService(Service):
             context = min(context, record.context_length)
         request_id, pending = self._open()
         self._loading = model
+        # The worker frees the old model before loading the new one (two may not fit).
+        self.loaded_model = None
         try:
             await self._send(
                 Load(
@@ -376,6 +393,7 @@ class InferenceService(Service):
                 if event is None:
                     raise DeadlineExceeded("the generation ran past the request's deadline")
                 if isinstance(event, Error):
+                    finished = True
                     self.stats.failed += 1
                     raise ModelFailed(
                         _CLIENT_ERRORS.get(event.code, 500), event.code, event.message

@@ -120,7 +120,9 @@ class Worker:
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:
-            return Error(request.id, "model_load_failed", f"llama.cpp could not load it: {exc}")
+            # The message goes to API clients: name the model, never its path.
+            reason = str(exc).replace(request.path, request.model)
+            return Error(request.id, "model_load_failed", f"llama.cpp could not load it: {reason}")
         template = llm.metadata.get("tokenizer.chat_template")
         self._formatter = None
         if template:

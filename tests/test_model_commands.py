@@ -1,0 +1,76 @@
+"""`appliance models ...` from the command line, on real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.tiny_gguf import write_tiny_llama
+
+
+def _models(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env_file = state / "test.env"
+    env_file.touch()
+    env.update({"APPLIANCE_STATE_DIR": str(state), "APPLIANCE_ENV_FILE": str(env_file)})
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", "models", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_import_list_verify_remove(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    source = write_tiny_llama(tmp_path / "my-model.gguf")
+    empty = _models(state, "list")
+    assert empty.returncode == 0
+    assert "appliance models import" in empty.stdout
+
+    imported = _models(state, "import", str(source))
+    assert imported.returncode == 0, imported.stderr
+    assert "imported my-model" in imported.stdout
+    assert (state / "models" / "my-model.gguf").read_bytes() == source.read_bytes()
+
+    listed = json.loads(_models(state, "list", "--json").stdout)
+    assert [(m["name"], m["state"]) for m in listed] == [("my-model", "ok")]
+    assert "my-model" in _models(state, "list").stdout
+
+    again = _models(state, "import", str(source))
+    assert again.returncode == 1
+    assert "my-model" in again.stderr and "Traceback" not in again.stderr
+
+    assert _models(state, "verify").returncode == 0
+    model_file = state / "models" / "my-model.gguf"
+    data = bytearray(model_file.read_bytes())
+    data[-1] ^= 0xFF
+    model_file.write_bytes(bytes(data))
+    tampered = _models(state, "verify", "my-model")
+    assert tampered.returncode == 1
+    assert "FAILED" in tampered.stdout
+
+    removed = _models(state, "remove", "my-model")
+    assert removed.returncode == 0
+    assert not model_file.exists()
+    assert _models(state, "remove", "my-model").returncode == 1
+
+
+def test_import_refuses_a_malformed_file_and_leaves_nothing(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF")
+    done = _models(state, "import", str(bad))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert str(tmp_path) not in done.stderr
+    assert not any(p.suffix == ".gguf" for p in (state / "models").iterdir())
+    assert not [p for p in (state / "models").iterdir() if p.name.startswith(".bad")]
+    invalid_name = _models(state, "import", str(bad), "--name", "../escape")
+    assert invalid_name.returncode == 1
