@@ -10,7 +10,7 @@ import httpx
 import openai
 import trio
 
-from tests.harness import install_tiny_model, running_daemon
+from tests.harness import install_tiny_model, running_daemon, short_tempdir
 
 
 def _sse_events(text: str) -> list[tuple[str, Any]]:
@@ -338,3 +338,34 @@ async def test_without_models_ready_says_how_to_add_one() -> None:
             install_tiny_model(daemon.state_dir / "models")
             chat = await client.post("/api/v1/chat/send", json={"message": "the", "max_tokens": 2})
             assert chat.status_code == 200
+
+
+async def test_chat_templates_from_the_model_run_sandboxed() -> None:
+    state = short_tempdir()
+    install_tiny_model(
+        state / "models",
+        name="templated",
+        chat_template="{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:",
+    )
+    install_tiny_model(
+        state / "models",
+        name="hostile",
+        chat_template="{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    )
+    with trio.fail_after(60):
+        async with (
+            running_daemon({"APPLIANCE_DEFAULT_MODEL": "templated"}, state_dir=state) as daemon,
+            daemon.client() as client,
+        ):
+            ok = await client.post("/api/v1/chat/send", json={"message": "the", "max_tokens": 3})
+            assert ok.status_code == 200, ok.text
+            listed = {m["name"]: m for m in (await client.get("/api/v1/models")).json()["models"]}
+            assert listed["templated"]["has_chat_template"] is True
+            hostile = await client.post(
+                "/api/v1/chat/send", json={"message": "x", "model": "hostile", "max_tokens": 3}
+            )
+            assert hostile.status_code == 422, hostile.text
+            assert hostile.json()["error"]["code"] == "template_error"
+            assert "unsafe" in hostile.json()["error"]["message"]
+            services = (await client.get("/api/v1/health/services")).json()["services"]
+            assert all(s["restarts"] == 0 for s in services)

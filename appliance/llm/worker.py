@@ -103,6 +103,12 @@ class Worker:
                     self.generate(message)
             except BrokenPipeError:
                 return
+            except Exception as exc:
+                # One bad request must not take the loaded model down with the process.
+                LOGGER.exception("request %d failed in the worker", message.id)
+                self.connection.send(
+                    Error(message.id, "internal_error", f"the worker failed: {type(exc).__name__}")
+                )
 
     def load(self, request: Load) -> Loaded | Error:
         from llama_cpp import Llama
@@ -167,8 +173,10 @@ class Worker:
             return
         try:
             tokens, template_stop = self._prompt_tokens(request)
-        except ValueError as exc:
-            send(Error(request.id, "template_error", f"the chat template failed: {exc}"))
+        except Exception as exc:
+            # Jinja's sandbox raises SecurityError and other TemplateErrors; a model's
+            # template is data from the file, so any failure is the template's.
+            send(Error(request.id, "template_error", f"the model's chat template failed: {exc}"))
             return
         n_ctx = self._llm.n_ctx()
         if len(tokens) + 1 > n_ctx:
