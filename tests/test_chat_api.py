@@ -345,7 +345,8 @@ async def test_chat_templates_from_the_model_run_sandboxed() -> None:
     install_tiny_model(
         state / "models",
         name="templated",
-        chat_template="{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:",
+        chat_template="{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+        "assistant:",
     )
     install_tiny_model(
         state / "models",
