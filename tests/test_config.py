@@ -203,3 +203,11 @@ def test_external_service_switches_are_honest(tmp_path: Path, switch: str) -> No
     assert done.returncode == 1
     assert f"{switch}=true" in done.stderr
     assert not state.exists()
+
+
+def test_readme_documents_every_setting() -> None:
+    from appliance.config import DOCS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [name for name in DOCS if f"| `{name}` |" not in readme]
+    assert missing == []
