@@ -54,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     model_verify.add_argument("name", nargs="?", help="one model (default: all)")
     model_remove = model_commands.add_parser("remove", help="delete a model")
     model_remove.add_argument("name", help="the model to remove")
+    keys = commands.add_parser("keys", help="encryption keys of stored data")
+    key_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    key_status = key_commands.add_parser("status", help="conversations per key id")
+    key_status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    key_commands.add_parser(
+        "rotate", help="re-seal everything under the current SECRET_KEY (safe to re-run)"
+    )
     status = commands.add_parser("status", help="ask the running daemon how it is")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
@@ -77,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": _config_check,
         "worker": _worker,
         "models": _models,
+        "keys": _keys,
     }
     code: int = handlers[args.command](args)
     return code
@@ -93,6 +101,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     from appliance.daemon import serve
     from appliance.logs import configure_logging
+    from appliance.privacy.rotation import KeyMismatch
+    from appliance.store.sealing import SealError
     from appliance.supervisor import ServiceFailed
 
     try:
@@ -105,14 +115,27 @@ def _serve(args: argparse.Namespace) -> int:
         for problem in problems:
             _error(problem)
         return EXIT_ERROR
-    configure_logging(settings.log_level, secrets=(settings.secret_key, settings.privacy_salt))
+    configure_logging(
+        settings.log_level,
+        secrets=(
+            settings.secret_key,
+            settings.privacy_salt,
+            settings.secret_key_previous,
+            settings.privacy_salt_previous,
+        ),
+    )
     try:
         return trio.run(serve, settings)
-    except (ServiceFailed, OSError, ExceptionGroup) as exc:
+    except (ServiceFailed, OSError, KeyMismatch, SealError, ExceptionGroup) as exc:
         failed = _find(exc, ServiceFailed)
         if failed is not None:
             LOGGER.error("%s; exiting so that systemd restarts the unit", failed)
             return EXIT_ERROR
+        for refusal in (_find(exc, KeyMismatch), _find(exc, SealError)):
+            if refusal is not None:
+                LOGGER.error("cannot start: %s", refusal)
+                _error(str(refusal))
+                return EXIT_ERROR
         os_error = _find(exc, OSError)
         if os_error is None:
             raise
@@ -148,6 +171,17 @@ def _models(args: argparse.Namespace) -> int:
         _error(str(exc))
         return EXIT_ERROR
     return run_models_command(settings, args)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from appliance.keys_commands import run_keys_command
+
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_ERROR
+    return run_keys_command(settings, args)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -22,7 +22,9 @@ from appliance.envfile import DEFAULT_ENV_FILE, EnvFileError, parse_env_file
 PREFIX: Final = "APPLIANCE_"
 # Names read from the environment that are not settings themselves.
 CONTROL_NAMES: Final = frozenset({"APPLIANCE_ENV_FILE"})
-SECRET_NAMES: Final = frozenset({"SECRET_KEY", "PRIVACY_SALT"})
+SECRET_NAMES: Final = frozenset(
+    {"SECRET_KEY", "PRIVACY_SALT", "SECRET_KEY_PREVIOUS", "PRIVACY_SALT_PREVIOUS"}
+)
 MIN_SECRET_KEY_CHARS: Final = 32
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -95,6 +97,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     )
     secret_key: str = msgspec.field(default="", name="SECRET_KEY")
     privacy_salt: str = msgspec.field(default="", name="PRIVACY_SALT")
+    secret_key_previous: str = msgspec.field(default="", name="SECRET_KEY_PREVIOUS")
+    privacy_salt_previous: str = msgspec.field(default="", name="PRIVACY_SALT_PREVIOUS")
+    retention_sweep_seconds: PositiveFloat = msgspec.field(
+        default=3600.0, name="APPLIANCE_RETENTION_SWEEP_SECONDS"
+    )
     cors_origins: str = msgspec.field(default="", name="BACKEND_CORS_ORIGINS")
     privacy_encrypt_at_rest: bool = msgspec.field(default=True, name="PRIVACY_ENCRYPT_AT_REST")
     privacy_redact_aggressiveness: Literal["off", "standard", "strict"] = msgspec.field(
@@ -199,6 +206,15 @@ DOCS: Final[dict[str, SettingDoc]] = {
     "SECRET_KEY": SettingDoc("32+ characters", "root secret; required in production"),
     "PRIVACY_SALT": SettingDoc(
         "text", "salt for key derivation and hashed ids; required in production"
+    ),
+    "SECRET_KEY_PREVIOUS": SettingDoc(
+        "the SECRET_KEY before a rotation", "keeps data sealed under it readable until rotated"
+    ),
+    "PRIVACY_SALT_PREVIOUS": SettingDoc(
+        "the PRIVACY_SALT before a rotation", "goes with SECRET_KEY_PREVIOUS"
+    ),
+    "APPLIANCE_RETENTION_SWEEP_SECONDS": SettingDoc(
+        "seconds, above 0", "how often conversations past PRIVACY_RETENTION_DAYS are deleted"
     ),
     "BACKEND_CORS_ORIGINS": SettingDoc(
         "comma-separated or JSON list of origins", "browser origins allowed (none by default)"

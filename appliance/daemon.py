@@ -16,7 +16,12 @@ from appliance.http.service import HttpService
 from appliance.llm.engine import InferenceService
 from appliance.llm.registry import ModelRegistry
 from appliance.metrics import count_models
+from appliance.privacy.keys import load_keys
+from appliance.privacy.redaction import Redactor
+from appliance.privacy.retention import DAY_SECONDS, RetentionService
+from appliance.privacy.rotation import check_keys
 from appliance.store.client import Store
+from appliance.store.conversations import Conversations
 from appliance.store.server import EmbeddedRedis
 from appliance.supervisor import Supervisor
 from appliance.systemd import Notifier, watchdog_loop
@@ -113,15 +118,31 @@ async def _start_services(supervisor: Supervisor, settings: Settings) -> HttpSer
         url = settings.redis_url
     store = Store(url)
     await supervisor.start(store)
+    keys = await trio.to_thread.run_sync(load_keys, settings)
+    # Data sealed under a key we do not have must stop the start, not turn into 500s.
+    await check_keys(store.client, keys.codec)
+    conversations = Conversations(
+        store, keys.codec, retention_seconds=settings.privacy_retention_days * DAY_SECONDS
+    )
+    retention = RetentionService(
+        conversations, settings.privacy_retention_days, settings.retention_sweep_seconds
+    )
+    await supervisor.start(retention)
     registry = ModelRegistry(Path(settings.models_dir))
     engine = InferenceService(settings, registry)
     # Before HTTP: with preloading on, READY waits for the default model.
     await supervisor.start(engine)
-    app = create_app(
-        Runtime(
-            settings=settings, supervisor=supervisor, store=store, registry=registry, engine=engine
-        )
+    state = Runtime(
+        settings=settings,
+        supervisor=supervisor,
+        store=store,
+        registry=registry,
+        engine=engine,
+        keys=keys,
+        redactor=Redactor(settings.privacy_redact_aggressiveness),
+        conversations=conversations,
+        retention=retention,
     )
-    http = HttpService(app, settings)
+    http = HttpService(create_app(state), settings, state.requests)
     await supervisor.start(http)
     return http

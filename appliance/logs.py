@@ -28,6 +28,7 @@ CONTEXT_FIELDS: Final = {
     "status": "STATUS",
     "method": "METHOD",
     "service": "SERVICE",
+    "client": "CLIENT",
 }
 # syslog priorities, as journald's PRIORITY= field expects them.
 _PRIORITY: Final = {

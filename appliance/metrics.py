@@ -141,6 +141,18 @@ class _SnapshotCollector(Collector):
             if value is not None:
                 ttft.add_metric([stat], value)
         yield ttft
+        privacy = snap["privacy"]
+        if privacy["conversations_under_old_keys"] is not None:
+            yield _gauge(
+                "appliance_privacy_conversations_under_old_keys",
+                "conversations with records sealed under a previous key",
+                privacy["conversations_under_old_keys"],
+            )
+        yield _gauge(
+            "appliance_privacy_retention_removed_total",
+            "conversations deleted by retention since start",
+            privacy["retention_removed_total"],
+        )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -9,42 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Final
 
 import msgspec
 
 from appliance.config import Settings
 from appliance.llm.registry import ModelRegistry, RegistryError
+from appliance.progress import ProgressBar
 
-BAR_WIDTH: Final = 30
 MB: Final = 1024 * 1024
-
-
-class ProgressBar:
-    """A one-line progress bar on stderr; silent when stderr is not a terminal."""
-
-    def __init__(self, label: str, stream: TextIO = sys.stderr) -> None:
-        self.label = label
-        self.stream = stream
-        self.enabled = stream.isatty()
-        self._last = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self._last < 0.1 and done < total):
-            return
-        self._last = now
-        fraction = done / total if total else 1.0
-        filled = int(BAR_WIDTH * fraction)
-        self.stream.write(
-            f"\r{self.label} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] "
-            f"{fraction:4.0%} {done // MB}/{total // MB} MB"
-        )
-        if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 def run_models_command(settings: Settings, args: argparse.Namespace) -> int:

@@ -33,7 +33,13 @@ async def test_status_table_and_json_from_the_running_daemon() -> None:
             as_json = await _status(daemon.env, "--json")
             report = json.loads(as_json.stdout)
             assert report["ready"] is True
-            assert {s["name"] for s in report["services"]} == {"redis", "store", "worker", "http"}
+            assert {s["name"] for s in report["services"]} == {
+                "redis",
+                "store",
+                "retention",
+                "worker",
+                "http",
+            }
 
 
 async def test_status_says_clearly_when_the_daemon_is_not_running() -> None:

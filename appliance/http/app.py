@@ -19,7 +19,11 @@ from appliance.llm.engine import InferenceService
 from appliance.llm.registry import ModelRegistry
 from appliance.logs import request_context
 from appliance.metrics import ProcessSampler, RequestStats
+from appliance.privacy.keys import Keys
+from appliance.privacy.redaction import Redactor
+from appliance.privacy.retention import RetentionService
 from appliance.store.client import Store
+from appliance.store.conversations import Conversations
 from appliance.supervisor import Supervisor
 
 ACCESS_LOGGER = logging.getLogger("appliance.access")
@@ -39,6 +43,10 @@ class Runtime:
     store: Store
     registry: ModelRegistry
     engine: InferenceService
+    keys: Keys
+    redactor: Redactor
+    conversations: Conversations
+    retention: RetentionService
     started: float = field(default_factory=time.monotonic)
     sampler: ProcessSampler = field(default_factory=ProcessSampler)
     requests: RequestStats = field(default_factory=RequestStats)
@@ -47,6 +55,12 @@ class Runtime:
 def runtime() -> Runtime:
     value: Runtime = current_app.extensions["appliance"]
     return value
+
+
+def current_owner() -> str:
+    """Who owns what this request stores. Until API keys exist every caller is the one
+    local owner; with them it becomes the key's id."""
+    return "local"
 
 
 def request_id_from(header: str | None) -> str:
@@ -61,12 +75,16 @@ def create_app(state: Runtime) -> Quart:
     from appliance.http.health import blueprint as health
     from appliance.http.models import blueprint as models
     from appliance.http.openai import blueprint as openai
+    from appliance.http.privacy import blueprint as privacy
 
     app: Quart = QuartTrio("appliance")
     app.extensions["appliance"] = state
     app.config["MAX_CONTENT_LENGTH"] = state.settings.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
-    for blueprint in (health, chat, models, openai):
+    # Quart cuts any response after 60 s; a long stream is bounded by our own deadline
+    # (APPLIANCE_REQUEST_TIMEOUT) instead, plus time for a slow client to read the rest.
+    app.config["RESPONSE_TIMEOUT"] = state.settings.request_timeout + 60
+    for blueprint in (health, chat, models, openai, privacy):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     _install_request_hooks(app, state)
@@ -90,8 +108,6 @@ def _install_request_hooks(app: Quart, state: Runtime) -> None:
     async def _begin() -> None:
         g.started = time.perf_counter()
         g.request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
-        g.counted = True
-        state.requests.in_flight += 1
         request_context.set(
             {"request_id": g.request_id, "endpoint": request.path, "method": request.method}
         )
@@ -108,8 +124,6 @@ def _install_request_hooks(app: Quart, state: Runtime) -> None:
     async def _finish(response: Response) -> Response:
         request_id = g.get("request_id") or request_id_from(None)
         response.headers[REQUEST_ID_HEADER] = request_id
-        if g.pop("counted", False):
-            state.requests.in_flight -= 1
         state.requests.record(response.status_code)
         if request.headers.get("User-Agent") != PROBE_USER_AGENT:
             started = g.get("started")
@@ -125,6 +139,8 @@ def _install_request_hooks(app: Quart, state: Runtime) -> None:
                     "method": request.method,
                     "status": response.status_code,
                     "duration_ms": round(duration, 2),
+                    # Who asked, as a keyed hash: correlatable, not identifying.
+                    "client": state.keys.client_hash(request.remote_addr or "unknown"),
                 },
             )
         return response

@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Final
 
 import msgspec
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response, g, request
 
-from appliance.http.app import runtime
+from appliance.http.app import current_owner, runtime
 from appliance.http.bodies import parse_body
 from appliance.http.errors import ApiError
 from appliance.http.generation import (
@@ -22,7 +22,7 @@ from appliance.http.generation import (
     started,
 )
 from appliance.llm.protocol import ChatMessage, Done, Token
-from appliance.store.conversations import Conversations, new_id, valid_id
+from appliance.store.conversations import new_id, valid_id
 
 blueprint = Blueprint("chat", __name__, url_prefix="/api/v1")
 
@@ -67,12 +67,13 @@ def _usage(done: Done) -> dict[str, int]:
 async def send() -> Response:
     state = runtime()
     body = await parse_body(ChatSendRequest)
-    conversations = Conversations(state.store)
+    conversations = state.conversations
+    owner = current_owner()
     history: list[ChatMessage] = []
     if body.conversation_id is not None:
         if not valid_id(body.conversation_id):
             raise _not_found(body.conversation_id)
-        existing = await conversations.get(body.conversation_id)
+        existing = await conversations.get(body.conversation_id, owner)
         if existing is None:
             raise _not_found(body.conversation_id)
         history = [ChatMessage(m.role, m.content) for m in existing.messages]
@@ -92,11 +93,14 @@ async def send() -> Response:
     )
 
     async def store(answer: str, done: Done) -> str:
+        # The model saw the user's own words; what is kept is redacted.
+        redact = state.redactor.redact
         _, answered = await conversations.record_exchange(
             conversation_id,
+            owner=owner,
             model=model,
-            question=body.message,
-            answer=answer,
+            question=redact(body.message).text,
+            answer=redact(answer).text,
             prompt_tokens=done.prompt_tokens,
             completion_tokens=done.completion_tokens,
         )
@@ -116,6 +120,8 @@ async def send() -> Response:
         )
 
     events = await started(events)
+
+    request_id = g.request_id
 
     async def stream() -> AsyncIterator[bytes]:
         parts: list[str] = []
@@ -137,7 +143,7 @@ async def send() -> Response:
                         event="done",
                     )
         except ApiError as error:
-            yield sse_error(error)
+            yield sse_error(error, request_id)
 
     return Response(stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-store"})
 
@@ -158,7 +164,7 @@ def _page_arguments() -> tuple[int, int]:
 @blueprint.get("/conversations")
 async def list_conversations() -> Response:
     offset, limit = _page_arguments()
-    metas, total = await Conversations(runtime().store).page(offset, limit)
+    metas, total = await runtime().conversations.page(offset, limit, current_owner())
     return _json(
         {
             "conversations": [msgspec.to_builtins(m) for m in metas],
@@ -173,7 +179,7 @@ async def list_conversations() -> Response:
 async def get_conversation(conversation_id: str) -> Response:
     found = None
     if valid_id(conversation_id):
-        found = await Conversations(runtime().store).get(conversation_id)
+        found = await runtime().conversations.get(conversation_id, current_owner())
     if found is None:
         raise _not_found(conversation_id)
     body = msgspec.to_builtins(found.meta)
@@ -185,7 +191,7 @@ async def get_conversation(conversation_id: str) -> Response:
 async def delete_conversation(conversation_id: str) -> Response:
     removed = -1
     if valid_id(conversation_id):
-        removed = await Conversations(runtime().store).delete(conversation_id)
+        removed = await runtime().conversations.delete(conversation_id, current_owner())
     if removed < 0:
         raise _not_found(conversation_id)
     return _json({"deleted": conversation_id, "messages_removed": removed})

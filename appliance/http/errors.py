@@ -6,10 +6,11 @@ import logging
 from typing import Any
 
 import coredis
-from quart import Quart, Response, g, jsonify
+from quart import Quart, Response, g, has_app_context, jsonify
 from werkzeug.exceptions import HTTPException
 
 from appliance.store.client import StoreUnavailable
+from appliance.store.conversations import UnreadableRecord
 
 LOGGER = logging.getLogger("appliance.http")
 
@@ -50,7 +51,17 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def error_body(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+def error_body(
+    status: int,
+    code: str,
+    message: str,
+    param: str | None = None,
+    request_id: str | None = None,
+) -> dict[str, Any]:
+    """`request_id` defaults to the current request's; a streamed body passes its own
+    (it is sent after the request context has ended)."""
+    if request_id is None and has_app_context():
+        request_id = g.get("request_id")
     return {
         "error": {
             "message": message,
@@ -59,7 +70,7 @@ def error_body(status: int, code: str, message: str, param: str | None = None) -
             ),
             "param": param,
             "code": code,
-            "request_id": g.get("request_id"),
+            "request_id": request_id,
         }
     }
 
@@ -107,6 +118,17 @@ def register_error_handlers(app: Quart) -> None:
             )
         LOGGER.warning("Redis error while serving a request: %s", type(error).__name__)
         return error_response(503, "store_unavailable", "storage is unavailable; retry shortly")
+
+    @app.errorhandler(UnreadableRecord)
+    async def _unreadable(error: UnreadableRecord) -> tuple[Response, int]:
+        # Tampered or moved ciphertext: say so, return nothing of it.
+        LOGGER.error("a stored record failed to open: %s", error)
+        return error_response(
+            500,
+            "record_unreadable",
+            "a stored record failed authentication (altered, moved or sealed with an unknown "
+            "key); nothing of it was returned",
+        )
 
     @app.errorhandler(Exception)
     async def _unexpected(error: Exception) -> tuple[Response, int]:

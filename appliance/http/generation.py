@@ -142,8 +142,9 @@ def sse(data: Any, event: str | None = None) -> bytes:
     return head + b"data: " + body + b"\n\n"
 
 
-def sse_error(error: ApiError) -> bytes:
-    return sse(error_body(error.status, error.code, error.message, error.param), event="error")
+def sse_error(error: ApiError, request_id: str) -> bytes:
+    body = error_body(error.status, error.code, error.message, error.param, request_id)
+    return sse(body, event="error")
 
 
 def finish_reason(done: Done) -> str:

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import coredis
 import msgspec
 import trio
 from quart import Blueprint, Response, request
@@ -16,6 +17,7 @@ from appliance.http.app import Runtime, runtime
 from appliance.http.errors import ApiError
 from appliance.llm.registry import RegistryError
 from appliance.metrics import count_models, system_metrics, to_prometheus, uptime_since
+from appliance.privacy.rotation import key_usage, old_key_count
 from appliance.store.client import StoreUnavailable
 
 blueprint = Blueprint("health", __name__, url_prefix="/api/v1/health")
@@ -145,7 +147,32 @@ async def metrics_snapshot(state: Runtime) -> dict[str, Any]:
             "in_flight": state.requests.in_flight,
         },
         "llm": llm_metrics(state),
+        "privacy": await privacy_metrics(state),
     }
+
+
+async def privacy_metrics(state: Runtime) -> dict[str, Any]:
+    settings = state.settings
+    retention = state.retention
+    body: dict[str, Any] = {
+        "encrypt_at_rest": settings.privacy_encrypt_at_rest,
+        "current_key_id": state.keys.current_id if settings.privacy_encrypt_at_rest else None,
+        "redaction": settings.privacy_redact_aggressiveness,
+        "retention_days": settings.privacy_retention_days,
+        "retention_last_sweep": retention.last_sweep,
+        "retention_last_removed": retention.last_removed,
+        "retention_removed_total": retention.total_removed,
+    }
+    try:
+        with trio.fail_after(READY_PROBE_TIMEOUT):
+            usage = await key_usage(state.store.client)
+    except (StoreUnavailable, trio.TooSlowError, coredis.exceptions.RedisError):
+        usage = None
+    body["conversations_by_key"] = usage
+    body["conversations_under_old_keys"] = (
+        old_key_count(usage, state.keys.codec) if usage is not None else None
+    )
+    return body
 
 
 def llm_metrics(state: Runtime) -> dict[str, Any]:

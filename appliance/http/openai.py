@@ -14,7 +14,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 import trio
-from quart import Blueprint, Response
+from quart import Blueprint, Response, g
 
 from appliance.http.app import Runtime, runtime
 from appliance.http.bodies import parse_body
@@ -187,6 +187,8 @@ async def chat_completions() -> Response:
             }
         )
 
+    request_id = g.request_id
+
     async def stream() -> AsyncIterator[bytes]:
         yield chunk({"role": "assistant", "content": ""}, None)
         try:
@@ -208,7 +210,7 @@ async def chat_completions() -> Response:
                         )
             yield sse(b"[DONE]")
         except ApiError as error:
-            yield sse_error(error)
+            yield sse_error(error, request_id)
 
     return _stream_response(stream())
 
@@ -239,6 +241,8 @@ async def completions() -> Response:
         text, done = await collect(events)
         return _json({**body_of(text, finish_reason(done)), "usage": _usage(done)})
 
+    request_id = g.request_id
+
     async def stream() -> AsyncIterator[bytes]:
         try:
             async for event in events:
@@ -248,7 +252,7 @@ async def completions() -> Response:
                     yield sse(body_of("", finish_reason(event)))
             yield sse(b"[DONE]")
         except ApiError as error:
-            yield sse_error(error)
+            yield sse_error(error, request_id)
 
     return _stream_response(stream())
 

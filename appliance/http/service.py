@@ -14,6 +14,7 @@ from quart import Quart
 
 from appliance.config import Settings
 from appliance.http.app import PROBE_USER_AGENT
+from appliance.metrics import RequestStats
 from appliance.supervisor import Service
 
 LOGGER = logging.getLogger("appliance.http")
@@ -41,13 +42,13 @@ class HttpService(Service):
     critical = True
     drains = True
 
-    def __init__(self, app: Quart, settings: Settings) -> None:
+    def __init__(self, app: Quart, settings: Settings, stats: RequestStats) -> None:
         self.app = app
         self.settings = settings
+        self.stats = stats
         self.urls: list[str] = []
         self._shutdown = trio.Event()
         self._drained = trio.Event()
-        self.in_flight = 0
         self._last_ok = 0.0
 
     def healthy(self) -> bool:
@@ -89,12 +90,12 @@ class HttpService(Service):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        self.in_flight += 1
+        self.stats.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
+            self.stats.in_flight -= 1
+            if self.stats.in_flight == 0:
                 self._drained.set()
                 self._drained = trio.Event()
 
@@ -103,12 +104,12 @@ class HttpService(Service):
         # the last request in flight is answered there is nothing left to wait for.
         await self._shutdown.wait()
         with trio.move_on_after(self.settings.graceful_timeout):
-            while self.in_flight:
+            while self.stats.in_flight:
                 await self._drained.wait()
-        if self.in_flight:
+        if self.stats.in_flight:
             LOGGER.warning(
                 "%d requests still running after %.0f s (APPLIANCE_GRACEFUL_TIMEOUT); closing them",
-                self.in_flight,
+                self.stats.in_flight,
                 self.settings.graceful_timeout,
             )
         scope.cancel()

@@ -178,25 +178,21 @@ class InferenceService(Service):
         self._served = 0
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent))
         self._stream = stream
+        exit_: list[tuple[int, str | None]] = []
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_exit, process, nursery.cancel_scope, exit_)
                 nursery.start_soon(forward_output, process, logging.getLogger("appliance.worker"))
                 nursery.start_soon(self._read_frames, stream)
-                await self._load_at_start()
-                task_status.started(process.pid)
-                self._worker_ready.set()
-                with trio.CancelScope() as running:
-                    nursery.start_soon(_cancel_when_set, self._recycle, running)
-                    code = await process.wait()
-                    raise WorkerCrashed(_describe_exit(code))
-                LOGGER.info("recycling the worker after %d requests", self._served)
+                # A crash fails the pending requests (so a load in progress raises
+                # WorkerCrashed here) and cancels this nursery; it is reported below.
+                with contextlib.suppress(WorkerCrashed):
+                    await self._load_at_start()
+                    task_status.started(process.pid)
+                    self._worker_ready.set()
+                    await self._recycle.wait()
+                    LOGGER.info("recycling the worker after %d requests", self._served)
                 nursery.cancel_scope.cancel()
-        except WorkerCrashed as exc:
-            self.stats.crashes += 1
-            self._fail_pending(exc)
-            if self._loading is not None:
-                await self._mark_failed(self._loading, f"the worker died while loading it ({exc})")
-            raise
         finally:
             self._stream = None
             self.loaded_model = None
@@ -205,6 +201,26 @@ class InferenceService(Service):
                 await stream.aclose()
             await terminate(process, STOP_GRACE)
             self._fail_pending(WorkerCrashed("the worker stopped"))
+        if exit_:
+            code, loading = exit_[0]
+            self.stats.crashes += 1
+            if loading is not None:
+                await self._mark_failed(
+                    loading, f"the worker died while loading it ({_describe_exit(code)})"
+                )
+            raise WorkerCrashed(_describe_exit(code))
+
+    async def _watch_exit(
+        self,
+        process: trio.Process,
+        scope: trio.CancelScope,
+        exit_: list[tuple[int, str | None]],
+    ) -> None:
+        code = await process.wait()
+        exit_.append((code, self._loading))
+        LOGGER.error("the inference worker %s", _describe_exit(code))
+        self._fail_pending(WorkerCrashed(_describe_exit(code)))
+        scope.cancel()
 
     async def _load_at_start(self) -> None:
         """Reload what was loaded before a restart, else preload the default model.
@@ -362,7 +378,7 @@ class InferenceService(Service):
         if queueing.cancelled_caught:
             raise DeadlineExceeded("the request waited in the queue past its deadline")
         request_id: int | None = None
-        finished = False
+        sent = finished = False
         try:
             self.busy = True
             self.stats.last_queue_wait = time.monotonic() - queued_at
@@ -384,6 +400,7 @@ class InferenceService(Service):
                     messages=messages,
                 )
             )
+            sent = True
             started = time.monotonic()
             first_token: float | None = None
             while True:
@@ -399,6 +416,7 @@ class InferenceService(Service):
                         _CLIENT_ERRORS.get(event.code, 500), event.code, event.message
                     )
                 if isinstance(event, Token):
+                    self.stats.tokens += 1
                     if first_token is None:
                         first_token = time.monotonic()
                         self._record_first_token(first_token - started)
@@ -410,7 +428,8 @@ class InferenceService(Service):
                     return
         finally:
             if request_id is not None:
-                if not finished:
+                # A Generate never written needs no Cancel (and no Done will come).
+                if sent and not finished:
                     await self._cancel(request_id)
                 self._pending.pop(request_id, None)
             self.busy = False
@@ -445,7 +464,6 @@ class InferenceService(Service):
 
     def _record_done(self, done: Done, first_token: float | None) -> None:
         self.stats.completed += 1
-        self.stats.tokens += done.completion_tokens
         if first_token is not None and done.completion_tokens > 1:
             seconds = time.monotonic() - first_token
             if seconds > 0:
@@ -469,11 +487,6 @@ class InferenceService(Service):
             LOGGER.info("worker RSS is %d MB (APPLIANCE_WORKER_MAX_RSS_MB)", rss // 2**20)
             return True
         return False
-
-
-async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
 
 
 def _describe_exit(code: int) -> str:

@@ -1,29 +1,41 @@
-"""Conversations in Redis.
+"""Conversations in Redis, content sealed at rest.
 
 Keys use a hash tag per conversation, so every multi-key write of one conversation stays
 in one cluster slot and runs as one MULTI/EXEC transaction:
 
-    conv:{<id>}:meta       hash: id, created, updated, model, title, counters
-    conv:{<id>}:messages   list of msgpack-encoded Message records
-    conv:index             sorted set: id -> last activity (newest first listing,
-                           and retention sweeps that cost what expires)
+    conv:{<id>}:meta       hash: id, created, updated, model, owner, key_id, counters
+                           (clear: what indexing needs) and title (sealed)
+    conv:{<id>}:messages   list of sealed msgpack Message records
+    conv:index             sorted set: id -> last activity (newest-first listing, and
+                           retention sweeps that cost what expires)
+    conv:owner:<owner>     set of the ids an owner has (erasure of "my data")
+    conv:bykey:<key id>    set of the ids with records sealed under that key (rotation)
+    conv:keyids            set of the key ids that have a conv:bykey set
 
 A question and its answer are written together, after the answer is complete: a client
-either sees both or neither.
+sees both or neither. Keys also get a TTL a day past the retention period, in case a sweep
+never runs.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Final
 
+import coredis
 import msgspec
 
 from appliance.store.client import Store
+from appliance.store.sealing import Codec, KeyRing, SealError
 
 INDEX_KEY: Final = "conv:index"
+BYKEY_PREFIX: Final = "conv:bykey:"
+KEY_IDS_KEY: Final = "conv:keyids"
+PLAIN_KEY_ID: Final = "plain"
 TITLE_CHARS: Final = 80
+TTL_SLACK_SECONDS: Final = 86_400
 _ID_CHARS: Final = frozenset("0123456789abcdef")
 
 
@@ -51,6 +63,10 @@ class Conversation(msgspec.Struct, frozen=True):
     messages: list[Message]
 
 
+class UnreadableRecord(Exception):
+    """A stored value failed to open (tampered, moved, or sealed with an unknown key)."""
+
+
 _ENCODER = msgspec.msgpack.Encoder()
 _MESSAGE = msgspec.msgpack.Decoder(Message)
 
@@ -63,12 +79,21 @@ def valid_id(value: str) -> bool:
     return len(value) == 32 and set(value) <= _ID_CHARS
 
 
-def _meta_key(conversation_id: str) -> str:
+def meta_key(conversation_id: str) -> str:
     return f"conv:{{{conversation_id}}}:meta"
 
 
-def _messages_key(conversation_id: str) -> str:
+def messages_key(conversation_id: str) -> str:
     return f"conv:{{{conversation_id}}}:messages"
+
+
+def owner_key(owner: str) -> str:
+    return f"conv:owner:{owner}"
+
+
+def _title_name(conversation_id: str) -> str:
+    # Sealed hash fields are bound to key and field, so a value cannot move between them.
+    return f"{meta_key(conversation_id)}#title"
 
 
 def _text(value: bytes | str | None) -> str:
@@ -77,42 +102,64 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _meta(raw: dict[bytes, bytes]) -> ConversationMeta:
-    fields = {_text(k): _text(v) for k, v in raw.items()}
-    return ConversationMeta(
-        id=fields["id"],
-        created=float(fields["created"]),
-        updated=float(fields["updated"]),
-        model=fields.get("model", ""),
-        title=fields.get("title", ""),
-        message_count=int(fields.get("message_count", 0)),
-        prompt_tokens=int(fields.get("prompt_tokens", 0)),
-        completion_tokens=int(fields.get("completion_tokens", 0)),
-    )
+def key_id_of(codec: Codec) -> str:
+    return codec.current_id if isinstance(codec, KeyRing) else PLAIN_KEY_ID
 
 
 class Conversations:
-    """Reads and writes conversations through the daemon's store."""
+    """Reads and writes conversations; `codec` seals content, `clock` is for tests."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self,
+        store: Store,
+        codec: Codec,
+        *,
+        retention_seconds: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._store = store
+        self._codec = codec
+        self._retention = retention_seconds
+        self._clock = clock
+
+    def _open(self, stored: bytes, key_name: str) -> bytes:
+        try:
+            return self._codec.open(stored, key_name)
+        except SealError as exc:
+            raise UnreadableRecord(str(exc)) from None
+
+    def _meta(self, raw: dict[bytes, bytes]) -> ConversationMeta:
+        fields = {_text(k): v for k, v in raw.items()}
+        conversation_id = _text(fields["id"])
+        title = fields.get("title", b"")
+        return ConversationMeta(
+            id=conversation_id,
+            created=float(fields["created"]),
+            updated=float(fields["updated"]),
+            model=_text(fields.get("model")),
+            title=self._open(title, _title_name(conversation_id)).decode() if title else "",
+            message_count=int(fields.get("message_count", 0)),
+            prompt_tokens=int(fields.get("prompt_tokens", 0)),
+            completion_tokens=int(fields.get("completion_tokens", 0)),
+        )
 
     async def messages(self, conversation_id: str) -> list[Message]:
-        client = self._store.client
-        raw = await client.lrange(_messages_key(conversation_id), 0, -1)
-        return [_MESSAGE.decode(item) for item in raw]
+        raw = await self._store.client.lrange(messages_key(conversation_id), 0, -1)
+        name = messages_key(conversation_id)
+        return [_MESSAGE.decode(self._open(item, name)) for item in raw]
 
-    async def get(self, conversation_id: str) -> Conversation | None:
-        client = self._store.client
-        raw = await client.hgetall(_meta_key(conversation_id))
-        if not raw:
+    async def get(self, conversation_id: str, owner: str | None = None) -> Conversation | None:
+        """The conversation, or None when it does not exist or belongs to someone else."""
+        raw = await self._store.client.hgetall(meta_key(conversation_id))
+        if not raw or (owner is not None and _text(raw.get(b"owner")) != owner):
             return None
-        return Conversation(meta=_meta(raw), messages=await self.messages(conversation_id))
+        return Conversation(meta=self._meta(raw), messages=await self.messages(conversation_id))
 
     async def record_exchange(
         self,
         conversation_id: str,
         *,
+        owner: str,
         model: str,
         question: str,
         answer: str,
@@ -120,50 +167,122 @@ class Conversations:
         completion_tokens: int,
     ) -> tuple[Message, Message]:
         """Append a question and its answer (creating the conversation if new), atomically."""
-        now = time.time()
+        now = self._clock()
         asked = Message(
             id=new_id(), role="user", content=question, created=now, tokens=prompt_tokens
         )
         answered = Message(
             id=new_id(), role="assistant", content=answer, created=now, tokens=completion_tokens
         )
-        meta_key = _meta_key(conversation_id)
-        client = self._store.client
+        meta, messages = meta_key(conversation_id), messages_key(conversation_id)
         title = question.strip().splitlines()[0][:TITLE_CHARS] if question.strip() else ""
+        key_id = key_id_of(self._codec)
+        ttl = int(self._retention + TTL_SLACK_SECONDS)
+        client = self._store.client
         async with client.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(meta_key, "id", conversation_id)
-            pipe.hsetnx(meta_key, "created", repr(now))
-            pipe.hsetnx(meta_key, "title", title)
-            pipe.hset(meta_key, {"updated": repr(now), "model": model})
-            pipe.hincrby(meta_key, "message_count", 2)
-            pipe.hincrby(meta_key, "prompt_tokens", prompt_tokens)
-            pipe.hincrby(meta_key, "completion_tokens", completion_tokens)
-            pipe.rpush(
-                _messages_key(conversation_id), [_ENCODER.encode(asked), _ENCODER.encode(answered)]
+            pipe.hsetnx(meta, "id", conversation_id)
+            pipe.hsetnx(meta, "created", repr(now))
+            pipe.hsetnx(meta, "owner", owner)
+            pipe.hsetnx(
+                meta, "title", self._codec.seal(title.encode(), _title_name(conversation_id))
             )
-        # The index lives in another slot; ZADD is idempotent, so a retry repairs it.
+            # kid:<id> fields say which keys this conversation has records under.
+            pipe.hset(meta, {"updated": repr(now), "model": model, f"kid:{key_id}": "1"})
+            pipe.hincrby(meta, "message_count", 2)
+            pipe.hincrby(meta, "prompt_tokens", prompt_tokens)
+            pipe.hincrby(meta, "completion_tokens", completion_tokens)
+            pipe.rpush(
+                messages,
+                [
+                    self._codec.seal(_ENCODER.encode(asked), messages),
+                    self._codec.seal(_ENCODER.encode(answered), messages),
+                ],
+            )
+            pipe.expire(meta, ttl)
+            pipe.expire(messages, ttl)
+        # Index entries live in other slots; each write is idempotent, so a retry repairs it.
         await client.zadd(INDEX_KEY, {conversation_id: now})
+        await client.sadd(owner_key(owner), [conversation_id])
+        await client.sadd(BYKEY_PREFIX + key_id, [conversation_id])
+        await client.sadd(KEY_IDS_KEY, [key_id])
         return asked, answered
 
-    async def page(self, offset: int, limit: int) -> tuple[list[ConversationMeta], int]:
-        """Newest first; returns one page and the total count."""
+    async def page(
+        self, offset: int, limit: int, owner: str | None = None
+    ) -> tuple[list[ConversationMeta], int]:
+        """Newest first; one page and the total count (of the owner's, when given)."""
         client = self._store.client
-        total = await client.zcard(INDEX_KEY)
-        ids = await client.zrange(INDEX_KEY, offset, offset + limit - 1, rev=True)
+        if owner is None:
+            total = await client.zcard(INDEX_KEY)
+            ids = [
+                _text(i)
+                for i in await client.zrange(INDEX_KEY, offset, offset + limit - 1, rev=True)
+            ]
+        else:
+            members = [_text(m) for m in await client.smembers(owner_key(owner))]
+            scores = await client.zmscore(INDEX_KEY, members) if members else []
+            ranked = sorted((s or 0.0, m) for m, s in zip(members, scores, strict=True))
+            total = len(ranked)
+            ids = [m for _, m in reversed(ranked)][offset : offset + limit]
         metas = []
-        for raw_id in ids:
-            raw = await client.hgetall(_meta_key(_text(raw_id)))
+        for conversation_id in ids:
+            raw = await client.hgetall(meta_key(conversation_id))
             if raw:
-                metas.append(_meta(raw))
+                metas.append(self._meta(raw))
         return metas, total
 
-    async def delete(self, conversation_id: str) -> int:
-        """Remove a conversation and its index entry; returns the messages removed."""
+    async def delete(self, conversation_id: str, owner: str | None = None) -> int:
+        """Remove a conversation and every index entry; messages removed, or -1 if absent."""
         client = self._store.client
-        meta = await client.hgetall(_meta_key(conversation_id))
-        if not meta:
+        raw = await client.hgetall(meta_key(conversation_id))
+        if not raw or (owner is not None and _text(raw.get(b"owner")) != owner):
             return -1
-        count = int(_text(meta.get(b"message_count", b"0")))
-        await client.delete([_meta_key(conversation_id), _messages_key(conversation_id)])
-        await client.zrem(INDEX_KEY, [conversation_id])
+        count = int(_text(raw.get(b"message_count", b"0")))
+        await client.delete([meta_key(conversation_id), messages_key(conversation_id)])
+        await self._forget(conversation_id, raw)
         return count
+
+    async def _forget(self, conversation_id: str, raw: dict[bytes, bytes]) -> None:
+        """Remove the index entries of a deleted conversation (known from its meta)."""
+        client = self._store.client
+        await client.zrem(INDEX_KEY, [conversation_id])
+        owner = _text(raw.get(b"owner"))
+        if owner:
+            await client.srem(owner_key(owner), [conversation_id])
+        for field in raw:
+            if field.startswith(b"kid:"):
+                await client.srem(BYKEY_PREFIX + _text(field[4:]), [conversation_id])
+
+    async def delete_owner(self, owner: str) -> tuple[int, int]:
+        """Erase everything of one owner: (conversations, messages) removed."""
+        members = [_text(m) for m in await self._store.client.smembers(owner_key(owner))]
+        conversations = messages = 0
+        for conversation_id in members:
+            removed = await self.delete(conversation_id, owner)
+            if removed >= 0:
+                conversations += 1
+                messages += removed
+        await self._store.client.delete([owner_key(owner)])
+        return conversations, messages
+
+    async def expire_older_than(self, cutoff: float, batch: int = 500) -> int:
+        """Delete conversations whose last activity is before `cutoff`; cost ~ what expires."""
+        client = self._store.client
+        removed = 0
+        while True:
+            ids = await client.zrange(
+                INDEX_KEY,
+                "-inf",
+                f"({cutoff!r}",
+                sortby=coredis.PureToken.BYSCORE,
+                offset=0,
+                count=batch,
+            )
+            if not ids:
+                return removed
+            for raw_id in ids:
+                conversation_id = _text(raw_id)
+                raw = await client.hgetall(meta_key(conversation_id))
+                await client.delete([meta_key(conversation_id), messages_key(conversation_id)])
+                await self._forget(conversation_id, raw)
+                removed += 1

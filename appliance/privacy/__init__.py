@@ -1,0 +1,1 @@
+"""Privacy: typed redaction of personal data before it is stored or logged."""

@@ -1,0 +1,78 @@
+"""The daemon's keys: the sealing codec for stored content and keyed hashes for logs.
+
+Keys are derived from SECRET_KEY and PRIVACY_SALT (see appliance.store.sealing) and never
+stored. In development without SECRET_KEY, a random key is generated once into the state
+dir (mode 0600) so that content is still sealed; production refuses to start without one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from appliance.config import Settings
+from appliance.envfile import EnvFileError, parse_env_file
+from appliance.store.sealing import Codec, KeyRing, PlainCodec
+
+LOGGER = logging.getLogger("appliance.privacy")
+
+DEV_KEY_FILE: Final = "development.key"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """What the daemon seals with and hashes client identifiers with."""
+
+    codec: Codec
+    ring: KeyRing | None
+    hash_key: bytes
+
+    def client_hash(self, identifier: str) -> str:
+        """A keyed hash, so logs can correlate requests without naming who sent them."""
+        if self.ring is not None:
+            return self.ring.keyed_hash(identifier)[:16]
+        return hashlib.blake2b(identifier.encode(), key=self.hash_key, digest_size=8).hexdigest()
+
+    @property
+    def current_id(self) -> str | None:
+        return self.ring.current_id if self.ring is not None else None
+
+
+def _development_secrets(state_dir: Path) -> tuple[str, str]:
+    path = state_dir / DEV_KEY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"SECRET_KEY={secrets.token_urlsafe(48)}\n")
+            handle.write(f"PRIVACY_SALT={secrets.token_urlsafe(24)}\n")
+        LOGGER.warning(
+            "no SECRET_KEY set: generated a development key in the state dir; "
+            "set SECRET_KEY and PRIVACY_SALT (appliance init) before real use"
+        )
+    try:
+        values = parse_env_file(path)
+    except EnvFileError as exc:
+        raise RuntimeError(f"the development key file is unreadable: {exc}") from None
+    return values["SECRET_KEY"], values["PRIVACY_SALT"]
+
+
+def load_keys(settings: Settings) -> Keys:
+    """Derive the keys (Argon2id: call it in a thread, once)."""
+    secret, salt = settings.secret_key, settings.privacy_salt
+    if not secret:
+        secret, dev_salt = _development_secrets(Path(settings.state_dir))
+        salt = salt or dev_salt
+    ring = KeyRing.from_settings(
+        secret, salt, settings.secret_key_previous, settings.privacy_salt_previous
+    )
+    hash_key = hashlib.blake2b(salt.encode(), digest_size=32).digest()
+    if not settings.privacy_encrypt_at_rest:
+        LOGGER.warning("PRIVACY_ENCRYPT_AT_REST=false: conversations are stored in clear")
+        return Keys(codec=PlainCodec(ring), ring=ring, hash_key=hash_key)
+    return Keys(codec=ring, ring=ring, hash_key=hash_key)
