@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -116,8 +117,11 @@ class Daemon:
     blocked send stalls its whole event loop.
     """
 
-    def __init__(self, state_dir: Path, log_level: str = "INFO") -> None:
+    def __init__(
+        self, state_dir: Path, log_level: str = "INFO", env: Mapping[str, str] | None = None
+    ) -> None:
         self.state_dir = state_dir
+        self.extra_env = dict(env or {})  # more APPLIANCE_* settings for this daemon
         self.port = free_port()
         self.base_url = f"http://{LOOPBACK}:{self.port}"
         self.log_path = state_dir / "daemon.log"
@@ -178,6 +182,7 @@ class Daemon:
             self.port,
             NOTIFY_SOCKET=str(self.notify_path),
             APPLIANCE_LOG_LEVEL=self.log_level,
+            **self.extra_env,
         )
         # Logs go to a file rather than a pipe nobody reads, so they never block the daemon.
         with self.log_path.open("wb") as log:
@@ -201,6 +206,19 @@ class Daemon:
 
     def log(self) -> str:
         return self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""
+
+
+def install_gemma(models_dir: Path, name: str = "gemma") -> Path:
+    """The real default model (tests/real_model.py) hard-linked into `models_dir`.
+
+    Loaded by path: tests/ is not an installed package, and bench/ is what is on sys.path.
+    """
+    spec = importlib.util.spec_from_file_location("real_model", REPO / "tests" / "real_model.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    target: Path = module.install_gemma(models_dir, name)
+    return target
 
 
 def spawn_python(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
