@@ -55,7 +55,8 @@ class Sample:
 
     def spans(self, level: str) -> set[tuple[str, int, int]]:
         """The labelled items as (category, start, end); a repeated text is its next match."""
-        spans, cursor = set(), {}
+        spans: set[tuple[str, int, int]] = set()
+        cursor: dict[str, int] = {}
         for category, value in self.items(level):
             start = self.text.index(value, cursor.get(value, 0))
             cursor[value] = start + 1
@@ -714,7 +715,7 @@ DATE_NEGATIVES: Final = [
 PRICE_NEGATIVES: Final = [
     neg("It costs $1,299.99 plus tax"),
     neg("Preis: € 2.499,00 inkl. MwSt."),
-    neg("CHF 1'250.– pro Monat"),
+    neg("CHF 1'250.\u2013 pro Monat"),
     neg("Umsatz 1.234.567,89 EUR"),
     neg("raised USD 12,500,000 in seed funding"),
     neg("£49.99/month after the trial"),
@@ -960,7 +961,137 @@ NEGATIVE_SAMPLES: Final = (
     + ADDRESS_LIKE_NEGATIVES
     + PROSE_NEGATIVES
 )
-SAMPLES: Final = POSITIVE_SAMPLES + NEGATIVE_SAMPLES
+# Written before the detectors ever ran on it and kept as written, except one label that was
+# itself wrong ("4 Privet Drive is Harry's address" names an address). Its first run scored
+# recall 31/31 at standard with 1/44 negatives flagged, and 40/40 at strict with 2/35 (the
+# chapter number, fixed since; "Release notes for 3.2.1.0" is still read as an IP).
+HELD_OUT_SAMPLES: Final = [
+    pos(
+        "pls send the contract to m.rossi@studiolegale.it asap",
+        ("EMAIL", "m.rossi@studiolegale.it"),
+    ),
+    pos('Contact <a href="mailto:hr@firma.de">HR</a>', ("EMAIL", "hr@firma.de")),
+    pos(
+        "email addresses: alice@example.com;bob@example.com",
+        ("EMAIL", "alice@example.com"),
+        ("EMAIL", "bob@example.com"),
+    ),
+    pos("[jane.doe@corp.example.com] wrote:", ("EMAIL", "jane.doe@corp.example.com")),
+    pos("Rufnummer +49 (0)89 123456-78", ("PHONE", "+49 (0)89 123456-78")),
+    pos("call +44 7700 900077 anytime", ("PHONE", "+44 7700 900077")),
+    pos("my cell is 202-555-0143", ("PHONE", "202-555-0143")),
+    pos("Tel.: 089 / 1234567", ("PHONE", "089 / 1234567")),
+    pos("numéro : 04 78 12 34 56", ("PHONE", "04 78 12 34 56")),
+    pos("Please phone 0211-987654 between 9 and 5", ("PHONE", "0211-987654")),
+    pos("+1-800-555-0199 is toll free", ("PHONE", "+1-800-555-0199")),
+    pos(
+        f"the card number is {grouped(card('4', 16, 900))} and expires 09/28",
+        ("CARD", grouped(card("4", 16, 900))),
+    ),
+    pos(f"Mastercard {card('5', 16, 901)}", ("CARD", card("5", 16, 901))),
+    pos(
+        f"AMEX: {grouped(card('34', 15, 902), (4, 6, 5))}",
+        ("CARD", grouped(card("34", 15, 902), (4, 6, 5))),
+    ),
+    pos(
+        f"paid by card ending {card('4', 16, 903)[-4:]} — full number {card('4', 16, 903)}",
+        ("CARD", card("4", 16, 903)),
+    ),
+    pos(
+        f"IBAN {grouped(iban('BE', '539007547034'))}", ("IBAN", grouped(iban("BE", "539007547034")))
+    ),
+    pos(
+        f"Kontonummer (IBAN): {iban('DE', '370400440532013000')}",
+        ("IBAN", iban("DE", "370400440532013000")),
+    ),
+    pos(
+        f"send to {grouped(iban('GB', 'BARC20000055779911'))}.",
+        ("IBAN", grouped(iban("GB", "BARC20000055779911"))),
+    ),
+    pos("the printer is at 192.168.178.50", ("IP", "192.168.178.50")),
+    pos(
+        "sshd[1234]: Failed password for root from 45.33.32.156 port 22 ssh2",
+        ("IP", "45.33.32.156"),
+    ),
+    pos(
+        "curl -H 'X-Real-IP: 2001:db8:85a3::8a2e:370:7334' ...",
+        ("IP", "2001:db8:85a3::8a2e:370:7334"),
+    ),
+    pos("SSN#: 457-55-5462", ("NATIONAL_ID", "457-55-5462")),
+    pos("National Insurance number: CE 45 78 90 A", ("NATIONAL_ID", "CE 45 78 90 A")),
+    pos("passport no. 533380006", ("NATIONAL_ID", "533380006")),
+    pos(
+        "postgresql://reporting:Xy7!pq@reports.internal:5432/bi",
+        ("URL_CREDENTIALS", "reporting:Xy7!pq"),
+    ),
+    pos(
+        "pip install --index-url https://__token__:pypiToken123@pypi.example.org/simple pkg",
+        ("URL_CREDENTIALS", "__token__:pypiToken123"),
+    ),
+    pos(
+        "export AWS_SECRET_ACCESS_KEY="
+        + token(700, 40, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/"),
+        (
+            "SECRET",
+            token(700, 40, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/"),
+        ),
+    ),
+    pos("Here's my OpenAI key: sk-" + token(701, 48), ("SECRET", "sk-" + token(701, 48))),
+    pos("wifi password is Blue-Horse-42", ("SECRET", "Blue-Horse-42")),
+    pos("the access token: " + token(702, 32), ("SECRET", token(702, 32))),
+    pos(
+        "My address: 1234 Elm Street, Apt 5, Denver, CO 80202",
+        ("ADDRESS", "1234 Elm Street, Apt 5, Denver, CO 80202"),
+    ),
+    pos(
+        "Wir wohnen in der Goethestraße 12, 80336 München.",
+        ("ADDRESS", "Goethestraße 12, 80336 München"),
+    ),
+    pos("Livraison : 3 place Bellecour, 69002 Lyon", ("ADDRESS", "3 place Bellecour, 69002 Lyon")),
+    pos("Office at 15 Main Rd., Cambridge", ("ADDRESS", "15 Main Rd.")),
+    pos("my date of birth is 4/7/1982", ("DOB", "4/7/1982")),
+    pos("DOB 1979-11-02, blood type A+", ("DOB", "1979-11-02")),
+    pos("Geburtstag: 7. Juli 1969", ("DOB", "7. Juli 1969")),
+    pos("born on the 21st of June, 1990", ("DOB", "21st of June, 1990")),
+    neg("Release notes for 3.2.1.0 are out"),
+    neg("The build number is 20240115.3"),
+    neg("Invoice 2024-00017 due 30 days net"),
+    neg("Your verification code is 482913"),
+    neg("order total: 1 499,00 €"),
+    neg("we have 4 111 111 users"),
+    neg("SKU: 4006381333931"),
+    neg("ISBN-13: 978-0-13-468599-1"),
+    neg("UUID 123e4567-e89b-12d3-a456-426614174000"),
+    neg("the hash is e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
+    neg("Meeting ID: 845 1234 5678"),
+    neg("Zoom passcode: see calendar"),
+    neg("Set PASSWORD_MIN_LENGTH=12 in settings"),
+    neg("the token count was 12345 tokens"),
+    neg("ERROR 2024-01-15 10:30:45,123 [main] worker-3 crashed"),
+    neg("tracking 1Z 999 AA1 01 2345 6784"),
+    neg("I was born in a small town."),
+    neg("The Born identity, 2002"),
+    neg("Chapter 12 Baker Street Irregulars"),
+    neg("Call of Duty 2023 edition"),
+    pos("4 Privet Drive is Harry's address in the books", ("ADDRESS", "4 Privet Drive")),
+    neg("Temperature 37.5 / 38.2 / 39.0"),
+    neg("version v2.1.0-rc.1+build.5"),
+    neg("UserAgent: Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36"),
+    neg("kubectl get pods -n kube-system -o wide"),
+    neg("pytest tests/test_redaction.py::test_idempotent -q"),
+    neg("Ratio of 3:2:1 and 1:1:1"),
+    neg("Coordinates: 52.5200° N, 13.4050° E"),
+    neg("see RFC 1918 for 10/8 ranges"),
+    neg("Lot 12-34-5678-90"),
+    neg("model gpt-4o-2024-08-06"),
+    neg("Boeing 737-800, seat 12A"),
+    neg("The answer to 123-45-678 is 42"),
+    neg("JWT header eyJhbGciOiJIUzI1NiJ9 alone"),
+    neg("Weg 3 links abbiegen"),
+    neg("Route 66 Diner, open 24/7"),
+]
+
+SAMPLES: Final = POSITIVE_SAMPLES + NEGATIVE_SAMPLES + HELD_OUT_SAMPLES
 
 
 # --- scoring ---------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from appliance.store.conversations import (
     INDEX_KEY,
     Conversations,
     messages_key,
+    meta_key,
     owner_key,
 )
 from appliance.store.sealing import KeyRing
@@ -202,6 +203,21 @@ async def test_retention_sweeps_what_expired_and_its_index_entries() -> None:
             assert await sweeper.sweep() == 0
             # Redis TTLs back the sweep up.
             assert 0 < await client.ttl(messages_key(recent[0])) <= 8 * DAY_SECONDS
+
+            # A conversation whose keys expired by TTL before any sweep leaves no trace.
+            ghost = recent[0]
+            await client.delete([meta_key(ghost), messages_key(ghost)])
+            # One written just now whose index entry still has its old score (the
+            # writer's MULTI ran, its ZADD not yet) is not deleted by a sweep.
+            busy = recent[1]
+            await client.zadd(INDEX_KEY, {ghost: now[0] - 30 * DAY_SECONDS})
+            await client.zadd(INDEX_KEY, {busy: now[0] - 30 * DAY_SECONDS})
+            assert await sweeper.sweep() == 1
+            assert await conversations.get(busy) is not None
+            assert await client.zscore(INDEX_KEY, busy) > now[0] - 7 * DAY_SECONDS
+            assert not await client.sismember(owner_key("local"), ghost)
+            assert not await client.sismember(BYKEY_PREFIX + codec.current_id, ghost)
+            assert await client.scard(owner_key("local")) == 2
             nursery.cancel_scope.cancel()
 
 

@@ -21,6 +21,7 @@ from appliance.http.generation import (
     sse_error,
     started,
 )
+from appliance.http.privacy import redact_off_loop
 from appliance.llm.protocol import ChatMessage, Done, Token
 from appliance.store.conversations import new_id, valid_id
 
@@ -94,13 +95,14 @@ async def send() -> Response:
 
     async def store(answer: str, done: Done) -> str:
         # The model saw the user's own words; what is kept is redacted.
-        redact = state.redactor.redact
+        question = await redact_off_loop(state.redactor, body.message)
+        kept_answer = await redact_off_loop(state.redactor, answer)
         _, answered = await conversations.record_exchange(
             conversation_id,
             owner=owner,
             model=model,
-            question=redact(body.message).text,
-            answer=redact(answer).text,
+            question=question.text,
+            answer=kept_answer.text,
             prompt_tokens=done.prompt_tokens,
             completion_tokens=done.completion_tokens,
         )

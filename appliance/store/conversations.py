@@ -11,6 +11,7 @@ in one cluster slot and runs as one MULTI/EXEC transaction:
     conv:owner:<owner>     set of the ids an owner has (erasure of "my data")
     conv:bykey:<key id>    set of the ids with records sealed under that key (rotation)
     conv:keyids            set of the key ids that have a conv:bykey set
+    conv:owners            set of the owners that have a conv:owner set
 
 A question and its answer are written together, after the answer is complete: a client
 sees both or neither. Keys also get a TTL a day past the retention period, in case a sweep
@@ -33,6 +34,7 @@ from appliance.store.sealing import Codec, KeyRing, SealError
 INDEX_KEY: Final = "conv:index"
 BYKEY_PREFIX: Final = "conv:bykey:"
 KEY_IDS_KEY: Final = "conv:keyids"
+OWNERS_KEY: Final = "conv:owners"
 PLAIN_KEY_ID: Final = "plain"
 TITLE_CHARS: Final = 80
 TTL_SLACK_SECONDS: Final = 86_400
@@ -203,6 +205,7 @@ class Conversations:
         # Index entries live in other slots; each write is idempotent, so a retry repairs it.
         await client.zadd(INDEX_KEY, {conversation_id: now})
         await client.sadd(owner_key(owner), [conversation_id])
+        await client.sadd(OWNERS_KEY, [owner])
         await client.sadd(BYKEY_PREFIX + key_id, [conversation_id])
         await client.sadd(KEY_IDS_KEY, [key_id])
         return asked, answered
@@ -243,15 +246,24 @@ class Conversations:
         return count
 
     async def _forget(self, conversation_id: str, raw: dict[bytes, bytes]) -> None:
-        """Remove the index entries of a deleted conversation (known from its meta)."""
+        """Remove the index entries of a deleted conversation.
+
+        Its meta says which owner and key sets hold it; when the meta is already gone (its
+        TTL ran out before a sweep), every owner and key set is cleaned instead: there are
+        only a few of each.
+        """
         client = self._store.client
         await client.zrem(INDEX_KEY, [conversation_id])
-        owner = _text(raw.get(b"owner"))
-        if owner:
+        if raw:
+            owners = [_text(raw.get(b"owner"))] if raw.get(b"owner") else []
+            key_ids = [_text(f[4:]) for f in raw if f.startswith(b"kid:")]
+        else:
+            owners = [_text(o) for o in await client.smembers(OWNERS_KEY)]
+            key_ids = [_text(k) for k in await client.smembers(KEY_IDS_KEY)]
+        for owner in owners:
             await client.srem(owner_key(owner), [conversation_id])
-        for field in raw:
-            if field.startswith(b"kid:"):
-                await client.srem(BYKEY_PREFIX + _text(field[4:]), [conversation_id])
+        for key_id in key_ids:
+            await client.srem(BYKEY_PREFIX + key_id, [conversation_id])
 
     async def delete_owner(self, owner: str) -> tuple[int, int]:
         """Erase everything of one owner: (conversations, messages) removed."""
@@ -266,23 +278,48 @@ class Conversations:
         return conversations, messages
 
     async def expire_older_than(self, cutoff: float, batch: int = 500) -> int:
-        """Delete conversations whose last activity is before `cutoff`; cost ~ what expires."""
+        """Delete conversations whose last activity is before `cutoff`; cost ~ what expires.
+
+        Each deletion re-checks the conversation's own `updated` under WATCH, so an exchange
+        written while the sweep runs is never deleted with the rest.
+        """
         client = self._store.client
         removed = 0
+        seen: set[str] = set()
         while True:
-            ids = await client.zrange(
-                INDEX_KEY,
-                "-inf",
-                f"({cutoff!r}",
-                sortby=coredis.PureToken.BYSCORE,
-                offset=0,
-                count=batch,
-            )
-            if not ids:
+            ids = [
+                _text(i)
+                for i in await client.zrange(
+                    INDEX_KEY,
+                    "-inf",
+                    f"({cutoff!r}",
+                    sortby=coredis.PureToken.BYSCORE,
+                    offset=0,
+                    count=batch,
+                )
+            ]
+            fresh = [i for i in ids if i not in seen]
+            if not fresh:
                 return removed
-            for raw_id in ids:
-                conversation_id = _text(raw_id)
-                raw = await client.hgetall(meta_key(conversation_id))
-                await client.delete([meta_key(conversation_id), messages_key(conversation_id)])
-                await self._forget(conversation_id, raw)
-                removed += 1
+            seen.update(fresh)
+            for conversation_id in fresh:
+                if await self._expire_one(conversation_id, cutoff):
+                    removed += 1
+
+    async def _expire_one(self, conversation_id: str, cutoff: float) -> bool:
+        client = self._store.client
+        meta, messages = meta_key(conversation_id), messages_key(conversation_id)
+        try:
+            async with client.pipeline(transaction=True) as pipe, pipe.watch(meta, messages):
+                raw = await client.hgetall(meta)
+                updated = float(raw[b"updated"]) if raw else None
+                if updated is None or updated < cutoff:
+                    pipe.delete([meta, messages])
+        except coredis.exceptions.WatchError:
+            return False  # written just now: not expired
+        if updated is not None and updated >= cutoff:
+            # Active again (its index entry was not updated yet): put it where it belongs.
+            await client.zadd(INDEX_KEY, {conversation_id: updated})
+            return False
+        await self._forget(conversation_id, raw)
+        return True
