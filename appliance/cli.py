@@ -86,7 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "models": _models,
         "keys": _keys,
     }
-    code: int = handlers[args.command](args)
+    try:
+        code: int = handlers[args.command](args)
+    except ConfigError as exc:
+        # Every command reads the settings first; a bad one is one line and exit 1.
+        _error(str(exc))
+        return EXIT_ERROR
     return code
 
 
@@ -105,11 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
     from appliance.store.sealing import SealError
     from appliance.supervisor import ServiceFailed
 
-    try:
-        settings = _settings(args)
-    except ConfigError as exc:
-        _error(str(exc))
-        return EXIT_ERROR
+    settings = _settings(args)
     problems = startup_problems(settings)
     if problems:
         for problem in problems:
@@ -165,31 +166,19 @@ def _worker(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     from appliance.model_commands import run_models_command
 
-    try:
-        settings = _settings(args)
-    except ConfigError as exc:
-        _error(str(exc))
-        return EXIT_ERROR
+    settings = _settings(args)
     return run_models_command(settings, args)
 
 
 def _keys(args: argparse.Namespace) -> int:
     from appliance.keys_commands import run_keys_command
 
-    try:
-        settings = _settings(args)
-    except ConfigError as exc:
-        _error(str(exc))
-        return EXIT_ERROR
+    settings = _settings(args)
     return run_keys_command(settings, args)
 
 
 def _status(args: argparse.Namespace) -> int:
-    try:
-        settings = _settings(args)
-    except ConfigError as exc:
-        _error(str(exc))
-        return EXIT_ERROR
+    settings = _settings(args)
     host = settings.host
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
@@ -273,11 +262,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    try:
-        settings = _settings(args)
-    except ConfigError as exc:
-        _error(str(exc))
-        return EXIT_ERROR
+    settings = _settings(args)
     problems = startup_problems(settings)
     shown = masked(settings)
     if args.json:
