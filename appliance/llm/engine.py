@@ -401,7 +401,6 @@ class InferenceService(Service):
                 )
             )
             sent = True
-            started = time.monotonic()
             first_token: float | None = None
             while True:
                 event: FromWorker | None = None
@@ -419,7 +418,8 @@ class InferenceService(Service):
                     self.stats.tokens += 1
                     if first_token is None:
                         first_token = time.monotonic()
-                        self._record_first_token(first_token - started)
+                        # As the client sees it: queueing and any model load included.
+                        self._record_first_token(first_token - queued_at)
                     yield event
                 elif isinstance(event, Done):
                     finished = True
