@@ -4,8 +4,9 @@
 header fields, state), so a scan only re-reads files whose size or mtime changed. The first
 SHA-256 recorded for a name is its reference: a later scan or `verify` that computes another
 one marks the model failed ("checksum changed since import") until it is verified clean or
-imported again. Every write of the manifest is atomic and serialised by a lock file, because
-the daemon (through `trio.to_thread`) and the CLI use the same directory.
+imported again. The manifest file itself (its records' shape, tolerant reading, atomic and
+locked writing, merging with another writer) is `appliance.llm.manifest`; this module decides
+what goes in it: names, scanning, hashing, import, verify, remove and the default model.
 
 Everything here is blocking file work. Error messages are one line and name models, never
 absolute paths.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -24,25 +24,37 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 import msgspec
 
 from appliance.llm.gguf_header import GGUFHeader, GGUFHeaderError, check_gguf_header
+from appliance.llm.manifest import FILE_MODE as FILE_MODE
+from appliance.llm.manifest import LOCK_NAME as LOCK_NAME
+from appliance.llm.manifest import MANIFEST_NAME as MANIFEST_NAME
+from appliance.llm.manifest import MANIFEST_VERSION as MANIFEST_VERSION
+from appliance.llm.manifest import MAX_MANIFEST_BYTES as MAX_MANIFEST_BYTES
+from appliance.llm.manifest import Manifest as Manifest
+from appliance.llm.manifest import ManifestError as ManifestError
+from appliance.llm.manifest import ModelRecord as ModelRecord
+from appliance.llm.manifest import ModelState as ModelState
+from appliance.llm.manifest import RegistryError as RegistryError
+from appliance.llm.manifest import (
+    fsync_dir,
+    manifest_lock,
+    merge_records,
+    read_manifest,
+    save_manifest,
+)
 
 LOGGER = logging.getLogger("appliance.llm")
 
 SUFFIX: Final = ".gguf"
-MANIFEST_NAME: Final = "manifest.json"
-LOCK_NAME: Final = ".manifest.lock"
-MANIFEST_VERSION: Final = 1
 CHUNK_BYTES: Final = 1024 * 1024
 MAX_NAME_CHARS: Final = 64
-MAX_MANIFEST_BYTES: Final = 16 * 1024 * 1024  # far beyond any real manifest; refuses a bomb
 MAX_REASON_CHARS: Final = 300
-FILE_MODE: Final = 0o644  # weights and manifest are not secret; the directory guards access
 IMPORT_HINT: Final = "appliance models import PATH"
 VERIFY_HINT: Final = "appliance models verify"
 
@@ -56,12 +68,7 @@ _NAME_RULE: Final = (
     "not starting with '.' or '-' and without '..'"
 )
 
-ModelState = Literal["ok", "failed"]
 Progress = Callable[[int, int], None]
-
-
-class RegistryError(Exception):
-    """Base of every registry error; the message is one line and safe to show to a client."""
 
 
 class InvalidModelName(RegistryError, ValueError):
@@ -84,37 +91,8 @@ class ImportRefused(RegistryError):
     """The file offered for import is not a usable GGUF model, or cannot be copied."""
 
 
-class ManifestError(RegistryError):
-    """The manifest could not be written."""
-
-
 class _NotRegular(OSError):
     """A FIFO, device or directory where a model file should be; it is never read."""
-
-
-class ModelRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """What the registry knows about one `<name>.gguf`; `sha256` is "" until it is hashed."""
-
-    name: str
-    file: str
-    size: int
-    sha256: str
-    state: ModelState
-    reason: str | None
-    architecture: str | None
-    context_length: int | None
-    has_chat_template: bool
-    checked_at: float
-    mtime: float
-
-    @property
-    def ok(self) -> bool:
-        return self.state == "ok"
-
-
-class Manifest(msgspec.Struct, kw_only=True):
-    version: int = MANIFEST_VERSION
-    models: list[ModelRecord] = []
 
 
 class VerifyResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -157,14 +135,6 @@ def _one_line(text: str) -> str:
     # Reasons come from exceptions and the worker; the manifest and CLI want one short line.
     line = " ".join(text.split())
     return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 3] + "..."
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _open_regular(path: Path, *, follow: bool) -> int:
@@ -262,10 +232,10 @@ class ModelRegistry:
         failed = msgspec.structs.replace(
             record, state="failed", reason=_one_line(reason), checked_at=time.time()
         )
-        with self._locked():
+        with manifest_lock(self.models_dir):
             current = self._load()
             current[name] = failed
-            self._save(current)
+            save_manifest(self.models_dir, current)
         LOGGER.warning("model %s marked failed: %s", name, failed.reason)
         return failed
 
@@ -337,7 +307,7 @@ class ModelRegistry:
             header = self._header(Path(temp))  # what was written, not what was checked
             if isinstance(header, str):
                 raise ImportRefused(f"cannot import {name!r}: {header}")
-            with self._locked():
+            with manifest_lock(self.models_dir):
                 return self._install(name, Path(temp), header, sha256)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -346,7 +316,7 @@ class ModelRegistry:
 
     def remove(self, name: str) -> None:
         validate_model_name(name)
-        with self._locked():
+        with manifest_lock(self.models_dir):
             current = self._load()
             path = self._file(name)
             present = os.path.lexists(path)
@@ -357,9 +327,9 @@ class ModelRegistry:
                     path.unlink()  # a symlink itself, never its target
                 except OSError as exc:
                     raise RegistryError(f"cannot remove model {name!r}: {exc.strerror}") from None
-                _fsync_dir(self.models_dir)
+                fsync_dir(self.models_dir)
             current.pop(name, None)
-            self._save(current)
+            save_manifest(self.models_dir, current)
         LOGGER.info("model %s removed", name)
 
     # -- files ---------------------------------------------------------------------------
@@ -545,30 +515,15 @@ class ModelRegistry:
         if os.path.lexists(target):  # another import won the race while we copied
             raise ModelExists(_exists_message(name))
         os.rename(temp, target)
-        _fsync_dir(self.models_dir)
+        fsync_dir(self.models_dir)
         record = _record(name, header, sha256, target.stat(), state="ok", reason=None)
         current = self._load()
         current[name] = record
-        self._save(current)
+        save_manifest(self.models_dir, current)
         LOGGER.info("model %s imported (%s, sha256 %s)", name, header.architecture, sha256)
         return record
 
     # -- manifest ------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Exclusive across processes and threads (flock is per open file description)."""
-        try:
-            fd = os.open(
-                self.models_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE
-            )
-        except OSError as exc:
-            raise ManifestError(f"cannot lock the model manifest: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
 
     def _load(self) -> dict[str, ModelRecord]:
         """The manifest's records; a missing or unusable manifest has none (scan rebuilds)."""
@@ -576,52 +531,18 @@ class ModelRegistry:
         return {} if records is None else records
 
     def _read(self, *, warn: bool = True) -> dict[str, ModelRecord] | None:
-        """The manifest's records, or None when a manifest is there but unusable (rewrite it)."""
-        log = LOGGER.warning if warn else LOGGER.debug
-        try:
-            with open(self.models_dir / MANIFEST_NAME, "rb") as file:
-                data = file.read(MAX_MANIFEST_BYTES + 1)
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            log("cannot read the model manifest (%s); rebuilding it", exc.strerror)
-            return None
-        if len(data) > MAX_MANIFEST_BYTES:
-            log("the model manifest is over %d bytes; rebuilding it", MAX_MANIFEST_BYTES)
-            return None
-        try:
-            manifest = msgspec.json.decode(data, type=Manifest)
-        except msgspec.DecodeError as exc:
-            log("the model manifest is not valid (%s); rebuilding it", exc)
+        """The manifest's records, or None when a manifest is there but unusable (rewrite it).
+
+        Records whose name is invalid or whose file is not `<name>.gguf` are left out.
+        """
+        records = read_manifest(self.models_dir, warn=warn)
+        if records is None:
             return None
         return {
             record.name: record
-            for record in manifest.models
+            for record in records
             if _name_problem(record.name) is None and record.file == f"{record.name}{SUFFIX}"
         }
-
-    def _save(self, records: dict[str, ModelRecord]) -> None:
-        """Write atomically: temp file in the same directory, fsync, rename, fsync the dir."""
-        manifest = Manifest(models=sorted(records.values(), key=lambda record: record.name))
-        data = msgspec.json.format(msgspec.json.encode(manifest), indent=2) + b"\n"
-        try:
-            fd, temp = tempfile.mkstemp(dir=self.models_dir, prefix=f".{MANIFEST_NAME}.")
-        except OSError as exc:
-            raise ManifestError(f"cannot write the model manifest: {exc.strerror}") from None
-        try:
-            with open(fd, "wb") as file:
-                file.write(data)
-                os.fchmod(file.fileno(), FILE_MODE)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, self.models_dir / MANIFEST_NAME)
-            _fsync_dir(self.models_dir)
-        except BaseException as exc:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            if isinstance(exc, OSError):
-                raise ManifestError(f"cannot write the model manifest: {exc.strerror}") from None
-            raise
 
     def _commit(
         self,
@@ -644,19 +565,14 @@ class ModelRegistry:
         ):
             return builtins.list(fresh.values())
         try:
-            with self._locked():
+            with manifest_lock(self.models_dir):
                 read = self._read(warn=before is not None)  # the caller warned already
                 current = {} if read is None else read
-                merged: dict[str, ModelRecord] = {}
-                for name in set(current) | set(fresh):
-                    if not os.path.lexists(self._file(name)):
-                        continue
-                    if name in current and current[name] != known.get(name):
-                        merged[name] = current[name]
-                    else:
-                        merged[name] = fresh[name] if name in fresh else current[name]
+                merged = merge_records(
+                    known, current, fresh, lambda name: os.path.lexists(self._file(name))
+                )
                 if read is None or merged != current:
-                    self._save(merged)
+                    save_manifest(self.models_dir, merged)
                 return builtins.list(merged.values())
         except ManifestError as exc:
             if strict:
