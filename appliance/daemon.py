@@ -37,9 +37,10 @@ def status_line(supervisor: Supervisor, settings: Settings, urls: list[str]) -> 
     failing = supervisor.unhealthy_critical()
     models = count_models(Path(settings.models_dir))
     where = urls[0] if urls else settings.bind
+    counted = f"{models} model{'' if models == 1 else 's'}"
     if failing:
-        return f"degraded: {', '.join(failing)} not healthy; {models} models; {where}"
-    return f"ready: {models} models; serving {where}"
+        return f"degraded: {', '.join(failing)} not healthy; {counted}; {where}"
+    return f"ready: {counted}; serving {where}"
 
 
 async def _keep_status(
