@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import Final
+from typing import Final, TypeVar
 
 import msgspec
 
 MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
+T = TypeVar("T")
 _LENGTH = struct.Struct(">I")
 
 
@@ -84,8 +85,8 @@ ToWorker = Load | Generate | Cancel
 FromWorker = Loaded | Token | Done | Error
 
 _ENCODER = msgspec.msgpack.Encoder()
-_TO_WORKER = msgspec.msgpack.Decoder(ToWorker)
-_FROM_WORKER = msgspec.msgpack.Decoder(FromWorker)
+_TO_WORKER: msgspec.msgpack.Decoder[ToWorker] = msgspec.msgpack.Decoder(ToWorker)
+_FROM_WORKER: msgspec.msgpack.Decoder[FromWorker] = msgspec.msgpack.Decoder(FromWorker)
 
 
 def encode_frame(message: ToWorker | FromWorker) -> bytes:
@@ -115,17 +116,16 @@ class FrameBuffer:
             yield body
 
 
-def decode_to_worker(body: bytes) -> ToWorker:
+def _decode(decoder: msgspec.msgpack.Decoder[T], body: bytes) -> T:
     try:
-        message: ToWorker = _TO_WORKER.decode(body)
+        return decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"invalid frame: {exc}") from None
-    return message
+
+
+def decode_to_worker(body: bytes) -> ToWorker:
+    return _decode(_TO_WORKER, body)
 
 
 def decode_from_worker(body: bytes) -> FromWorker:
-    try:
-        message: FromWorker = _FROM_WORKER.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"invalid frame: {exc}") from None
-    return message
+    return _decode(_FROM_WORKER, body)
