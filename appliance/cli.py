@@ -61,6 +61,29 @@ def _parser() -> argparse.ArgumentParser:
     key_commands.add_parser(
         "rotate", help="re-seal everything under the current SECRET_KEY (safe to re-run)"
     )
+    backup = commands.add_parser("backup", help="back up the data now (or: backup verify FILE)")
+    backup.add_argument(
+        "--with-models", action="store_true", help="include the model files (large)"
+    )
+    backup.add_argument(
+        "--passphrase-file", type=Path, help="also seal the archive with this passphrase"
+    )
+    backup_commands = backup.add_subparsers(dest="backup_command", metavar="ACTION")
+    backup_verify = backup_commands.add_parser(
+        "verify", help="check an archive's manifest and checksums; touches no live data"
+    )
+    backup_verify.add_argument("file", type=Path, help="the backup archive")
+    backup_verify.add_argument(
+        "--passphrase-file", type=Path, help="passphrase of a sealed archive"
+    )
+    backups = commands.add_parser("backups", help="list backups: size, age, verified")
+    backups.add_argument("--json", action="store_true", help="print JSON for scripts")
+    restore = commands.add_parser(
+        "restore", help="restore a backup (verified first; the current data is kept aside)"
+    )
+    restore.add_argument("file", type=Path, help="the backup archive")
+    restore.add_argument("--passphrase-file", type=Path, help="passphrase of a sealed archive")
+    restore.add_argument("--json", action="store_true", help="print JSON for scripts")
     status = commands.add_parser("status", help="ask the running daemon how it is")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
@@ -85,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "worker": _worker,
         "models": _models,
         "keys": _keys,
+        "backup": _backup,
+        "backups": _backup,
+        "restore": _backup,
     }
     try:
         code: int = handlers[args.command](args)
@@ -104,6 +130,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from appliance.backup.archive import BackupError
     from appliance.daemon import serve
     from appliance.logs import configure_logging
     from appliance.privacy.rotation import KeyMismatch
@@ -127,12 +154,12 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         return trio.run(serve, settings)
-    except (ServiceFailed, OSError, KeyMismatch, SealError, ExceptionGroup) as exc:
+    except (ServiceFailed, OSError, KeyMismatch, SealError, BackupError, ExceptionGroup) as exc:
         failed = _find(exc, ServiceFailed)
         if failed is not None:
             LOGGER.error("%s; exiting so that systemd restarts the unit", failed)
             return EXIT_ERROR
-        for refusal in (_find(exc, KeyMismatch), _find(exc, SealError)):
+        for refusal in (_find(exc, KeyMismatch), _find(exc, SealError), _find(exc, BackupError)):
             if refusal is not None:
                 LOGGER.error("cannot start: %s", refusal)
                 _error(str(refusal))
@@ -175,6 +202,12 @@ def _keys(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     return run_keys_command(settings, args)
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from appliance.backup.commands import run_backup_command
+
+    return run_backup_command(_settings(args), args)
 
 
 def _status(args: argparse.Namespace) -> int:

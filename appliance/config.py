@@ -45,6 +45,8 @@ class SettingDoc:
 
 _BIND = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
 _MEMORY = re.compile(r"^\d+(b|kb|mb|gb)?$", re.IGNORECASE)
+_DURATION = re.compile(r"^(?P<amount>\d+)(?P<unit>s|m|h|d)?$")
+_DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -99,6 +101,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     privacy_salt: str = msgspec.field(default="", name="PRIVACY_SALT")
     secret_key_previous: str = msgspec.field(default="", name="SECRET_KEY_PREVIOUS")
     privacy_salt_previous: str = msgspec.field(default="", name="PRIVACY_SALT_PREVIOUS")
+    backup_interval: str = msgspec.field(default="24h", name="APPLIANCE_BACKUP_INTERVAL")
+    backup_keep: PositiveInt = msgspec.field(default=10, name="APPLIANCE_BACKUP_KEEP")
     retention_sweep_seconds: PositiveFloat = msgspec.field(
         default=3600.0, name="APPLIANCE_RETENTION_SWEEP_SECONDS"
     )
@@ -119,12 +123,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("APPLIANCE_BIND")
         if not _MEMORY.match(self.redis_maxmemory):
             raise ValueError("APPLIANCE_REDIS_MAXMEMORY")
+        if not _DURATION.match(self.backup_interval):
+            raise ValueError("APPLIANCE_BACKUP_INTERVAL")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("APPLIANCE_REDIS_URL")
         for name in ("state_dir", "models_dir", "backup_dir", "runtime_dir"):
             if not os.path.isabs(getattr(self, name)):
                 raise ValueError(_field_env_name(name))
         parse_cors_origins(self.cors_origins)
+
+    @property
+    def backup_interval_seconds(self) -> int:
+        """0 turns scheduled backups off."""
+        match = _DURATION.match(self.backup_interval)
+        assert match is not None  # validated in __post_init__
+        return int(match["amount"]) * _DURATION_UNITS[match["unit"] or "s"]
 
     @property
     def host(self) -> str:
@@ -155,6 +168,12 @@ DOCS: Final[dict[str, SettingDoc]] = {
     ),
     "APPLIANCE_MODELS_DIR": SettingDoc("absolute path", "GGUF models; default <state>/models"),
     "APPLIANCE_BACKUP_DIR": SettingDoc("absolute path", "backups; default <state>/backups"),
+    "APPLIANCE_BACKUP_INTERVAL": SettingDoc(
+        "duration such as 24h, 30m, 3600 (seconds); 0 = off", "time between scheduled backups"
+    ),
+    "APPLIANCE_BACKUP_KEEP": SettingDoc(
+        "whole number, 1 or more", "backups kept; older ones are deleted after a new one"
+    ),
     "APPLIANCE_RUNTIME_DIR": SettingDoc(
         "absolute path", "sockets; default $RUNTIME_DIRECTORY under systemd, else <state>/run"
     ),

@@ -10,6 +10,8 @@ from typing import Final
 import trio
 
 from appliance import __version__
+from appliance.backup.restore import recover_before_start
+from appliance.backup.service import Backups, BackupService
 from appliance.config import Settings
 from appliance.http.app import Runtime, create_app
 from appliance.http.service import HttpService
@@ -33,21 +35,23 @@ STATUS_REFRESH: Final = 5.0
 STORE_STOP_TIMEOUT: Final = 30.0
 
 
-def status_line(supervisor: Supervisor, settings: Settings, urls: list[str]) -> str:
+def status_line(
+    supervisor: Supervisor, settings: Settings, urls: list[str], backups: Backups
+) -> str:
     failing = supervisor.unhealthy_critical()
     models = count_models(Path(settings.models_dir))
     where = urls[0] if urls else settings.bind
-    counted = f"{models} model{'' if models == 1 else 's'}"
+    counted = f"{models} model{'' if models == 1 else 's'}; {backups.status_phrase()}"
+    if supervisor.maintenance is not None:
+        return f"maintenance: {supervisor.maintenance}; {counted}"
     if failing:
         return f"degraded: {', '.join(failing)} not healthy; {counted}; {where}"
     return f"ready: {counted}; serving {where}"
 
 
-async def _keep_status(
-    notifier: Notifier, supervisor: Supervisor, settings: Settings, http: HttpService
-) -> None:
+async def _keep_status(notifier: Notifier, supervisor: Supervisor, state: Runtime) -> None:
     while True:
-        notifier.status(status_line(supervisor, settings, http.urls))
+        notifier.status(status_line(supervisor, state.settings, state.urls, state.backups))
         with trio.move_on_after(STATUS_REFRESH):
             await supervisor.changed.wait()
 
@@ -56,14 +60,13 @@ async def _report(
     scope: trio.CancelScope,
     notifier: Notifier,
     supervisor: Supervisor,
-    settings: Settings,
-    http: HttpService,
+    state: Runtime,
 ) -> None:
     """Watchdog pings and STATUS= updates, until the daemon starts stopping."""
     with scope:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(watchdog_loop, notifier, supervisor.unhealthy_critical)
-            nursery.start_soon(_keep_status, notifier, supervisor, settings, http)
+            nursery.start_soon(watchdog_loop, notifier, supervisor.watchdog_problems)
+            nursery.start_soon(_keep_status, notifier, supervisor, state)
 
 
 def _prepare_directories(settings: Settings) -> None:
@@ -95,10 +98,10 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
             reporting = trio.CancelScope()
             with trio.CancelScope() as startup:
                 nursery.start_soon(wait_for_signal, startup)
-                http = await _start_services(supervisor, settings)
-                notifier.ready(status_line(supervisor, settings, http.urls))
-                LOGGER.info("ready on %s", ", ".join(http.urls))
-                nursery.start_soon(_report, reporting, notifier, supervisor, settings, http)
+                state = await _start_services(supervisor, settings)
+                notifier.ready(status_line(supervisor, settings, state.urls, state.backups))
+                LOGGER.info("ready on %s", ", ".join(state.urls))
+                nursery.start_soon(_report, reporting, notifier, supervisor, state)
             await stop_requested.wait()
             reporting.cancel()
             notifier.stopping()
@@ -108,8 +111,9 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
     return 0
 
 
-async def _start_services(supervisor: Supervisor, settings: Settings) -> HttpService:
+async def _start_services(supervisor: Supervisor, settings: Settings) -> Runtime:
     if settings.embedded_redis:
+        await trio.to_thread.run_sync(recover_before_start, settings)
         redis = EmbeddedRedis(
             Path(settings.state_dir), Path(settings.runtime_dir), settings.redis_maxmemory
         )
@@ -129,6 +133,8 @@ async def _start_services(supervisor: Supervisor, settings: Settings) -> HttpSer
         conversations, settings.privacy_retention_days, settings.retention_sweep_seconds
     )
     await supervisor.start(retention)
+    backups = Backups(settings, supervisor, store, keys)
+    await supervisor.start(BackupService(backups))
     registry = ModelRegistry(Path(settings.models_dir))
     engine = InferenceService(settings, registry)
     # Before HTTP: with preloading on, READY waits for the default model.
@@ -143,7 +149,9 @@ async def _start_services(supervisor: Supervisor, settings: Settings) -> HttpSer
         redactor=Redactor(settings.privacy_redact_aggressiveness),
         conversations=conversations,
         retention=retention,
+        backups=backups,
     )
     http = HttpService(create_app(state), settings, state.requests)
     await supervisor.start(http)
-    return http
+    state.urls = http.urls
+    return state

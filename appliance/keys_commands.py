@@ -7,11 +7,8 @@ redis-server themselves for the duration (never a second one beside a running da
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import coredis
 import trio
@@ -20,38 +17,9 @@ from appliance.config import Settings
 from appliance.privacy.keys import load_keys
 from appliance.privacy.rotation import KeyMismatch, key_usage, old_key_count, rotate
 from appliance.progress import ProgressBar
+from appliance.store.access import redis_client
 from appliance.store.conversations import key_id_of
 from appliance.store.sealing import KeyRing, SealError
-from appliance.store.server import EmbeddedRedis
-
-
-async def _answers(url: str) -> bool:
-    try:
-        client: coredis.Redis[bytes] = coredis.Redis.from_url(url, connect_timeout=2)
-        async with client:
-            await client.ping()
-    except (coredis.exceptions.RedisError, OSError):
-        return False
-    return True
-
-
-@contextlib.asynccontextmanager
-async def redis_client(settings: Settings) -> AsyncIterator[coredis.Redis[bytes]]:
-    """A client to the store, starting the embedded server only if nothing serves it."""
-    async with trio.open_nursery() as nursery:
-        if settings.embedded_redis:
-            url = f"unix://{settings.redis_socket}"
-            if not await _answers(url):
-                server = EmbeddedRedis(
-                    Path(settings.state_dir), Path(settings.runtime_dir), settings.redis_maxmemory
-                )
-                await nursery.start(server.run)
-        else:
-            url = settings.redis_url
-        client: coredis.Redis[bytes] = coredis.Redis.from_url(url)
-        async with client:
-            yield client
-        nursery.cancel_scope.cancel()
 
 
 async def _status(settings: Settings, as_json: bool) -> int:

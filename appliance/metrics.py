@@ -153,6 +153,17 @@ class _SnapshotCollector(Collector):
             "conversations deleted by retention since start",
             privacy["retention_removed_total"],
         )
+        backups = snap["backups"]
+        for key in ("last_success", "last_failure"):
+            if backups[key] is not None:
+                yield _gauge(
+                    f"appliance_backup_{key}_timestamp_seconds",
+                    f"unix time of the {key.replace('_', ' ')} of a backup",
+                    backups[key],
+                )
+        for key in ("succeeded", "failed"):
+            yield _gauge(f"appliance_backups_{key}", f"backups {key} since start", backups[key])
+        yield _gauge("appliance_backup_running", "1 while a backup runs", int(backups["running"]))
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

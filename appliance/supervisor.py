@@ -9,9 +9,11 @@ exit so that systemd restarts the whole unit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import Any, Final, Literal
 
 import msgspec
@@ -105,6 +107,8 @@ class Supervisor:
         self._window = restart_window
         self._records: dict[str, _Record] = {}
         self.changed = trio.Event()
+        # Why services are stopped on purpose (a restore); the watchdog tolerates it.
+        self.maintenance: str | None = None
 
     async def start(self, service: Service) -> Any:
         """Start `service` and wait until it is ready; later failures restart it."""
@@ -191,6 +195,32 @@ class Supervisor:
         record.scope.cancel()
         await record.done.wait()
         LOGGER.info("service %s stopped in %.2f s", name, trio.current_time() - started)
+
+    async def restart(self, name: str) -> Any:
+        """Start a service again after `stop`, keeping its place in the stop order."""
+        old = self._records[name]
+        if not old.done.is_set():
+            raise ValueError(f"service {name} is still running")
+        record = _Record(old.service)
+        record.restarts = old.restarts
+        self._records[name] = record
+        return await self._nursery.start(self._supervise, record)
+
+    @contextlib.contextmanager
+    def planned_outage(self, reason: str) -> Iterator[None]:
+        """Services stopped inside this block are down on purpose: readiness says 503, but
+        the watchdog keeps pinging, so systemd does not kill a restore half-way."""
+        self.maintenance = reason
+        self._notify_change()
+        try:
+            yield
+        finally:
+            self.maintenance = None
+            self._notify_change()
+
+    def watchdog_problems(self) -> list[str]:
+        """What should stop the watchdog pings: unhealthy critical services, unless planned."""
+        return [] if self.maintenance is not None else self.unhealthy_critical()
 
     async def stop_all(self, timeout: float) -> None:
         """Stop every service, the last started first (HTTP drains before the store)."""

@@ -37,6 +37,7 @@ async def test_status_table_and_json_from_the_running_daemon() -> None:
                 "redis",
                 "store",
                 "retention",
+                "backups",
                 "worker",
                 "http",
             }

@@ -13,6 +13,7 @@ import quart_cors
 from quart import Quart, Response, current_app, g, request
 from quart_trio import QuartTrio
 
+from appliance.backup.service import Backups
 from appliance.config import Settings
 from appliance.http.errors import ApiError, register_error_handlers
 from appliance.llm.engine import InferenceService
@@ -47,6 +48,8 @@ class Runtime:
     redactor: Redactor
     conversations: Conversations
     retention: RetentionService
+    backups: Backups
+    urls: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     sampler: ProcessSampler = field(default_factory=ProcessSampler)
     requests: RequestStats = field(default_factory=RequestStats)
@@ -71,6 +74,7 @@ def request_id_from(header: str | None) -> str:
 
 
 def create_app(state: Runtime) -> Quart:
+    from appliance.http.admin import blueprint as admin
     from appliance.http.chat import blueprint as chat
     from appliance.http.health import blueprint as health
     from appliance.http.models import blueprint as models
@@ -84,7 +88,7 @@ def create_app(state: Runtime) -> Quart:
     # Quart cuts any response after 60 s; a long stream is bounded by our own deadline
     # (APPLIANCE_REQUEST_TIMEOUT) instead, plus time for a slow client to read the rest.
     app.config["RESPONSE_TIMEOUT"] = state.settings.request_timeout + 60
-    for blueprint in (health, chat, models, openai, privacy):
+    for blueprint in (health, chat, models, openai, privacy, admin):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     _install_request_hooks(app, state)
@@ -118,6 +122,8 @@ def _install_request_hooks(app: Quart, state: Runtime) -> None:
                 "request_too_large",
                 f"request body is {length} bytes; the limit is {limit} bytes "
                 "(APPLIANCE_MAX_BODY_BYTES)",
+                # The body is left unread: the connection cannot carry another request.
+                headers={"Connection": "close"},
             )
 
     @app.after_request

@@ -148,6 +148,7 @@ async def metrics_snapshot(state: Runtime) -> dict[str, Any]:
         },
         "llm": llm_metrics(state),
         "privacy": await privacy_metrics(state),
+        "backups": state.backups.metrics(),
     }
 
 

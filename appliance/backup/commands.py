@@ -1,0 +1,224 @@
+"""`appliance backup [verify FILE]`, `appliance backups`, `appliance restore FILE`.
+
+Backups talk to the store directly (the daemon's redis-server when it runs, else one
+started for the duration); a lock file keeps them from overlapping with the daemon's timer.
+A restore while the daemon runs is done by the daemon (it owns the store): this command
+verifies the archive, places a plain copy in the backup dir and asks for it over HTTP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import secrets
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Final
+
+import coredis
+import httpx
+import msgspec
+import trio
+
+from appliance.backup.archive import (
+    BackupError,
+    BackupInfo,
+    list_backups,
+    read_passphrase_file,
+    verify_archive,
+)
+from appliance.backup.jobs import make_backup, require_embedded_store
+from appliance.backup.restore import RestoreReport, recover_before_start, restore_offline
+from appliance.backup.sealed import unseal_to_file
+from appliance.config import Settings
+from appliance.privacy.keys import load_keys
+from appliance.privacy.rotation import KeyMismatch
+from appliance.progress import ProgressBar
+from appliance.store.access import daemon_store_running, redis_client
+from appliance.store.conversations import key_id_of
+from appliance.store.sealing import SealError
+
+UPLOAD_PREFIX: Final = ".restore-upload-"
+# A restore inside the daemon verifies and extracts the whole archive; be patient.
+RESTORE_HTTP_TIMEOUT: Final = 3600.0
+
+
+def _error(message: str) -> None:
+    print(f"appliance: {message}", file=sys.stderr)
+
+
+def _passphrase(args: argparse.Namespace) -> bytes | None:
+    path: Path | None = getattr(args, "passphrase_file", None)
+    return read_passphrase_file(path) if path is not None else None
+
+
+def _age(created: datetime.datetime) -> str:
+    seconds = int((datetime.datetime.now(datetime.UTC) - created).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+def _entry(info: BackupInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "path": str(info.path),
+        "size": info.size,
+        "created": info.created.isoformat(),
+        "sealed": info.sealed,
+        "verified_at": info.verified_at.isoformat() if info.verified_at else None,
+    }
+
+
+async def _backup(settings: Settings, args: argparse.Namespace) -> int:
+    require_embedded_store(settings)
+    passphrase = _passphrase(args)
+    keys = await trio.to_thread.run_sync(load_keys, settings)
+    if not await daemon_store_running(settings):
+        await trio.to_thread.run_sync(recover_before_start, settings)
+    async with redis_client(settings) as client:
+        info = await make_backup(
+            settings,
+            client,
+            key_id=key_id_of(keys.codec),
+            with_models=args.with_models,
+            passphrase=passphrase,
+            progress=ProgressBar("backing up"),
+        )
+    print(f"wrote {info.path} ({info.size / 1e6:.1f} MB)")
+    return 0
+
+
+def _list(settings: Settings, args: argparse.Namespace) -> int:
+    found = list_backups(Path(settings.backup_dir))
+    if args.json:
+        print(json.dumps([_entry(info) for info in found], indent=2))
+        return 0
+    if not found:
+        print(f"no backups in {settings.backup_dir}")
+        return 0
+    print(f"{'NAME':<44} {'SIZE':>10} {'AGE':>6}  VERIFIED")
+    for info in found:
+        verified = info.verified_at.strftime("%Y-%m-%d %H:%M") if info.verified_at else "no"
+        print(f"{info.name:<44} {info.size / 1e6:>8.1f}MB {_age(info.created):>6}  {verified}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    manifest = verify_archive(path, passphrase=_passphrase(args), progress=ProgressBar("verifying"))
+    size = sum(member.size for member in manifest.members)
+    print(
+        f"{path.name}: OK — {len(manifest.members)} members, {size / 1e6:.1f} MB, "
+        f"made {manifest.created_utc} by appliance {manifest.appliance_version}"
+    )
+    return 0
+
+
+async def _restore(settings: Settings, args: argparse.Namespace) -> int:
+    require_embedded_store(settings)
+    archive: Path = args.file
+    passphrase = _passphrase(args)
+    if not await trio.to_thread.run_sync(archive.is_file):
+        raise BackupError(f"{archive} is not a file")
+    if await daemon_store_running(settings):
+        report = await trio.to_thread.run_sync(
+            _restore_through_daemon, settings, archive, passphrase
+        )
+    else:
+        keys = await trio.to_thread.run_sync(load_keys, settings)
+        report = await restore_offline(
+            settings, archive, keys.codec, passphrase=passphrase, progress=ProgressBar("restoring")
+        )
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(report), indent=2))
+    else:
+        _print_report(report)
+    return 0
+
+
+def _print_report(report: RestoreReport) -> None:
+    print(
+        f"restored {report.archive} (made {report.created_utc}): "
+        f"{report.conversations} conversations, {report.keys} keys"
+    )
+    print(f"the previous data is kept in {report.previous_data} until the next backup")
+    if report.models_missing:
+        print(
+            "models the backup's installation had that are not here (import them with "
+            f"`appliance models import`): {', '.join(report.models_missing)}"
+        )
+
+
+def _restore_through_daemon(
+    settings: Settings, archive: Path, passphrase: bytes | None
+) -> RestoreReport:
+    """Verify here, hand the daemon a plain copy inside its backup dir, let it restore."""
+    verify_archive(archive, passphrase=passphrase, progress=ProgressBar("verifying"), record=False)
+    backup_dir = Path(settings.backup_dir)
+    inside = archive.resolve().parent == backup_dir.resolve()
+    upload: Path | None = None
+    if inside and passphrase is None and not archive.name.endswith(".sealed"):
+        name = archive.name
+    else:
+        upload = backup_dir / f"{UPLOAD_PREFIX}{secrets.token_hex(8)}.tar.gz"
+        if passphrase is not None:
+            unseal_to_file(archive, upload, passphrase)
+        else:
+            shutil.copyfile(archive, upload)
+        os.chmod(upload, 0o600)
+        name = upload.name
+    try:
+        return _ask_daemon(settings, name)
+    finally:
+        if upload is not None:
+            upload.unlink(missing_ok=True)
+
+
+def _ask_daemon(settings: Settings, name: str) -> RestoreReport:
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    url = f"http://{host}:{settings.port}/api/v1/admin/restore"
+    try:
+        with httpx.Client(timeout=RESTORE_HTTP_TIMEOUT) as client:
+            response = client.post(url, json={"archive": name})
+    except httpx.TransportError:
+        raise BackupError(
+            f"the daemon's store is running but its API does not answer on {settings.bind}; "
+            "stop the daemon (systemctl stop appliance) and run the restore again"
+        ) from None
+    if response.status_code != 200:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {response.status_code}"
+        raise BackupError(f"the daemon refused the restore: {message}")
+    return msgspec.convert(response.json(), RestoreReport)
+
+
+def run_backup_command(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        if args.command == "backups":
+            return _list(settings, args)
+        if args.command == "restore":
+            return trio.run(_restore, settings, args)
+        if getattr(args, "backup_command", None) == "verify":
+            return _verify(args)
+        return trio.run(_backup, settings, args)
+    except (BackupError, KeyMismatch, SealError) as exc:
+        _error(str(exc))
+        return 1
+    except coredis.exceptions.RedisError as exc:
+        _error(f"the store is not reachable ({type(exc).__name__})")
+        return 1
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        _error(f"{exc.strerror or type(exc).__name__}{where}")
+        return 1

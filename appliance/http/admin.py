@@ -1,0 +1,106 @@
+"""Admin endpoints: make and list backups; restore one (what `appliance restore` uses
+while the daemon runs). Access control for admin scope comes with API keys."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import trio
+from quart import Blueprint, Response, request
+
+from appliance.backup.archive import BackupError, BackupInfo
+from appliance.backup.jobs import BUSY_MESSAGE
+from appliance.http.app import runtime
+from appliance.http.bodies import parse_body
+from appliance.http.errors import ApiError
+
+blueprint = Blueprint("admin", __name__, url_prefix="/api/v1/admin")
+
+# Restore takes a file name inside APPLIANCE_BACKUP_DIR, never a path: a backup made here,
+# or a copy that `appliance restore` placed there for the daemon.
+RESTORABLE: Final = re.compile(
+    r"^(data-backup-\d{8}-\d{6}\.tar\.gz|\.restore-upload-[A-Za-z0-9_-]{1,64}\.tar\.gz)$"
+)
+
+
+class BackupRequest(msgspec.Struct, forbid_unknown_fields=True):
+    with_models: bool = False
+
+
+class RestoreRequest(msgspec.Struct, forbid_unknown_fields=True):
+    archive: str
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(body), status=status, mimetype="application/json")
+
+
+def describe(info: BackupInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "size": info.size,
+        "created": info.created.isoformat(),
+        "sealed": info.sealed,
+        "verified_at": info.verified_at.isoformat() if info.verified_at else None,
+    }
+
+
+def _refusal(exc: BackupError) -> ApiError:
+    if str(exc) == BUSY_MESSAGE:
+        return ApiError(409, "busy", str(exc))
+    return ApiError(500, "backup_failed", str(exc))
+
+
+@blueprint.get("/backups")
+async def list_backups() -> Response:
+    backups = runtime().backups
+    try:
+        found = await trio.to_thread.run_sync(backups.listing)
+    except BackupError as exc:
+        raise ApiError(500, "backup_dir_unreadable", str(exc)) from None
+    return _json({"backups": [describe(info) for info in found], "status": backups.metrics()})
+
+
+@blueprint.post("/backups")
+async def create_backup() -> Response:
+    """Make a backup now and answer when it is written (201 with its entry)."""
+    body = await parse_body(BackupRequest) if await _has_body() else BackupRequest()
+    try:
+        info = await runtime().backups.backup(with_models=body.with_models)
+    except BackupError as exc:
+        raise _refusal(exc) from None
+    return _json(describe(info), status=201)
+
+
+@blueprint.post("/restore")
+async def restore() -> Response:
+    """Restore an archive from the backup dir into the running daemon."""
+    state = runtime()
+    body = await parse_body(RestoreRequest)
+    if not RESTORABLE.fullmatch(body.archive):
+        raise ApiError(
+            422,
+            "invalid_field",
+            "archive must be the file name of a backup in APPLIANCE_BACKUP_DIR "
+            "(data-backup-YYYYMMDD-HHMMSS.tar.gz), not a path",
+            param="archive",
+        )
+    path = Path(state.settings.backup_dir) / body.archive
+    if not await trio.to_thread.run_sync(path.is_file):
+        raise ApiError(404, "not_found", f"there is no backup named {body.archive}")
+    try:
+        report = await state.backups.restore(path)
+    except BackupError as exc:
+        if str(exc) == BUSY_MESSAGE:
+            raise ApiError(409, "busy", str(exc)) from None
+        if str(exc).startswith("the restored data did not load"):
+            raise ApiError(500, "restore_failed", str(exc)) from None
+        raise ApiError(422, "archive_refused", str(exc)) from None
+    return _json(msgspec.to_builtins(report))
+
+
+async def _has_body() -> bool:
+    return bool(request.content_length)

@@ -1,0 +1,62 @@
+"""Reaching the store from a CLI command, whether or not the daemon is running.
+
+With the daemon running, commands use its Redis; with it stopped, they start the embedded
+redis-server themselves for the duration (never a second one beside a running daemon's:
+two servers appending to one AOF would corrupt it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import coredis
+import trio
+
+from appliance.config import Settings
+from appliance.store.server import EmbeddedRedis
+
+
+async def answers(url: str) -> bool:
+    """Whether a Redis server answers PING at `url`."""
+    try:
+        client: coredis.Redis[bytes] = coredis.Redis.from_url(url, connect_timeout=2)
+        async with client:
+            await client.ping()
+    except (coredis.exceptions.RedisError, OSError):
+        return False
+    except ExceptionGroup as group:
+        # coredis's pool raises a refused connection from inside its task group.
+        _, rest = group.split((coredis.exceptions.RedisError, OSError))
+        if rest is not None:
+            raise
+        return False
+    return True
+
+
+def store_url(settings: Settings) -> str:
+    if settings.embedded_redis:
+        return f"unix://{settings.redis_socket}"
+    return settings.redis_url
+
+
+async def daemon_store_running(settings: Settings) -> bool:
+    """Whether the embedded store is being served (by the daemon or another command)."""
+    return settings.embedded_redis and await answers(store_url(settings))
+
+
+@contextlib.asynccontextmanager
+async def redis_client(settings: Settings) -> AsyncIterator[coredis.Redis[bytes]]:
+    """A client to the store, starting the embedded server only if nothing serves it."""
+    async with trio.open_nursery() as nursery:
+        url = store_url(settings)
+        if settings.embedded_redis and not await answers(url):
+            server = EmbeddedRedis(
+                Path(settings.state_dir), Path(settings.runtime_dir), settings.redis_maxmemory
+            )
+            await nursery.start(server.run)
+        client: coredis.Redis[bytes] = coredis.Redis.from_url(url)
+        async with client:
+            yield client
+        nursery.cancel_scope.cancel()
