@@ -421,3 +421,67 @@ async def test_redis_rebuilds_its_aof_from_a_restored_snapshot() -> None:
         # From now on the AOF alone holds it (the snapshot is not needed any more).
         (directory / "redis" / "dump.rdb").unlink()
         assert await cycle(count) == 200
+
+
+async def test_a_restore_that_does_not_load_puts_the_previous_data_back() -> None:
+    """A backup sealed under another key cannot be read here: the restore is undone, both
+    through the running daemon and offline, and the command says so."""
+    other, state = short_tempdir(), short_tempdir()
+    other_keys = {"SECRET_KEY": "o" * 40, "PRIVACY_SALT": "another-salt"}
+    port = free_port()
+    with trio.fail_after(240):
+        async with running_daemon(other_keys, state_dir=other) as daemon, daemon.client() as c:
+            await _chat(c, "sealed under another key")
+        made = await cli(other, other_keys, "backup")
+        assert made.returncode == 0, made.stderr
+        foreign = other / "backups" / _archives(other)[0]
+
+        async with running_daemon(_env(port), state_dir=state) as daemon, daemon.client() as c:
+            mine = await _chat(c, "mine")
+            before = await _everything(c)
+            refused = await cli(state, _env(port), "restore", str(foreign))
+            assert refused.returncode == 1
+            assert "sealed with key id" in refused.stderr
+            assert "previous data is back in place" in refused.stderr
+            assert (await c.get("/api/v1/health/ready")).status_code == 200
+            assert await _everything(c) == before
+            assert await _chat(c, "still writable", mine)
+            after_daemon = await _everything(c)
+
+        refused = await cli(state, _env(), "restore", str(foreign))
+        assert refused.returncode == 1
+        assert "previous data is back in place" in refused.stderr
+        assert not list(state.glob("restore-previous-*"))
+        async with running_daemon(_env(), state_dir=state) as daemon, daemon.client() as c:
+            assert await _everything(c) == after_daemon
+
+
+async def test_a_restore_killed_half_way_is_rolled_back_at_the_next_start() -> None:
+    from appliance.backup.restore import stage, swap_in
+    from appliance.config import load_settings
+
+    state = short_tempdir()
+    install_tiny_model(state / "models")
+    with trio.fail_after(240):
+        async with running_daemon(_env(), state_dir=state) as daemon, daemon.client() as c:
+            await _chat(c, "in the backup")
+        assert (await cli(state, _env(), "backup")).returncode == 0
+        async with running_daemon(_env(), state_dir=state) as daemon, daemon.client() as c:
+            await _chat(c, "written after the backup")
+            before = await _everything(c)
+        assert len(before) == 2
+
+        # The restore's own steps, stopped where a kill -9 would stop them: the data is
+        # swapped but never checked, and the journal says what was moved.
+        env = daemon_environment(state, _env())
+        settings = load_settings(env_file=Path(env["APPLIANCE_ENV_FILE"]), environ=env)
+        archive = state / "backups" / _archives(state)[0]
+        staged = await trio.to_thread.run_sync(stage, settings, archive, None, None)
+        await trio.to_thread.run_sync(swap_in, settings, staged)
+        assert (state / ".restore-journal").exists()
+
+        # (The daemon's log file is in the state dir too, so it is rolled back with it.)
+        async with running_daemon(_env(), state_dir=state) as daemon, daemon.client() as c:
+            assert await _everything(c) == before
+        assert not (state / ".restore-journal").exists()
+        assert not list(state.glob("restore-previous-*"))

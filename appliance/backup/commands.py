@@ -165,6 +165,7 @@ def _restore_through_daemon(
     if inside and passphrase is None and not archive.name.endswith(".sealed"):
         name = archive.name
     else:
+        backup_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         upload = backup_dir / f"{UPLOAD_PREFIX}{secrets.token_hex(8)}.tar.gz"
         if passphrase is not None:
             unseal_to_file(archive, upload, passphrase)
