@@ -17,6 +17,8 @@ import trio
 from appliance import __version__
 from appliance.config import ConfigError, Settings, load_settings, masked, startup_problems
 from appliance.envfile import DEFAULT_ENV_FILE, generate_env_file_text, write_new_env_file
+from appliance.ops.logs import add_logs_parser
+from appliance.ops.update import add_update_parser
 
 LOGGER = logging.getLogger("appliance.cli")
 
@@ -84,6 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("file", type=Path, help="the backup archive")
     restore.add_argument("--passphrase-file", type=Path, help="passphrase of a sealed archive")
     restore.add_argument("--json", action="store_true", help="print JSON for scripts")
+    for action, text in (
+        ("start", "start the appliance service (systemctl)"),
+        ("stop", "stop the appliance service (systemctl)"),
+        ("restart", "restart the appliance service and wait until it is ready"),
+    ):
+        control = commands.add_parser(action, help=text)
+        control.add_argument("--timeout", type=float, default=300.0, help="seconds to wait")
+    add_update_parser(commands)
+    add_logs_parser(commands)
     status = commands.add_parser("status", help="ask the running daemon how it is")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
@@ -111,6 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "backup": _backup,
         "backups": _backup,
         "restore": _backup,
+        "start": _control,
+        "stop": _control,
+        "restart": _control,
+        "update": _update,
+        "logs": _logs,
     }
     try:
         code: int = handlers[args.command](args)
@@ -208,6 +224,39 @@ def _backup(args: argparse.Namespace) -> int:
     from appliance.backup.commands import run_backup_command
 
     return run_backup_command(_settings(args), args)
+
+
+def _control(args: argparse.Namespace) -> int:
+    from appliance.ops.control import ControlError, systemctl, wait_until_ready
+
+    settings = _settings(args)
+    try:
+        systemctl(args.command)
+    except ControlError as exc:
+        _error(str(exc))
+        return EXIT_ERROR
+    if args.command == "stop":
+        print("appliance stopped")
+        return EXIT_OK
+    if not wait_until_ready(settings, None, args.timeout):
+        _error(
+            f"the service started but is not ready after {args.timeout:.0f} s; see: appliance logs"
+        )
+        return EXIT_ERROR
+    print(f"appliance is ready on {settings.bind}")
+    return EXIT_OK
+
+
+def _update(args: argparse.Namespace) -> int:
+    from appliance.ops.update import run_update
+
+    return run_update(_settings(args), args)
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from appliance.ops.logs import run_logs
+
+    return run_logs(args)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from appliance.envfile import DEFAULT_ENV_FILE, EnvFileError, parse_env_file
 
 PREFIX: Final = "APPLIANCE_"
 # Names read from the environment that are not settings themselves.
-CONTROL_NAMES: Final = frozenset({"APPLIANCE_ENV_FILE"})
+CONTROL_NAMES: Final = frozenset({"APPLIANCE_ENV_FILE", "APPLIANCE_SYSTEMCTL"})
 SECRET_NAMES: Final = frozenset(
     {"SECRET_KEY", "PRIVACY_SALT", "SECRET_KEY_PREVIOUS", "PRIVACY_SALT_PREVIOUS"}
 )

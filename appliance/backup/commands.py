@@ -74,21 +74,36 @@ def _entry(info: BackupInfo) -> dict[str, Any]:
     }
 
 
-async def _backup(settings: Settings, args: argparse.Namespace) -> int:
+async def backup_now(
+    settings: Settings,
+    *,
+    with_models: bool = False,
+    passphrase: bytes | None = None,
+    progress: ProgressBar | None = None,
+) -> BackupInfo:
+    """A backup from the command line: the daemon's store if it runs, else one started."""
     require_embedded_store(settings)
-    passphrase = _passphrase(args)
     keys = await trio.to_thread.run_sync(load_keys, settings)
     if not await daemon_store_running(settings):
         await trio.to_thread.run_sync(recover_before_start, settings)
     async with redis_client(settings) as client:
-        info = await make_backup(
+        return await make_backup(
             settings,
             client,
             key_id=key_id_of(keys.codec),
-            with_models=args.with_models,
+            with_models=with_models,
             passphrase=passphrase,
-            progress=ProgressBar("backing up"),
+            progress=progress,
         )
+
+
+async def _backup(settings: Settings, args: argparse.Namespace) -> int:
+    info = await backup_now(
+        settings,
+        with_models=args.with_models,
+        passphrase=_passphrase(args),
+        progress=ProgressBar("backing up"),
+    )
     print(f"wrote {info.path} ({info.size / 1e6:.1f} MB)")
     return 0
 

@@ -1,0 +1,1 @@
+"""Operations on the installed appliance: install, update, service control, logs."""
