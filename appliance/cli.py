@@ -17,6 +17,7 @@ import trio
 from appliance import __version__
 from appliance.config import ConfigError, Settings, load_settings, masked, startup_problems
 from appliance.envfile import DEFAULT_ENV_FILE, generate_env_file_text, write_new_env_file
+from appliance.ops.install import add_install_parser, run_install
 from appliance.ops.logs import add_logs_parser
 from appliance.ops.update import add_update_parser
 
@@ -95,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
         control.add_argument("--timeout", type=float, default=300.0, help="seconds to wait")
     add_update_parser(commands)
     add_logs_parser(commands)
+    add_install_parser(commands)
     status = commands.add_parser("status", help="ask the running daemon how it is")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
@@ -127,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "restart": _control,
         "update": _update,
         "logs": _logs,
+        "install": run_install,
     }
     try:
         code: int = handlers[args.command](args)
