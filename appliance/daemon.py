@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import trio
 
@@ -15,6 +15,7 @@ from appliance.backup.service import Backups, BackupService
 from appliance.config import Settings
 from appliance.http.app import Runtime, create_app
 from appliance.http.service import HttpService
+from appliance.llm.backends import backend_report
 from appliance.llm.engine import InferenceService
 from appliance.llm.registry import ModelRegistry
 from appliance.metrics import count_models
@@ -111,6 +112,14 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
     return 0
 
 
+def _log_backend(settings: Settings, backend: dict[str, Any]) -> None:
+    LOGGER.info("inference backend: %s (%s)", backend["in_use"], backend["detail"])
+    if settings.gpu_layers != 0 and backend["in_use"] == "cpu":
+        LOGGER.warning("APPLIANCE_GPU_LAYERS=%d, but %s", settings.gpu_layers, backend["detail"])
+    if settings.npu_force_enable and not backend["npu"]["available"]:
+        LOGGER.warning("NPU_FORCE_ENABLE=true, but %s", backend["npu"]["detail"])
+
+
 async def _start_services(supervisor: Supervisor, settings: Settings) -> Runtime:
     if settings.embedded_redis:
         await trio.to_thread.run_sync(recover_before_start, settings)
@@ -135,6 +144,8 @@ async def _start_services(supervisor: Supervisor, settings: Settings) -> Runtime
     await supervisor.start(retention)
     backups = Backups(settings, supervisor, store, keys)
     await supervisor.start(BackupService(backups))
+    backend = await trio.to_thread.run_sync(backend_report, settings)
+    _log_backend(settings, backend)
     registry = ModelRegistry(Path(settings.models_dir))
     engine = InferenceService(settings, registry)
     # Before HTTP: with preloading on, READY waits for the default model.
@@ -150,6 +161,7 @@ async def _start_services(supervisor: Supervisor, settings: Settings) -> Runtime
         conversations=conversations,
         retention=retention,
         backups=backups,
+        backend=backend,
     )
     http = HttpService(create_app(state), settings, state.requests)
     await supervisor.start(http)

@@ -134,6 +134,18 @@ class _SnapshotCollector(Collector):
             "queue wait of the last generation",
             llm["last_queue_wait_seconds"],
         )
+        backend = llm.get("backend") or {}
+        if backend:
+            info = GaugeMetricFamily(
+                "appliance_llm_backend", "1 for the llama.cpp backend in use", labels=["backend"]
+            )
+            info.add_metric([backend["in_use"]], 1)
+            yield info
+            yield _gauge(
+                "appliance_npu_available",
+                "1 when an NPU backend and device are present",
+                int(backend["npu"]["available"]),
+            )
         ttft = GaugeMetricFamily(
             "appliance_llm_time_to_first_token_seconds", "time to first token", labels=["stat"]
         )

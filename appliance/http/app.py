@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import quart_cors
 from quart import Quart, Response, current_app, g, request
@@ -50,6 +50,8 @@ class Runtime:
     retention: RetentionService
     backups: Backups
     urls: list[str] = field(default_factory=list)
+    # llama.cpp backends built in and in use (appliance.llm.backends.backend_report).
+    backend: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     sampler: ProcessSampler = field(default_factory=ProcessSampler)
     requests: RequestStats = field(default_factory=RequestStats)

@@ -146,7 +146,7 @@ async def metrics_snapshot(state: Runtime) -> dict[str, Any]:
             "by_status": dict(state.requests.by_status),
             "in_flight": state.requests.in_flight,
         },
-        "llm": llm_metrics(state),
+        "llm": {**llm_metrics(state), "backend": state.backend},
         "privacy": await privacy_metrics(state),
         "backups": state.backups.metrics(),
     }
