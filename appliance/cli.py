@@ -15,6 +15,7 @@ import httpx
 import trio
 
 from appliance import __version__
+from appliance.auth.arguments import add_api_key_parsers
 from appliance.config import ConfigError, Settings, load_settings, masked, startup_problems
 from appliance.envfile import DEFAULT_ENV_FILE, generate_env_file_text, write_new_env_file
 from appliance.ops.install import add_install_parser, run_install
@@ -57,13 +58,14 @@ def _parser() -> argparse.ArgumentParser:
     model_verify.add_argument("name", nargs="?", help="one model (default: all)")
     model_remove = model_commands.add_parser("remove", help="delete a model")
     model_remove.add_argument("name", help="the model to remove")
-    keys = commands.add_parser("keys", help="encryption keys of stored data")
+    keys = commands.add_parser("keys", help="API keys, and the encryption keys of stored data")
     key_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     key_status = key_commands.add_parser("status", help="conversations per key id")
     key_status.add_argument("--json", action="store_true", help="print JSON for scripts")
     key_commands.add_parser(
         "rotate", help="re-seal everything under the current SECRET_KEY (safe to re-run)"
     )
+    add_api_key_parsers(key_commands)
     backup = commands.add_parser("backup", help="back up the data now (or: backup verify FILE)")
     backup.add_argument(
         "--with-models", action="store_true", help="include the model files (large)"
@@ -270,9 +272,12 @@ def _status(args: argparse.Namespace) -> int:
     if ":" in host:
         host = f"[{host}]"
     base = f"http://{host}:{settings.port}/api/v1/health"
+    headers = {"Authorization": f"Bearer {token}"} if (token := _operator_token(settings)) else {}
     try:
-        with httpx.Client(timeout=args.timeout) as client:
-            services = client.get(f"{base}/services").json()
+        with httpx.Client(timeout=args.timeout, headers=headers) as client:
+            answer = client.get(f"{base}/services")
+            # Without the store (so without a key) the services list stays empty.
+            services = answer.json() if answer.status_code == 200 else {}
             ready_response = client.get(f"{base}/ready")
             live = client.get(f"{base}/live").json()
     except httpx.TransportError:
@@ -294,6 +299,16 @@ def _status(args: argparse.Namespace) -> int:
     else:
         print(_status_table(report, settings.bind))
     return EXIT_OK if report["ready"] else EXIT_ERROR
+
+
+def _operator_token(settings: Settings) -> str | None:
+    """An admin key for this command when the daemon's store is reachable, else None."""
+    from appliance.auth.operator import operator_key
+
+    try:
+        return trio.run(operator_key, settings)
+    except Exception:
+        return None
 
 
 def _status_table(report: dict[str, Any], bind: str) -> str:
@@ -334,8 +349,9 @@ def _init(args: argparse.Namespace) -> int:
     if path.exists():
         _error(f"{path} already exists; it is left as it is (remove it first to start over)")
         return EXIT_ERROR
+    text, admin_key = _env_text_with_admin_key(production=not args.development)
     try:
-        write_new_env_file(path, generate_env_file_text(production=not args.development))
+        write_new_env_file(path, text)
     except FileExistsError:
         _error(f"{path} already exists; it is left as it is")
         return EXIT_ERROR
@@ -343,7 +359,25 @@ def _init(args: argparse.Namespace) -> int:
         _error(f"cannot write {path}: permission denied (run as root, or pass --env-file)")
         return EXIT_ERROR
     print(f"wrote {path} (mode 0600) with new SECRET_KEY and PRIVACY_SALT")
+    print(f"first admin API key (shown only now; the daemon records it at start): {admin_key}")
     return EXIT_OK
+
+
+def _env_text_with_admin_key(production: bool) -> tuple[str, str]:
+    """The env file's text with the first admin key's id and keyed hash; and the key."""
+    import re
+
+    from appliance.auth.apikeys import hash_token, new_token
+    from appliance.privacy.keys import hash_key_from_salt
+
+    text = generate_env_file_text(production=production)
+    salt = re.search(r"^PRIVACY_SALT=(.*)$", text, re.MULTILINE)
+    assert salt is not None  # generate_env_file_text always writes one
+    key_id, token = new_token()
+    hashed = hash_token(token, hash_key_from_salt(salt[1]))
+    text += "# The first admin API key, as id:keyed hash (the key was shown once by init).\n"
+    text += f"APPLIANCE_ADMIN_KEY_HASH={key_id}:{hashed}\n"
+    return text, token
 
 
 def _config_check(args: argparse.Namespace) -> int:

@@ -101,6 +101,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     privacy_salt: str = msgspec.field(default="", name="PRIVACY_SALT")
     secret_key_previous: str = msgspec.field(default="", name="SECRET_KEY_PREVIOUS")
     privacy_salt_previous: str = msgspec.field(default="", name="PRIVACY_SALT_PREVIOUS")
+    admin_key_hash: str = msgspec.field(default="", name="APPLIANCE_ADMIN_KEY_HASH")
+    rate_limit: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(
+        default=600, name="APPLIANCE_RATE_LIMIT"
+    )
     backup_interval: str = msgspec.field(default="24h", name="APPLIANCE_BACKUP_INTERVAL")
     backup_keep: PositiveInt = msgspec.field(default=10, name="APPLIANCE_BACKUP_KEEP")
     retention_sweep_seconds: PositiveFloat = msgspec.field(
@@ -123,6 +127,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("APPLIANCE_BIND")
         if not _MEMORY.match(self.redis_maxmemory):
             raise ValueError("APPLIANCE_REDIS_MAXMEMORY")
+        if self.admin_key_hash and not re.fullmatch(
+            r"[0-9a-f]{16}:[0-9a-f]{64}", self.admin_key_hash
+        ):
+            raise ValueError("APPLIANCE_ADMIN_KEY_HASH")
         if not _DURATION.match(self.backup_interval):
             raise ValueError("APPLIANCE_BACKUP_INTERVAL")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -168,6 +176,12 @@ DOCS: Final[dict[str, SettingDoc]] = {
     ),
     "APPLIANCE_MODELS_DIR": SettingDoc("absolute path", "GGUF models; default <state>/models"),
     "APPLIANCE_BACKUP_DIR": SettingDoc("absolute path", "backups; default <state>/backups"),
+    "APPLIANCE_ADMIN_KEY_HASH": SettingDoc(
+        "written by appliance init", "the first admin key (id and keyed hash; never the key)"
+    ),
+    "APPLIANCE_RATE_LIMIT": SettingDoc(
+        "requests per minute per API key; 0 = no limit", "beyond it 429 with Retry-After"
+    ),
     "APPLIANCE_BACKUP_INTERVAL": SettingDoc(
         "duration such as 24h, 30m, 3600 (seconds); 0 = off", "time between scheduled backups"
     ),

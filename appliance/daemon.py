@@ -10,6 +10,8 @@ from typing import Any, Final
 import trio
 
 from appliance import __version__
+from appliance.auth.apikeys import KeyStore
+from appliance.auth.gate import Gate
 from appliance.backup.restore import recover_before_start
 from appliance.backup.service import Backups, BackupService
 from appliance.config import Settings
@@ -142,6 +144,10 @@ async def _start_services(supervisor: Supervisor, settings: Settings) -> Runtime
         conversations, settings.privacy_retention_days, settings.retention_sweep_seconds
     )
     await supervisor.start(retention)
+    apikeys = KeyStore(lambda: store.client, keys.hash_key)
+    if settings.admin_key_hash and await apikeys.ensure_first_admin(settings.admin_key_hash):
+        LOGGER.info("recorded the first admin key (made by appliance init)")
+    gate = Gate(lambda: store.client, apikeys, keys.hash_key, settings.rate_limit)
     backups = Backups(settings, supervisor, store, keys)
     await supervisor.start(BackupService(backups))
     backend = await trio.to_thread.run_sync(backend_report, settings)
@@ -161,6 +167,8 @@ async def _start_services(supervisor: Supervisor, settings: Settings) -> Runtime
         conversations=conversations,
         retention=retention,
         backups=backups,
+        apikeys=apikeys,
+        gate=gate,
         backend=backend,
     )
     http = HttpService(create_app(state), settings, state.requests)

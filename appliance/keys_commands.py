@@ -1,4 +1,5 @@
 """`appliance keys status|rotate`: which keys stored data is sealed under; re-seal it.
+(`keys create|list|revoke` are API keys: appliance.auth.commands.)
 
 With the daemon running these use its Redis; with it stopped they start the embedded
 redis-server themselves for the duration (never a second one beside a running daemon's).
@@ -55,6 +56,14 @@ async def _rotate(settings: Settings) -> int:
 
 
 def run_keys_command(settings: Settings, args: argparse.Namespace) -> int:
+    if args.keys_command in ("create", "list", "revoke"):
+        from appliance.auth.commands import run_api_key_command
+
+        try:
+            return run_api_key_command(settings, args)
+        except (coredis.exceptions.RedisError, OSError) as exc:
+            print(f"appliance: the store is not reachable ({type(exc).__name__})", file=sys.stderr)
+            return 1
     try:
         if args.keys_command == "status":
             return trio.run(_status, settings, args.json)

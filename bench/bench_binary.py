@@ -153,7 +153,9 @@ def idle_memory() -> Iterator[dict[str, Any]]:
                 daemon.start()
                 daemon.wait_ready()
                 time.sleep(IDLE_WAIT)  # let start-up garbage settle and the first probes run
-                services = httpx.get(daemon.base_url + "/api/v1/health/services", timeout=5)
+                services = httpx.get(
+                    daemon.base_url + "/api/v1/health/services", headers=daemon.auth(), timeout=5
+                )
                 names = {s["pid"]: s["name"] for s in services.json()["services"] if s["pid"]}
                 assert daemon.process is not None
                 supervisor = psutil.Process(daemon.process.pid)

@@ -64,7 +64,9 @@ def idle_memory() -> Iterator[dict[str, Any]]:
         daemon.start()
         daemon.wait_ready()
         time.sleep(IDLE_WAIT)  # let start-up garbage settle and the first probes run
-        services = httpx.get(daemon.base_url + "/api/v1/health/services", timeout=5).json()
+        services = httpx.get(
+            daemon.base_url + "/api/v1/health/services", headers=daemon.auth(), timeout=5
+        ).json()
         redis_pid = next(s["pid"] for s in services["services"] if s["name"] == "redis")
         assert daemon.process is not None
         supervisor_mb = psutil.Process(daemon.process.pid).memory_info().rss / MB

@@ -432,11 +432,11 @@ def _start_daemon(stack: contextlib.ExitStack, state: Path) -> Runner:
     daemon.start()
     daemon.wait_ready(READY_TIMEOUT)  # the default model is loaded before READY=1
     assert daemon.process is not None
-    port = daemon.port
-    services = _get_json(port, "/api/v1/health/services")["services"]
+    port, key = daemon.port, daemon.api_key()
+    services = _get_json(port, "/api/v1/health/services", key)["services"]
     worker = next(s["pid"] for s in services if s["name"] == "worker")
     return Runner(
-        lambda max_tokens: http_stream(port, max_tokens),
+        lambda max_tokens: http_stream(port, max_tokens, key=key),
         {"supervisor": daemon.process.pid, "worker": worker},
     )
 
@@ -471,6 +471,7 @@ def http_stream(
     max_tokens: int,
     extra: dict[str, Any] | None = None,
     barrier: threading.Barrier | None = None,
+    key: str = "",
 ) -> Stream:
     """POST /v1/completions with stream: true; each SSE chunk timestamped on arrival.
 
@@ -487,6 +488,8 @@ def http_stream(
     }
     payload = json.dumps(body).encode()
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     connection = http.client.HTTPConnection(LOOPBACK, port, timeout=REQUEST_TIMEOUT)
     try:
         connection.connect()
@@ -756,7 +759,7 @@ def concurrent(rounds: int, single_stream_tps: float, quiet: Quiet) -> Iterator[
             daemon.wait_ready(READY_TIMEOUT)
             # Two in a row: the second starts from the cached prompt prefix, as later ones do.
             for _ in range(2):
-                reference = http_stream(daemon.port, CONCURRENT_MAX_TOKENS)
+                reference = http_stream(daemon.port, CONCURRENT_MAX_TOKENS, key=daemon.api_key())
                 if not reference.ok:
                     raise RuntimeError(f"warm-up request failed: {reference.describe()}")
             assert daemon.process is not None
@@ -765,7 +768,7 @@ def concurrent(rounds: int, single_stream_tps: float, quiet: Quiet) -> Iterator[
                 for attempt in range(1 + NOISY_RETRIES):
                     quiet.wait(roots)
                     ours, machine = _tree_seconds(roots), _machine_seconds()
-                    batch = _concurrent_round(daemon.port)
+                    batch = _concurrent_round(daemon.port, daemon.api_key())
                     machine, ours = _machine_seconds() - machine, _tree_seconds(roots) - ours
                     ends = [s.sent_at + s.elapsed for s in batch if s.sent_at]
                     starts = [s.sent_at for s in batch if s.sent_at]
@@ -782,7 +785,9 @@ def concurrent(rounds: int, single_stream_tps: float, quiet: Quiet) -> Iterator[
                 walls.append(wall)
                 other.append(round(other_ms))
                 noisy += _noisy(other_ms, wall)
-            daemon_llm = _get_json(daemon.port, "/api/v1/health/metrics").get("llm", {})
+            daemon_llm = _get_json(daemon.port, "/api/v1/health/metrics", daemon.api_key()).get(
+                "llm", {}
+            )
     ok = [s for s in streams if s.ok]
     rejected = [s for s in streams if s.status == 429]
     # With fewer waiting clients than APPLIANCE_MAX_QUEUE no 429 is by design.
@@ -850,12 +855,12 @@ def concurrent(rounds: int, single_stream_tps: float, quiet: Quiet) -> Iterator[
     )
 
 
-def _concurrent_round(port: int) -> list[Stream]:
+def _concurrent_round(port: int, key: str) -> list[Stream]:
     barrier = threading.Barrier(CLIENTS)
     results: list[Stream | None] = [None] * CLIENTS
 
     def client(index: int) -> None:
-        results[index] = http_stream(port, CONCURRENT_MAX_TOKENS, barrier=barrier)
+        results[index] = http_stream(port, CONCURRENT_MAX_TOKENS, barrier=barrier, key=key)
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(CLIENTS)]
     for thread in threads:
@@ -866,10 +871,10 @@ def _concurrent_round(port: int) -> list[Stream]:
     return [s if s is not None else Stream(0, error="client did not finish") for s in results]
 
 
-def _get_json(port: int, path: str) -> dict[str, Any]:
+def _get_json(port: int, path: str, key: str) -> dict[str, Any]:
     connection = http.client.HTTPConnection(LOOPBACK, port, timeout=10)
     try:
-        connection.request("GET", path)
+        connection.request("GET", path, headers={"Authorization": f"Bearer {key}"})
         body: dict[str, Any] = json.loads(connection.getresponse().read())
         return body
     finally:

@@ -119,7 +119,9 @@ def chat_send_latency(requests: int, rounds: int) -> Iterator[dict[str, Any]]:
         write_tiny_llama(model)
         daemons = {mode: _chat_daemon(stack, mode, model) for mode in MODES}
         clients = {
-            mode: stack.enter_context(httpx.Client(base_url=d.base_url, timeout=REQUEST_TIMEOUT))
+            mode: stack.enter_context(
+                httpx.Client(base_url=d.base_url, timeout=REQUEST_TIMEOUT, headers=d.auth())
+            )
             for mode, d in daemons.items()
         }
         for mode in MODES:

@@ -134,6 +134,7 @@ class Daemon:
         self._ready = threading.Event()
         self._closing = threading.Event()
         self._listener = threading.Thread(target=self._listen, name="notify", daemon=True)
+        self._api_key = ""
 
     def __enter__(self) -> Daemon:
         # The socket must exist first: the daemon connects to it once, at start.
@@ -206,6 +207,24 @@ class Daemon:
 
     def log(self) -> str:
         return self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""
+
+    def api_key(self) -> str:
+        """An admin API key for this daemon, made once with `appliance keys create`."""
+        if not self._api_key:
+            env = daemon_environment(self.state_dir, self.port, **self.extra_env)
+            made = subprocess.run(
+                [APPLIANCE, "keys", "create", "--name", "bench", "--scope", "admin"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+            self._api_key = made.stdout.strip()
+        return self._api_key
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key()}"}
 
 
 def install_gemma(models_dir: Path, name: str = "gemma") -> Path:

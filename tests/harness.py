@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import coredis
 import httpx
 import trio
 
@@ -76,9 +77,20 @@ class Daemon:
     url: str
     notify: NotifySocket | None
     env: dict[str, str] = field(default_factory=dict)
+    # An admin key made right after READY; `client()` sends it unless told otherwise.
+    api_key: str = ""
 
-    def client(self, **kwargs: Any) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, timeout=10, **kwargs)
+    def client(self, key: str | None = None, **kwargs: Any) -> httpx.AsyncClient:
+        token = self.api_key if key is None else key
+        headers = dict(kwargs.pop("headers", {}))
+        if token:
+            headers.setdefault("Authorization", f"Bearer {token}")
+        kwargs.setdefault("timeout", 10)
+        return httpx.AsyncClient(base_url=self.url, headers=headers, **kwargs)
+
+    async def create_key(self, name: str, scope: str = "user", **limits: int) -> str:
+        """A new API key, made the way `appliance keys create` does (in the daemon's Redis)."""
+        return await create_api_key(self.env, name, scope, **limits)
 
     def log_lines(self) -> list[dict[str, Any]]:
         lines = []
@@ -106,6 +118,37 @@ class Daemon:
             self.process.send_signal(signum)
         with trio.fail_after(timeout):
             return await self.process.wait()
+
+
+async def create_api_key(env: Mapping[str, str], name: str, scope: str, **limits: int) -> str:
+    from appliance.auth.apikeys import KeyStore
+    from appliance.config import load_settings
+    from appliance.privacy.keys import hash_key_for
+    from appliance.store.access import store_url
+
+    settings = load_settings(environ=env)
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(store_url(settings))
+    async with client:
+        store = KeyStore(lambda: client, hash_key_for(settings))
+        _, token = await store.create(name, scope, **limits)
+    return token
+
+
+async def _admin_key(daemon: Daemon) -> str:
+    """The state dir's test admin key: kept across restarts of the daemon on the same data
+    (what a key owns must stay visible), made anew when the store no longer knows it."""
+    saved = daemon.state_dir / "test-admin.key"
+    if saved.exists():
+        token = saved.read_text().strip()
+        async with httpx.AsyncClient(base_url=daemon.url, timeout=10) as client:
+            answer = await client.get(
+                "/api/v1/health/services", headers={"Authorization": f"Bearer {token}"}
+            )
+        if answer.status_code == 200:
+            return token
+    token = await create_api_key(daemon.env, f"test-admin-{os.urandom(4).hex()}", "admin")
+    saved.write_text(token)
+    return token
 
 
 def daemon_environment(state_dir: Path, extra: Mapping[str, str]) -> dict[str, str]:
@@ -177,6 +220,7 @@ async def start_daemon(
             process.kill()
             raise AssertionError("daemon never became ready:\n" + log_path.read_text()) from None
         daemon.url = ready.split("serving ", 1)[1].strip()
+        daemon.api_key = await _admin_key(daemon)
     return daemon
 
 

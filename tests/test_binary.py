@@ -26,7 +26,7 @@ import psutil
 import pytest
 import trio
 
-from tests.harness import install_tiny_model, pid_alive, short_tempdir
+from tests.harness import create_api_key, install_tiny_model, pid_alive, short_tempdir
 
 REPO: Final = Path(__file__).resolve().parent.parent
 EXECUTABLE: Final = REPO / "dist" / "appliance" / "appliance"
@@ -125,8 +125,9 @@ def _exe(pid: int) -> Path:
     return Path(os.readlink(f"/proc/{pid}/exe"))
 
 
-async def _services(url: str) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+async def _services(url: str, key: str) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=url, timeout=10, headers=headers) as client:
         answer = await client.get("/api/v1/health/services")
     assert answer.status_code == 200, answer.text
     return {service["name"]: service for service in answer.json()["services"]}
@@ -192,13 +193,15 @@ async def test_binary_serves_chats_and_stops_cleanly_without_the_venv(
                 assert _exe(process.pid) == binary
                 url = ready.split("serving ", 1)[1].split("\n", 1)[0].strip()
 
-                async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                key = await create_api_key({"APPLIANCE_ENV_FILE": str(env_file)}, "t", "admin")
+                headers = {"Authorization": f"Bearer {key}"}
+                async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as client:
                     reply = await client.post(
                         "/api/v1/chat/send", json={"message": "hi", "max_tokens": 3}
                     )
                 assert reply.status_code == 200, reply.text
 
-                services = await _services(url)
+                services = await _services(url, key)
                 worker = int(services["worker"]["pid"])
                 redis = int(services["redis"]["pid"])
                 # The worker is the binary itself, re-executed: `appliance worker --fd N`.

@@ -101,8 +101,8 @@ async def test_streamed_chat_send_and_conversation_crud() -> None:
             assert missing.json()["error"]["code"] == "conversation_not_found"
 
 
-def _openai_calls(base_url: str) -> dict[str, Any]:
-    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+def _openai_calls(base_url: str, api_key: str) -> dict[str, Any]:
+    client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
     results: dict[str, Any] = {}
     results["models"] = [m.id for m in client.models.list()]
     chat = client.chat.completions.create(
@@ -133,7 +133,9 @@ def _openai_calls(base_url: str) -> dict[str, Any]:
 async def test_official_openai_client_streaming_and_not() -> None:
     with trio.fail_after(60):
         async with running_daemon() as daemon:
-            results = await trio.to_thread.run_sync(_openai_calls, daemon.url + "/v1")
+            results = await trio.to_thread.run_sync(
+                _openai_calls, daemon.url + "/v1", daemon.api_key
+            )
     assert results["models"] == ["tiny"]
     chat = results["chat"]
     assert chat.choices[0].message.role == "assistant"

@@ -196,7 +196,9 @@ USER = [{"role": "user", "content": "hello"}]
 async def test_complete_and_stream_through_a_real_appliance() -> None:
     with trio.fail_after(90):
         async with running_daemon() as daemon:
-            remote_config = config(f"{daemon.url}/v1", model="tiny")
+            # The remote appliance wants a key of its own, as any OpenAI-compatible API does.
+            user_key = await daemon.create_key("remote-user")
+            remote_config = config(f"{daemon.url}/v1", model="tiny", api_key=user_key)
             async with RemoteLLM(remote_config) as remote:
                 params = {"max_tokens": 8, "temperature": 0.0, "seed": 7}
                 messages = [
@@ -325,7 +327,7 @@ async def test_killed_remote_appliance_mid_stream_is_a_502() -> None:
     with trio.fail_after(90):
         async with (
             running_daemon() as daemon,
-            RemoteLLM(config(f"{daemon.url}/v1", model="tiny")) as remote,
+            RemoteLLM(config(f"{daemon.url}/v1", model="tiny", api_key=daemon.api_key)) as remote,
         ):
             stream = await remote.stream(USER, {"max_tokens": 300}, redact=redact)
             async with stream:

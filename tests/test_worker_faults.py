@@ -43,7 +43,7 @@ async def gemma_daemon(env: Mapping[str, str] | None = None) -> AsyncIterator[Da
 
 def http(daemon: Daemon) -> httpx.AsyncClient:
     # Generations take seconds (more on a busy box); each test's fail_after is the bound.
-    return httpx.AsyncClient(base_url=daemon.url, timeout=None)
+    return daemon.client(timeout=None)
 
 
 def chat_body(max_tokens: int, *, stream: bool = False, message: str = LONG_PROMPT) -> Any:
@@ -399,7 +399,7 @@ async def test_chat_api_and_the_official_openai_client_with_gemma() -> None:
 
             # AsyncOpenAI works under trio (httpx over anyio).
             async with openai.AsyncOpenAI(
-                base_url=daemon.url + "/v1", api_key="unused", max_retries=0
+                base_url=daemon.url + "/v1", api_key=daemon.api_key, max_retries=0
             ) as oai:
                 messages: Any = [{"role": "user", "content": LONG_PROMPT}]
                 completion = await oai.chat.completions.create(

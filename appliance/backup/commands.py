@@ -23,6 +23,7 @@ import httpx
 import msgspec
 import trio
 
+from appliance.auth.operator import operator_key
 from appliance.backup.archive import (
     BackupError,
     BackupInfo,
@@ -141,8 +142,9 @@ async def _restore(settings: Settings, args: argparse.Namespace) -> int:
     if not await trio.to_thread.run_sync(archive.is_file):
         raise BackupError(f"{archive} is not a file")
     if await daemon_store_running(settings):
+        token = await operator_key(settings)
         report = await trio.to_thread.run_sync(
-            _restore_through_daemon, settings, archive, passphrase
+            _restore_through_daemon, settings, archive, passphrase, token
         )
     else:
         keys = await trio.to_thread.run_sync(load_keys, settings)
@@ -170,7 +172,7 @@ def _print_report(report: RestoreReport) -> None:
 
 
 def _restore_through_daemon(
-    settings: Settings, archive: Path, passphrase: bytes | None
+    settings: Settings, archive: Path, passphrase: bytes | None, token: str
 ) -> RestoreReport:
     """Verify here, hand the daemon a plain copy inside its backup dir, let it restore."""
     verify_archive(archive, passphrase=passphrase, progress=ProgressBar("verifying"), record=False)
@@ -189,21 +191,22 @@ def _restore_through_daemon(
         os.chmod(upload, 0o600)
         name = upload.name
     try:
-        return _ask_daemon(settings, name)
+        return _ask_daemon(settings, name, token)
     finally:
         if upload is not None:
             upload.unlink(missing_ok=True)
 
 
-def _ask_daemon(settings: Settings, name: str) -> RestoreReport:
+def _ask_daemon(settings: Settings, name: str, token: str) -> RestoreReport:
     host = settings.host
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
     url = f"http://{host}:{settings.port}/api/v1/admin/restore"
+    headers = {"Authorization": f"Bearer {token}"}
     try:
-        with httpx.Client(timeout=RESTORE_HTTP_TIMEOUT) as client:
+        with httpx.Client(timeout=RESTORE_HTTP_TIMEOUT, headers=headers) as client:
             response = client.post(url, json={"archive": name})
     except httpx.TransportError:
         raise BackupError(

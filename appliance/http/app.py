@@ -13,6 +13,8 @@ import quart_cors
 from quart import Quart, Response, current_app, g, request
 from quart_trio import QuartTrio
 
+from appliance.auth.apikeys import ApiKey, KeyStore
+from appliance.auth.gate import Gate, Refused
 from appliance.backup.service import Backups
 from appliance.config import Settings
 from appliance.http.errors import ApiError, register_error_handlers
@@ -49,6 +51,8 @@ class Runtime:
     conversations: Conversations
     retention: RetentionService
     backups: Backups
+    apikeys: KeyStore
+    gate: Gate
     urls: list[str] = field(default_factory=list)
     # llama.cpp backends built in and in use (appliance.llm.backends.backend_report).
     backend: dict[str, Any] = field(default_factory=dict)
@@ -62,10 +66,17 @@ def runtime() -> Runtime:
     return value
 
 
+def current_key() -> ApiKey:
+    """The API key of this request (every route but live/ready has one)."""
+    key: ApiKey | None = g.get("api_key")
+    if key is None:
+        raise ApiError(401, "invalid_api_key", "a valid API key is needed")
+    return key
+
+
 def current_owner() -> str:
-    """Who owns what this request stores. Until API keys exist every caller is the one
-    local owner; with them it becomes the key's id."""
-    return "local"
+    """Who owns what this request stores: the key's id, so a key sees only its own."""
+    return current_key().id
 
 
 def request_id_from(header: str | None) -> str:
@@ -127,6 +138,18 @@ def _install_request_hooks(app: Quart, state: Runtime) -> None:
                 # The body is left unread: the connection cannot carry another request.
                 headers={"Connection": "close"},
             )
+        try:
+            g.api_key = await state.gate.check(
+                request.path,
+                request.method,
+                request.blueprint,
+                request.headers.get("Authorization"),
+                request.remote_addr or "unknown",
+            )
+        except Refused as refused:
+            raise ApiError(
+                refused.status, refused.code, refused.message, headers=refused.headers
+            ) from None
 
     @app.after_request
     async def _finish(response: Response) -> Response:

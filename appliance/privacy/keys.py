@@ -62,6 +62,18 @@ def _development_secrets(state_dir: Path) -> tuple[str, str]:
     return values["SECRET_KEY"], values["PRIVACY_SALT"]
 
 
+def hash_key_from_salt(salt: str) -> bytes:
+    return hashlib.blake2b(salt.encode(), digest_size=32).digest()
+
+
+def hash_key_for(settings: Settings) -> bytes:
+    """The key of keyed hashes (client ids in logs, API keys): cheap, no Argon2id."""
+    salt = settings.privacy_salt
+    if not salt:
+        salt = _development_secrets(Path(settings.state_dir))[1]
+    return hash_key_from_salt(salt)
+
+
 def load_keys(settings: Settings) -> Keys:
     """Derive the keys (Argon2id: call it in a thread, once)."""
     secret, salt = settings.secret_key, settings.privacy_salt
@@ -71,7 +83,7 @@ def load_keys(settings: Settings) -> Keys:
     ring = KeyRing.from_settings(
         secret, salt, settings.secret_key_previous, settings.privacy_salt_previous
     )
-    hash_key = hashlib.blake2b(salt.encode(), digest_size=32).digest()
+    hash_key = hash_key_from_salt(salt)
     if not settings.privacy_encrypt_at_rest:
         LOGGER.warning("PRIVACY_ENCRYPT_AT_REST=false: conversations are stored in clear")
         return Keys(codec=PlainCodec(ring), ring=ring, hash_key=hash_key)

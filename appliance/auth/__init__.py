@@ -1,0 +1,1 @@
+"""Who may call the API: API keys, scopes, budgets and rate limits."""

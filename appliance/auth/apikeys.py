@@ -1,0 +1,224 @@
+"""API keys: created once and shown once, stored only as a keyed hash.
+
+A key reads `ak-<id>.<secret>`: the id finds the record in one Redis lookup
+(`apikey:{<id>}`), the secret is checked against a keyed BLAKE2b hash of the whole key
+(keyed with the daemon's hash key, derived from PRIVACY_SALT), in constant time. Records
+live in Redis, so a key created or revoked by the CLI, on this box or another appliance on
+the same Redis, counts at the next request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections.abc import Callable
+from typing import Final, Literal
+
+import coredis
+import msgspec
+
+from appliance.auth.arguments import SCOPES
+
+Scope = Literal["admin", "user"]
+RECORD_PREFIX: Final = "apikey:"
+NAMES_KEY: Final = "apikey:names"
+_TOKEN: Final = re.compile(r"^ak-([0-9a-f]{16})\.([A-Za-z0-9_-]{20,100})$")
+_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# last_used is written at most this often per key: a write per request is not worth it.
+LAST_USED_EVERY: Final = 60.0
+
+
+class ApiKeyError(Exception):
+    """A key operation was refused; the message says why (never shows a key)."""
+
+
+class ApiKey(msgspec.Struct, frozen=True):
+    """A key as listed: everything but the secret."""
+
+    id: str
+    name: str
+    scope: Scope
+    created: float
+    last_used: float | None = None
+    revoked: float | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+
+
+def record_key(key_id: str) -> str:
+    return f"{RECORD_PREFIX}{{{key_id}}}"
+
+
+def hash_token(token: str, hash_key: bytes) -> str:
+    return hashlib.blake2b(
+        token.encode(), key=hash_key, digest_size=32, person=b"appliance-apikey"
+    ).hexdigest()
+
+
+def new_token() -> tuple[str, str]:
+    """A fresh key id and the key itself."""
+    key_id = secrets.token_hex(8)
+    return key_id, f"ak-{key_id}.{secrets.token_urlsafe(32)}"
+
+
+def check_name(name: str) -> None:
+    if not _NAME.fullmatch(name):
+        raise ApiKeyError(
+            f"key name {name[:70]!r} is not allowed: 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def _decode(key_id: str, fields: dict[bytes, bytes]) -> tuple[ApiKey, str]:
+    text = {k.decode(): v.decode() for k, v in fields.items()}
+
+    def number(name: str) -> float | None:
+        return float(text[name]) if text.get(name) else None
+
+    def whole(name: str) -> int | None:
+        return int(text[name]) if text.get(name) else None
+
+    key = ApiKey(
+        id=key_id,
+        name=text["name"],
+        scope="admin" if text.get("scope") == "admin" else "user",
+        created=float(text.get("created", "0")),
+        last_used=number("last_used"),
+        revoked=number("revoked"),
+        tokens_per_day=whole("tokens_per_day"),
+        tokens_per_month=whole("tokens_per_month"),
+    )
+    return key, text.get("hash", "")
+
+
+class KeyStore:
+    """API key records in Redis."""
+
+    def __init__(self, client: Callable[[], coredis.Redis[bytes]], hash_key: bytes) -> None:
+        # A getter: the daemon's client is replaced when its store restarts.
+        self._client = client
+        self.hash_key = hash_key
+        self._last_used_written: dict[str, float] = {}
+
+    async def create(
+        self,
+        name: str,
+        scope: str,
+        *,
+        tokens_per_day: int | None = None,
+        tokens_per_month: int | None = None,
+    ) -> tuple[ApiKey, str]:
+        """A new key and its token (shown once; only its hash is stored)."""
+        check_name(name)
+        if scope not in SCOPES:
+            raise ApiKeyError(f"scope {scope!r} is not one of: {', '.join(SCOPES)}")
+        for label, value in (("tokens per day", tokens_per_day), ("per month", tokens_per_month)):
+            if value is not None and value < 0:
+                raise ApiKeyError(f"{label} must be 0 or more")
+        key_id = secrets.token_hex(8)
+        token = f"ak-{key_id}.{secrets.token_urlsafe(32)}"
+        if not await self._client().hsetnx(NAMES_KEY, name, key_id):
+            raise ApiKeyError(f"a key named {name!r} exists; revoke it first or pick another name")
+        fields: dict[str, str] = {
+            "name": name,
+            "scope": scope,
+            "created": repr(time.time()),
+            "hash": hash_token(token, self.hash_key),
+        }
+        if tokens_per_day is not None:
+            fields["tokens_per_day"] = str(tokens_per_day)
+        if tokens_per_month is not None:
+            fields["tokens_per_month"] = str(tokens_per_month)
+        await self._client().hset(record_key(key_id), fields)
+        key, _ = _decode(key_id, {k.encode(): v.encode() for k, v in fields.items()})
+        return key, token
+
+    async def ensure_first_admin(self, id_and_hash: str) -> bool:
+        """Record the admin key `appliance init` made (its id and hash are in the env file)
+        unless that key's record exists already (then it may have been revoked: keep it)."""
+        key_id, hashed = id_and_hash.split(":", 1)
+        record = record_key(key_id)
+        if await self._client().exists([record]):
+            return False
+        name = "admin"
+        if not await self._client().hsetnx(NAMES_KEY, name, key_id):
+            name = f"admin-{key_id[:6]}"
+            await self._client().hset(NAMES_KEY, {name: key_id})
+        await self._client().hset(
+            record,
+            {"name": name, "scope": "admin", "created": repr(time.time()), "hash": hashed},
+        )
+        return True
+
+    async def create_ephemeral(self, name: str, ttl: int) -> str:
+        """An admin key that expires by itself, for one CLI command talking to the daemon.
+
+        Whoever can read the env file and reach the store can mint keys anyway; this only
+        saves the operator from handling one."""
+        key_id = secrets.token_hex(8)
+        token = f"ak-{key_id}.{secrets.token_urlsafe(32)}"
+        record = record_key(key_id)
+        async with self._client().pipeline(transaction=True) as pipe:
+            pipe.hset(
+                record,
+                {
+                    "name": name,
+                    "scope": "admin",
+                    "created": repr(time.time()),
+                    "hash": hash_token(token, self.hash_key),
+                },
+            )
+            pipe.expire(record, ttl)
+        return token
+
+    async def authenticate(self, token: str) -> ApiKey | None:
+        """The active key this token belongs to, or None (never says which part failed)."""
+        match = _TOKEN.fullmatch(token)
+        if match is None:
+            return None
+        key_id = match[1]
+        fields = await self._client().hgetall(record_key(key_id))
+        if not fields or b"name" not in fields:
+            return None
+        key, stored = _decode(key_id, fields)
+        if key.revoked is not None or not hmac.compare_digest(
+            stored, hash_token(token, self.hash_key)
+        ):
+            return None
+        now = time.time()
+        if now - self._last_used_written.get(key_id, 0.0) >= LAST_USED_EVERY:
+            self._last_used_written[key_id] = now
+            await self._client().hset(record_key(key_id), {"last_used": repr(now)})
+        return key
+
+    async def by_name(self, name: str) -> ApiKey | None:
+        key_id = await self._client().hget(NAMES_KEY, name)
+        if key_id is None:
+            return None
+        fields = await self._client().hgetall(record_key(key_id.decode()))
+        return _decode(key_id.decode(), fields)[0] if fields else None
+
+    async def list(self) -> list[ApiKey]:
+        names = await self._client().hgetall(NAMES_KEY)
+        found: list[ApiKey] = []
+        for key_id in names.values():
+            fields = await self._client().hgetall(record_key(key_id.decode()))
+            if fields:
+                found.append(_decode(key_id.decode(), fields)[0])
+        return sorted(found, key=lambda key: key.created)
+
+    async def revoke(self, name: str) -> ApiKey:
+        """Revoked at once: the record stays (marked) for the audit trail, the name is freed."""
+        key = await self.by_name(name)
+        if key is None:
+            raise ApiKeyError(f"there is no key named {name!r} (see: appliance keys list)")
+        async with self._client().pipeline(transaction=True) as pipe:
+            pipe.hset(record_key(key.id), {"revoked": repr(time.time())})
+            pipe.hdel(NAMES_KEY, [name])
+        return msgspec.structs.replace(key, revoked=time.time())
+
+    async def count_admins(self) -> int:
+        return sum(1 for key in await self.list() if key.scope == "admin")

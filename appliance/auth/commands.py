@@ -1,0 +1,84 @@
+"""`appliance keys create|list|revoke|usage`: API keys, in the store the daemon uses (its
+redis-server when it runs, so a change counts at the next request; else one started for the
+duration)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+import trio
+
+from appliance.auth.apikeys import ApiKey, ApiKeyError, KeyStore
+from appliance.config import Settings
+from appliance.privacy.keys import hash_key_for
+from appliance.store.access import redis_client
+
+
+def _when(stamp: float | None) -> str:
+    if stamp is None:
+        return "never"
+    return datetime.datetime.fromtimestamp(stamp, datetime.UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def _entry(key: ApiKey) -> dict[str, object]:
+    return {
+        "id": key.id,
+        "name": key.name,
+        "scope": key.scope,
+        "created": key.created,
+        "last_used": key.last_used,
+        "tokens_per_day": key.tokens_per_day,
+        "tokens_per_month": key.tokens_per_month,
+    }
+
+
+async def create_key(
+    settings: Settings, name: str, scope: str, per_day: int | None, per_month: int | None
+) -> tuple[ApiKey, str]:
+    hash_key = await trio.to_thread.run_sync(hash_key_for, settings)
+    async with redis_client(settings) as client:
+        store = KeyStore(lambda: client, hash_key)
+        return await store.create(name, scope, tokens_per_day=per_day, tokens_per_month=per_month)
+
+
+async def _run(settings: Settings, args: argparse.Namespace) -> int:
+    if args.keys_command == "create":
+        key, token = await create_key(
+            settings, args.name, args.scope, args.tokens_per_day, args.tokens_per_month
+        )
+        print(token)
+        print(
+            f"created {key.scope} key {key.name!r} (id {key.id}); it is shown only now: "
+            "store it where its user keeps secrets",
+            file=sys.stderr,
+        )
+        return 0
+    hash_key = await trio.to_thread.run_sync(hash_key_for, settings)
+    async with redis_client(settings) as client:
+        store = KeyStore(lambda: client, hash_key)
+        if args.keys_command == "revoke":
+            revoked = await store.revoke(args.name)
+            print(f"revoked key {revoked.name!r} (id {revoked.id}); it is refused from now on")
+            return 0
+        keys = await store.list()
+    if args.json:
+        print(json.dumps([_entry(key) for key in keys], indent=2))
+        return 0
+    print(f"{'NAME':<24} {'SCOPE':<6} {'ID':<17} {'CREATED':<17} LAST USED")
+    for key in keys:
+        print(
+            f"{key.name:<24} {key.scope:<6} {key.id:<17} {_when(key.created):<17} "
+            f"{_when(key.last_used)}"
+        )
+    return 0
+
+
+def run_api_key_command(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        return trio.run(_run, settings, args)
+    except ApiKeyError as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return 1

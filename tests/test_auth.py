@@ -1,0 +1,197 @@
+"""API keys on the real daemon: every route is protected, scopes, isolation, revocation,
+failed-attempt limits, and keys never in logs."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from typing import Any
+
+import trio
+
+from appliance.config import load_settings
+from appliance.http.app import Runtime, create_app
+from tests.harness import Daemon, daemon_environment, running_daemon
+
+# Every route of the app and who may call it. A route missing here fails the walk: decide
+# its scope when you add it.
+PUBLIC = {("GET", "/api/v1/health/live"), ("GET", "/api/v1/health/ready")}
+ADMIN_PREFIXES = ("/api/v1/admin/", "/api/v1/health/", "/api/v1/models")
+USER_PREFIXES = ("/api/v1/chat/", "/api/v1/conversations", "/api/v1/privacy/", "/v1/")
+
+
+def _routes() -> list[tuple[str, str]]:
+    """(method, path) of every rule in the app's URL map, path parameters filled in."""
+    settings = load_settings(environ={"APPLIANCE_STATE_DIR": "/tmp/unused"}, env_file=None)
+    fields: dict[str, Any] = {name: None for name in Runtime.__dataclass_fields__}
+    fields.update(settings=settings, urls=[], backend={})
+    app = create_app(Runtime(**fields))
+    found = []
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = re.sub(r"<(?:[^:>]+:)?[^>]+>", "0" * 32, rule.rule)
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            found.append((method, path))
+    return found
+
+
+def _scope(method: str, path: str) -> str:
+    if (method, path) in PUBLIC:
+        return "public"
+    if path.startswith(ADMIN_PREFIXES):
+        return "admin"
+    if path.startswith(USER_PREFIXES):
+        return "user"
+    raise AssertionError(f"{method} {path} is a new route: give it a scope in this test")
+
+
+def _keys_cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", "keys", *args],
+        env=daemon_environment(daemon.state_dir, daemon.env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def test_every_route_refuses_missing_wrong_revoked_and_underprivileged_keys() -> None:
+    routes = _routes()
+    assert len(routes) >= 15
+    with trio.fail_after(120):
+        async with running_daemon() as daemon:
+            user = await daemon.create_key("walker")
+            revoked = await daemon.create_key("gone")
+            done = await trio.to_thread.run_sync(lambda: _keys_cli(daemon, "revoke", "gone"))
+            assert done.returncode == 0, done.stderr
+            wrong = user[:-4] + ("aaaa" if not user.endswith("aaaa") else "bbbb")
+            async with daemon.client(key="") as anonymous:
+                for method, path in routes:
+                    scope = _scope(method, path)
+                    if scope == "public":
+                        answer = await anonymous.request(method, path)
+                        assert answer.status_code == 200, (method, path)
+                        continue
+                    for token in ("", "not-a-key", wrong, revoked):
+                        headers = {"Authorization": f"Bearer {token}"} if token else {}
+                        answer = await anonymous.request(method, path, headers=headers)
+                        assert answer.status_code == 401, (method, path, token[:6])
+                        error = answer.json()["error"]
+                        assert error["code"] == "invalid_api_key"
+                        assert error["type"] == "authentication_error"
+                        # No hint whether the key exists: one message for every case.
+                        assert "revoked" not in error["message"]
+                    if scope == "admin":
+                        answer = await anonymous.request(
+                            method, path, headers={"Authorization": f"Bearer {user}"}
+                        )
+                        assert answer.status_code == 403, (method, path)
+                        assert answer.json()["error"]["code"] == "admin_scope_required"
+                    # Failed attempts are limited per address: start each route afresh.
+                    await _forget_failures(daemon)
+            async with daemon.client(key=user) as client:
+                assert (await client.get("/v1/models")).status_code == 200
+                assert (await client.get("/api/v1/conversations")).status_code == 200
+
+
+async def _forget_failures(daemon: Daemon) -> None:
+    import coredis
+
+    socket = daemon.state_dir / "run" / "redis.sock"
+    client: coredis.Redis[bytes] = coredis.Redis(unix_socket_path=str(socket))
+    async with client:
+        found = [key async for key in client.scan_iter(match="authfail:*")]
+        if found:
+            await client.delete(found)
+
+
+async def test_a_user_key_sees_only_its_own_conversations() -> None:
+    with trio.fail_after(120):
+        async with running_daemon() as daemon:
+            alice, bob = await daemon.create_key("alice"), await daemon.create_key("bob")
+            async with daemon.client(key=alice) as a, daemon.client(key=bob) as b:
+                sent = await a.post("/api/v1/chat/send", json={"message": "mine", "max_tokens": 2})
+                assert sent.status_code == 200, sent.text
+                mine = sent.json()["conversation_id"]
+                assert (await a.get(f"/api/v1/conversations/{mine}")).status_code == 200
+                # Another key: 404, exactly as for a conversation that does not exist.
+                for answer in (
+                    await b.get(f"/api/v1/conversations/{mine}"),
+                    await b.delete(f"/api/v1/conversations/{mine}"),
+                    await b.post(
+                        "/api/v1/chat/send",
+                        json={"message": "intrude", "conversation_id": mine, "max_tokens": 2},
+                    ),
+                ):
+                    assert answer.status_code == 404, answer.text
+                assert (await b.get("/api/v1/conversations")).json()["total"] == 0
+                erased = (await b.delete("/api/v1/privacy/data")).json()
+                assert erased["conversations_removed"] == 0
+                assert (await a.get("/api/v1/conversations")).json()["total"] == 1
+
+
+async def test_keys_cli_failed_attempt_limit_and_no_key_in_logs() -> None:
+    with trio.fail_after(120):
+        async with running_daemon() as daemon:
+            made = await trio.to_thread.run_sync(
+                lambda: _keys_cli(daemon, "create", "--name", "ci", "--scope", "user")
+            )
+            assert made.returncode == 0, made.stderr
+            token = made.stdout.strip()
+            assert token.startswith("ak-") and "shown only now" in made.stderr
+            listed = await trio.to_thread.run_sync(lambda: _keys_cli(daemon, "list", "--json"))
+            entries = {entry["name"]: entry for entry in json.loads(listed.stdout)}
+            assert entries["ci"]["scope"] == "user" and token not in listed.stdout
+            duplicate = await trio.to_thread.run_sync(
+                lambda: _keys_cli(daemon, "create", "--name", "ci")
+            )
+            assert duplicate.returncode == 1 and "exists" in duplicate.stderr
+            async with daemon.client(key=token) as client:
+                assert (await client.get("/api/v1/conversations")).status_code == 200
+                revoked = await trio.to_thread.run_sync(lambda: _keys_cli(daemon, "revoke", "ci"))
+                assert revoked.returncode == 0
+                assert (await client.get("/api/v1/conversations")).status_code == 401
+            await _forget_failures(daemon)  # the revoked key's refusal counted as one
+            async with daemon.client(key="ak-0123456789abcdef.wrongwrongwrongwrongwrong") as bad:
+                codes = [(await bad.get("/api/v1/conversations")).status_code for _ in range(12)]
+            assert codes[:10] == [401] * 10
+            assert codes[10:] == [429, 429]
+            async with daemon.client(key="") as anonymous:
+                limited = await anonymous.get("/api/v1/conversations")
+            assert limited.status_code == 429 and int(limited.headers["Retry-After"]) > 0
+            assert "wrong or missing API key" in limited.json()["error"]["message"]
+        log = daemon.log_path.read_text()
+        assert token not in log and daemon.api_key not in log
+        assert token.split(".")[1] not in log
+
+
+async def test_init_makes_the_first_admin_key_which_the_daemon_records_once() -> None:
+    from tests.harness import short_tempdir
+
+    state = short_tempdir()
+    env_file = state / "appliance.env"
+    made = await trio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [sys.executable, "-m", "appliance", "--env-file", str(env_file), "init"],
+            env=daemon_environment(state, {}),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    )
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.split("first admin API key", 1)[1].split(": ", 1)[1].strip()
+    assert token.startswith("ak-") and token not in env_file.read_text()
+    env = {"APPLIANCE_ENV_FILE": str(env_file)}
+    with trio.fail_after(120):
+        async with running_daemon(env, state_dir=state) as daemon:
+            async with daemon.client(key=token) as client:
+                assert (await client.get("/api/v1/health/services")).status_code == 200
+            revoked = await trio.to_thread.run_sync(lambda: _keys_cli(daemon, "revoke", "admin"))
+            assert revoked.returncode == 0, revoked.stderr
+        # A revoked first key stays revoked: the daemon does not bring it back.
+        async with running_daemon(env, state_dir=state) as daemon, daemon.client(key=token) as c:
+            assert (await c.get("/api/v1/health/services")).status_code == 401
