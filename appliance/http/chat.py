@@ -19,7 +19,7 @@ from appliance.http.generation import (
     resolve_model,
     sse,
     sse_error,
-    started,
+    sse_template,
 )
 from appliance.http.privacy import redact_off_loop
 from appliance.llm.protocol import ChatMessage, Done, Token
@@ -121,8 +121,8 @@ async def send() -> Response:
             }
         )
 
-    events = await started(events)
-
+    await events.start()
+    token_event = sse_template(lambda text: {"text": text}, event="token")
     request_id = g.request_id
 
     async def stream() -> AsyncIterator[bytes]:
@@ -131,7 +131,7 @@ async def send() -> Response:
             async for event in events:
                 if isinstance(event, Token):
                     parts.append(event.text)
-                    yield sse({"text": event.text}, event="token")
+                    yield token_event(event.text)
                 else:
                     message_id = await store("".join(parts), event)
                     yield sse(
@@ -146,6 +146,8 @@ async def send() -> Response:
                     )
         except ApiError as error:
             yield sse_error(error, request_id)
+        finally:
+            await events.aclose()
 
     return Response(stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-store"})
 

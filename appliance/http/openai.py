@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -20,6 +20,7 @@ from appliance.http.app import Runtime, runtime
 from appliance.http.bodies import parse_body
 from appliance.http.errors import ApiError
 from appliance.http.generation import (
+    Events,
     collect,
     finish_reason,
     generate,
@@ -27,7 +28,7 @@ from appliance.http.generation import (
     resolve_model,
     sse,
     sse_error,
-    started,
+    sse_template,
 )
 from appliance.llm.protocol import ChatMessage, Done, Token
 
@@ -121,9 +122,7 @@ def _stream_response(chunks: AsyncIterator[bytes]) -> Response:
     return Response(chunks, mimetype="text/event-stream", headers={"Cache-Control": "no-store"})
 
 
-async def _events(
-    state: Runtime, body: _Sampling, **source: Any
-) -> tuple[str, AsyncGenerator[Token | Done, None]]:
+async def _events(state: Runtime, body: _Sampling, **source: Any) -> tuple[str, Events]:
     model = await resolve_model(state, body.model)
     requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
     if isinstance(body, CompletionRequest) and requested is None:
@@ -139,7 +138,7 @@ async def _events(
         **source,
     )
     if body.stream:
-        events = await started(events)
+        await events.start()
     return model, events
 
 
@@ -176,27 +175,26 @@ async def chat_completions() -> Response:
         )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(delta: dict[str, str], reason: str | None) -> bytes:
-        return sse(
-            {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
-            }
-        )
+    def chunk_body(delta: dict[str, str], reason: str | None) -> dict[str, Any]:
+        return {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+        }
 
+    token_chunk = sse_template(lambda text: chunk_body({"content": text}, None))
     request_id = g.request_id
 
     async def stream() -> AsyncIterator[bytes]:
-        yield chunk({"role": "assistant", "content": ""}, None)
         try:
+            yield sse(chunk_body({"role": "assistant", "content": ""}, None))
             async for event in events:
                 if isinstance(event, Token):
-                    yield chunk({"content": event.text}, None)
+                    yield token_chunk(event.text)
                 else:
-                    yield chunk({}, finish_reason(event))
+                    yield sse(chunk_body({}, finish_reason(event)))
                     if include_usage:
                         yield sse(
                             {
@@ -211,6 +209,8 @@ async def chat_completions() -> Response:
             yield sse(b"[DONE]")
         except ApiError as error:
             yield sse_error(error, request_id)
+        finally:
+            await events.aclose()
 
     return _stream_response(stream())
 
@@ -241,18 +241,21 @@ async def completions() -> Response:
         text, done = await collect(events)
         return _json({**body_of(text, finish_reason(done)), "usage": _usage(done)})
 
+    token_chunk = sse_template(lambda text: body_of(text, None))
     request_id = g.request_id
 
     async def stream() -> AsyncIterator[bytes]:
         try:
             async for event in events:
                 if isinstance(event, Token):
-                    yield sse(body_of(event.text, None))
+                    yield token_chunk(event.text)
                 else:
                     yield sse(body_of("", finish_reason(event)))
             yield sse(b"[DONE]")
         except ApiError as error:
             yield sse_error(error, request_id)
+        finally:
+            await events.aclose()
 
     return _stream_response(stream())
 

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -51,6 +52,10 @@ CANCEL_GRACE: Final = 5.0
 RETRY_AFTER_SECONDS: Final = 2
 RECYCLE_TIMEOUT: Final = 120.0
 PRELOAD_TRIES: Final = 3
+# After the worker's socket ends, how long a request waits for the exit watcher to say
+# how the worker ended (it notices within milliseconds; this only bounds the wait).
+EXIT_GRACE: Final = 2.0
+RECEIVE_BYTES: Final = 65536
 
 
 class InferenceError(Exception):
@@ -118,8 +123,55 @@ class GenerationStats:
 
 
 class _Pending:
+    """One request's frames that another task read off the socket, or why none will come."""
+
+    __slots__ = ("error", "frames", "wakeup")
+
     def __init__(self) -> None:
-        self.send, self.receive = trio.open_memory_channel[FromWorker | BaseException](1024)
+        self.frames: deque[FromWorker] = deque()
+        self.error: BaseException | None = None
+        # Set while the request waits for a frame that another task is reading.
+        self.wakeup: trio.Event | None = None
+
+    def wake(self) -> None:
+        if self.wakeup is not None:
+            self.wakeup.set()
+
+
+class _Connection:
+    """The supervisor's end of one worker's socket.
+
+    Frames out go through trio's stream. Frames in have no reader task of their own: the
+    request that waits for one reads the socket itself, so a token costs one task wakeup
+    and one recv, not a reader task's wakeup plus a channel hop to the request's task.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        self.frames = FrameBuffer()
+        self.reading = False  # a request waits on the socket; any other waits for it
+        self.ended = False  # closed, EOF or an invalid frame: no more frames will come
+
+    async def read_body(self) -> bytes | None:
+        """The next frame's body; None once the socket has ended. Raises ProtocolError."""
+        body = self.frames.pop()
+        while body is None and not self.ended:
+            # Readiness first, then one recv: one system call per token, where trio's
+            # receive_some would try a recv first and fail while the worker decodes.
+            try:
+                await trio.lowlevel.wait_readable(self.sock)
+                data = self.sock.recv(RECEIVE_BYTES)
+            except BlockingIOError:
+                continue
+            except (OSError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self.ended = True
+                return None
+            self.frames.push(data)
+            body = self.frames.pop()
+        return body
 
 
 class InferenceService(Service):
@@ -138,7 +190,7 @@ class InferenceService(Service):
         self.waiting = 0
         self.busy = False
         self._lock = trio.Lock()
-        self._stream: trio.SocketStream | None = None
+        self._connection: _Connection | None = None
         self._process: trio.Process | None = None
         self._pending: dict[int, _Pending] = {}
         self._next_id = 1
@@ -176,14 +228,13 @@ class InferenceService(Service):
             child.close()
         self._process = process
         self._served = 0
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent))
-        self._stream = stream
+        connection = _Connection(parent)
+        self._connection = connection
         exit_: list[tuple[int, str | None]] = []
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_exit, process, nursery.cancel_scope, exit_)
                 nursery.start_soon(forward_output, process, logging.getLogger("appliance.worker"))
-                nursery.start_soon(self._read_frames, stream)
                 # A crash fails the pending requests (so a load in progress raises
                 # WorkerCrashed here) and cancels this nursery; it is reported below.
                 with contextlib.suppress(WorkerCrashed):
@@ -194,11 +245,12 @@ class InferenceService(Service):
                     LOGGER.info("recycling the worker after %d requests", self._served)
                 nursery.cancel_scope.cancel()
         finally:
-            self._stream = None
+            self._connection = None
+            connection.ended = True
             self.loaded_model = None
             self._loading = None
             with trio.CancelScope(shield=True):
-                await stream.aclose()
+                await connection.stream.aclose()
             await terminate(process, STOP_GRACE)
             self._fail_pending(WorkerCrashed("the worker stopped"))
         if exit_:
@@ -260,37 +312,19 @@ class InferenceService(Service):
 
     def _fail_pending(self, error: BaseException) -> None:
         for pending in self._pending.values():
-            with contextlib.suppress(
-                trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
-            ):
-                pending.send.send_nowait(error)
+            if pending.error is None:
+                pending.error = error
+            pending.wake()
         self._pending.clear()
-
-    async def _read_frames(self, stream: trio.SocketStream) -> None:
-        frames = FrameBuffer()
-        try:
-            async for data in stream:
-                for body in frames.feed(bytes(data)):
-                    message = decode_from_worker(body)
-                    pending = self._pending.get(message.id)
-                    if pending is not None:
-                        await pending.send.send(message)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except ProtocolError as exc:
-            LOGGER.error("worker sent an invalid frame (%s); restarting it", exc)
-            process = self._process
-            if process is not None and process.returncode is None:
-                process.send_signal(signal.SIGKILL)
 
     # -- requests --------------------------------------------------------------------
 
     async def _send(self, message: ToWorker) -> None:
-        stream = self._stream
-        if stream is None:
+        connection = self._connection
+        if connection is None:
             raise WorkerCrashed("the worker is restarting")
         try:
-            await stream.send_all(encode_frame(message))
+            await connection.stream.send_all(encode_frame(message))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise WorkerCrashed("the worker is gone") from None
 
@@ -301,11 +335,63 @@ class InferenceService(Service):
         self._pending[request_id] = pending
         return request_id, pending
 
-    async def _receive(self, pending: _Pending) -> FromWorker:
-        item = await pending.receive.receive()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+    async def _receive(self, request_id: int, pending: _Pending) -> FromWorker:
+        """The request's next frame. A waiting request reads the socket itself while no
+        other does; frames it reads for other requests are queued for them (frames of
+        requests no longer waiting, such as one that gave up on a cancel, are dropped)."""
+        while True:
+            if pending.frames:
+                return pending.frames.popleft()
+            if pending.error is not None:
+                raise pending.error
+            connection = self._connection
+            if connection is None:
+                raise WorkerCrashed("the worker is restarting")
+            if connection.reading:
+                await self._wait(pending)
+                continue
+            message = await self._read_frame(connection)
+            if message is None:
+                # The worker is gone: its exit watcher says how in a moment.
+                with trio.move_on_after(EXIT_GRACE):
+                    while pending.error is None:
+                        await self._wait(pending)
+                raise pending.error or WorkerCrashed("the worker closed its connection")
+            if message.id == request_id:
+                return message
+            other = self._pending.get(message.id)
+            if other is not None:
+                other.frames.append(message)
+                other.wake()
+
+    async def _read_frame(self, connection: _Connection) -> FromWorker | None:
+        """The next frame off the socket, whoever it is for; None once it has ended."""
+        connection.reading = True
+        try:
+            body = await connection.read_body()
+            return None if body is None else decode_from_worker(body)
+        except ProtocolError as exc:
+            self._protocol_error(connection, exc)
+            return None
+        finally:
+            connection.reading = False
+            # Hand the socket on to any other request waiting for a frame.
+            for pending in self._pending.values():
+                pending.wake()
+
+    async def _wait(self, pending: _Pending) -> None:
+        pending.wakeup = wakeup = trio.Event()
+        try:
+            await wakeup.wait()
+        finally:
+            pending.wakeup = None
+
+    def _protocol_error(self, connection: _Connection, exc: ProtocolError) -> None:
+        connection.ended = True
+        LOGGER.error("worker sent an invalid frame (%s); restarting it", exc)
+        process = self._process
+        if process is not None and process.returncode is None:
+            process.send_signal(signal.SIGKILL)
 
     async def _load(self, model: str) -> None:
         record = await trio.to_thread.run_sync(self.registry.usable, model)
@@ -328,7 +414,7 @@ class InferenceService(Service):
                     n_gpu_layers=self.settings.gpu_layers,
                 )
             )
-            reply = await self._receive(pending)
+            reply = await self._receive(request_id, pending)
         finally:
             self._pending.pop(request_id, None)
             self._loading = None
@@ -405,7 +491,7 @@ class InferenceService(Service):
             while True:
                 event: FromWorker | None = None
                 with trio.move_on_at(deadline):
-                    event = await self._receive(pending)
+                    event = await self._receive(request_id, pending)
                 if event is None:
                     raise DeadlineExceeded("the generation ran past the request's deadline")
                 if isinstance(event, Error):
@@ -453,7 +539,7 @@ class InferenceService(Service):
             scope.shield = True
             try:
                 await self._send(Cancel(request_id))
-                while not isinstance(await self._receive(pending), Done | Error):
+                while not isinstance(await self._receive(request_id, pending), Done | Error):
                     pass
             except InferenceError:
                 pass

@@ -97,22 +97,32 @@ def encode_frame(message: ToWorker | FromWorker) -> bytes:
 
 
 class FrameBuffer:
-    """Accumulates bytes from a stream and yields complete frames' bodies."""
+    """Accumulates bytes from a stream and gives back complete frames' bodies."""
 
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
+    def push(self, data: bytes) -> None:
         self._buffer += data
-        while len(self._buffer) >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(self._buffer)
-            if length > MAX_FRAME_BYTES:
-                raise ProtocolError(f"frame length {length} exceeds {MAX_FRAME_BYTES}")
-            end = _LENGTH.size + length
-            if len(self._buffer) < end:
-                return
-            body = bytes(self._buffer[_LENGTH.size : end])
-            del self._buffer[:end]
+
+    def pop(self) -> bytes | None:
+        """The next complete frame's body, or None until more bytes are pushed."""
+        buffer = self._buffer
+        if len(buffer) < _LENGTH.size:
+            return None
+        (length,) = _LENGTH.unpack_from(buffer)
+        if length > MAX_FRAME_BYTES:
+            raise ProtocolError(f"frame length {length} exceeds {MAX_FRAME_BYTES}")
+        end = _LENGTH.size + length
+        if len(buffer) < end:
+            return None
+        body = bytes(buffer[_LENGTH.size : end])
+        del buffer[:end]
+        return body
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        self.push(data)
+        while (body := self.pop()) is not None:
             yield body
 
 
