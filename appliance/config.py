@@ -102,6 +102,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     secret_key_previous: str = msgspec.field(default="", name="SECRET_KEY_PREVIOUS")
     privacy_salt_previous: str = msgspec.field(default="", name="PRIVACY_SALT_PREVIOUS")
     admin_key_hash: str = msgspec.field(default="", name="APPLIANCE_ADMIN_KEY_HASH")
+    tokens_per_day: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(
+        default=0, name="APPLIANCE_TOKENS_PER_DAY"
+    )
+    tokens_per_month: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(
+        default=0, name="APPLIANCE_TOKENS_PER_MONTH"
+    )
     rate_limit: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(
         default=600, name="APPLIANCE_RATE_LIMIT"
     )
@@ -178,6 +184,12 @@ DOCS: Final[dict[str, SettingDoc]] = {
     "APPLIANCE_BACKUP_DIR": SettingDoc("absolute path", "backups; default <state>/backups"),
     "APPLIANCE_ADMIN_KEY_HASH": SettingDoc(
         "written by appliance init", "the first admin key (id and keyed hash; never the key)"
+    ),
+    "APPLIANCE_TOKENS_PER_DAY": SettingDoc(
+        "tokens, 0 = no limit", "default daily token budget of a key (keys may override)"
+    ),
+    "APPLIANCE_TOKENS_PER_MONTH": SettingDoc(
+        "tokens, 0 = no limit", "default monthly token budget of a key (keys may override)"
     ),
     "APPLIANCE_RATE_LIMIT": SettingDoc(
         "requests per minute per API key; 0 = no limit", "beyond it 429 with Retry-After"

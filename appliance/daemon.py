@@ -11,6 +11,7 @@ import trio
 
 from appliance import __version__
 from appliance.auth.apikeys import KeyStore
+from appliance.auth.budgets import Budgets
 from appliance.auth.gate import Gate
 from appliance.backup.restore import recover_before_start
 from appliance.backup.service import Backups, BackupService
@@ -169,6 +170,7 @@ async def _start_services(supervisor: Supervisor, settings: Settings) -> Runtime
         backups=backups,
         apikeys=apikeys,
         gate=gate,
+        budgets=Budgets(lambda: store.client, settings.budget_enforce),
         backend=backend,
     )
     http = HttpService(create_app(state), settings, state.requests)

@@ -19,7 +19,13 @@ from tests.harness import Daemon, daemon_environment, running_daemon
 # its scope when you add it.
 PUBLIC = {("GET", "/api/v1/health/live"), ("GET", "/api/v1/health/ready")}
 ADMIN_PREFIXES = ("/api/v1/admin/", "/api/v1/health/", "/api/v1/models")
-USER_PREFIXES = ("/api/v1/chat/", "/api/v1/conversations", "/api/v1/privacy/", "/v1/")
+USER_PREFIXES = (
+    "/api/v1/chat/",
+    "/api/v1/conversations",
+    "/api/v1/privacy/",
+    "/api/v1/usage",
+    "/v1/",
+)
 
 
 def _routes() -> list[tuple[str, str]]:
@@ -195,3 +201,34 @@ async def test_init_makes_the_first_admin_key_which_the_daemon_records_once() ->
         # A revoked first key stays revoked: the daemon does not bring it back.
         async with running_daemon(env, state_dir=state) as daemon, daemon.client(key=token) as c:
             assert (await c.get("/api/v1/health/services")).status_code == 401
+
+
+async def test_token_budgets_cut_a_stream_refuse_the_next_request_and_show_usage() -> None:
+    with trio.fail_after(120):
+        async with running_daemon() as daemon:
+            small = await daemon.create_key("small", tokens_per_day=60)
+            async with daemon.client(key=small) as client:
+                body = {"message": "hi", "max_tokens": 400, "stream": True, "temperature": 0}
+                async with client.stream("POST", "/api/v1/chat/send", json=body) as answer:
+                    assert answer.status_code == 200
+                    text = "".join([line async for line in answer.aiter_lines()])
+                assert "budget_exhausted" in text and "ran out after" in text
+                refused = await client.post(
+                    "/api/v1/chat/send", json={"message": "more", "max_tokens": 5}
+                )
+                assert refused.status_code == 429, refused.text
+                error = refused.json()["error"]
+                assert error["code"] == "budget_exhausted"
+                assert (
+                    "daily local budget" in error["message"] and "of 60 tokens" in error["message"]
+                )
+                assert int(refused.headers["Retry-After"]) > 0
+                usage = (await client.get("/api/v1/usage")).json()
+                # Counted as used: at most one request's worth over the budget (the prompt's
+                # length is only estimated when the reservation is made).
+                assert 60 <= usage["local"]["day"] <= 120
+                assert usage["local"]["tokens_per_day"] == 60 and usage["enforced"] is True
+            # Other keys have their own budgets.
+            async with daemon.client() as admin:
+                ok = await admin.post("/api/v1/chat/send", json={"message": "hi", "max_tokens": 3})
+                assert ok.status_code == 200, ok.text

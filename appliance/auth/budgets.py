@@ -123,12 +123,14 @@ class Budgets:
         return Reservation(key_id, kind, granted, day_key, month_key)
 
     async def settle(self, reservation: Reservation, used: int) -> None:
-        """Give back what the request reserved and did not use."""
-        unused = reservation.granted - used
-        if unused > 0:
+        """Count what the request really used: give back the unused part of the
+        reservation, or add what it used beyond it (a prompt longer than estimated; at most
+        one request's worth over the budget)."""
+        difference = used - reservation.granted
+        if difference:
             async with self._client().pipeline(transaction=True) as pipe:
-                pipe.decrby(reservation.day_key, unused)
-                pipe.decrby(reservation.month_key, unused)
+                pipe.incrby(reservation.day_key, difference)
+                pipe.incrby(reservation.month_key, difference)
 
     async def usage(
         self,

@@ -14,6 +14,7 @@ from quart import Quart, Response, current_app, g, request
 from quart_trio import QuartTrio
 
 from appliance.auth.apikeys import ApiKey, KeyStore
+from appliance.auth.budgets import Budgets
 from appliance.auth.gate import Gate, Refused
 from appliance.backup.service import Backups
 from appliance.config import Settings
@@ -53,6 +54,7 @@ class Runtime:
     backups: Backups
     apikeys: KeyStore
     gate: Gate
+    budgets: Budgets
     urls: list[str] = field(default_factory=list)
     # llama.cpp backends built in and in use (appliance.llm.backends.backend_report).
     backend: dict[str, Any] = field(default_factory=dict)
@@ -93,6 +95,7 @@ def create_app(state: Runtime) -> Quart:
     from appliance.http.models import blueprint as models
     from appliance.http.openai import blueprint as openai
     from appliance.http.privacy import blueprint as privacy
+    from appliance.http.usage import blueprint as usage
 
     app: Quart = QuartTrio("appliance")
     app.extensions["appliance"] = state
@@ -101,7 +104,7 @@ def create_app(state: Runtime) -> Quart:
     # Quart cuts any response after 60 s; a long stream is bounded by our own deadline
     # (APPLIANCE_REQUEST_TIMEOUT) instead, plus time for a slow client to read the rest.
     app.config["RESPONSE_TIMEOUT"] = state.settings.request_timeout + 60
-    for blueprint in (health, chat, models, openai, privacy, admin):
+    for blueprint in (health, chat, models, openai, privacy, admin, usage):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     _install_request_hooks(app, state)

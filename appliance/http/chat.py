@@ -83,7 +83,7 @@ async def send() -> Response:
     max_tokens = max_tokens_for(state, body.max_tokens)
     messages = [ChatMessage("system", body.system)] if body.system else []
     messages += [*history, ChatMessage("user", body.message)]
-    events = generate(
+    events = await generate(
         state,
         model,
         messages=messages,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Final
 
 import msgspec
 import trio
 
-from appliance.http.app import Runtime
+from appliance.auth.apikeys import ApiKey
+from appliance.auth.budgets import BudgetExceeded, Budgets, Reservation
+from appliance.http.app import Runtime, current_key
 from appliance.http.errors import ApiError, error_body
 from appliance.llm.engine import (
     RETRY_AFTER_SECONDS,
@@ -80,15 +83,24 @@ class Events:
     """The engine's events for one request, under its deadline; failures become ApiError.
 
     An async iterator over the engine's generator rather than another generator around
-    it: one layer less on every token. Close it (`aclose`) when done with it early.
+    it: one layer less on every token. Close it (`aclose`) when done with it early. With a
+    budget reservation, the tokens used are settled when the generation ends (or is
+    closed), and a generation cut short by the reservation ends in a 429 naming the budget.
     """
 
-    __slots__ = ("_events", "_first", "_timeout")
+    __slots__ = ("_budget", "_events", "_first", "_seen", "_timeout")
 
-    def __init__(self, events: AsyncGenerator[Token | Done, None], timeout: float) -> None:
+    def __init__(
+        self,
+        events: AsyncGenerator[Token | Done, None],
+        timeout: float,
+        budget: BudgetUse | None = None,
+    ) -> None:
         self._events = events
         self._timeout = timeout
         self._first: Token | Done | None = None
+        self._budget = budget
+        self._seen = 0
 
     def __aiter__(self) -> Events:
         return self
@@ -99,13 +111,19 @@ class Events:
             self._first = None
             return first
         try:
-            return await self._events.__anext__()
+            event = await self._events.__anext__()
         except DeadlineExceeded as exc:
             raise as_api_error(
                 DeadlineExceeded(f"{exc} ({self._timeout:.0f} s, APPLIANCE_REQUEST_TIMEOUT)")
             ) from None
         except InferenceError as exc:
             raise as_api_error(exc) from None
+        if self._budget is not None:
+            if isinstance(event, Token):
+                self._seen += 1
+            else:
+                await self._budget.finish(event)
+        return event
 
     async def start(self) -> None:
         """Wait for the first event before a response starts, so that a full queue, an
@@ -115,9 +133,84 @@ class Events:
 
     async def aclose(self) -> None:
         await self._events.aclose()
+        if self._budget is not None:
+            with trio.CancelScope(shield=True):
+                await self._budget.abandon(self._seen)
 
 
-def generate(
+class BudgetUse:
+    """One request's reservation: settled once, with what the generation really used."""
+
+    def __init__(
+        self, budgets: Budgets, reservation: Reservation, requested: int, granted_tokens: int
+    ) -> None:
+        self.budgets = budgets
+        self.reservation = reservation
+        self.requested = requested
+        self.granted_tokens = granted_tokens
+        self.settled = False
+
+    async def finish(self, done: Done) -> None:
+        await self._settle(done.prompt_tokens + done.completion_tokens)
+        # Stopped for length below what the client asked for: the reservation's cap did it.
+        cut = self.granted_tokens < self.requested and done.finish_reason == "length"
+        if cut:
+            raise ApiError(
+                429,
+                "budget_exhausted",
+                f"the {self.reservation.kind} token budget of this key ran out after "
+                f"{done.completion_tokens} tokens; see: GET /api/v1/usage",
+            )
+
+    async def abandon(self, tokens_seen: int) -> None:
+        # Closed early: the prompt's share is not known here; charge what was reserved
+        # for it plus the tokens that were sent.
+        await self._settle(self.reservation.granted - self.granted_tokens + tokens_seen)
+
+    async def _settle(self, used: int) -> None:
+        if not self.settled:
+            self.settled = True
+            await self.budgets.settle(self.reservation, used)
+
+
+def _prompt_estimate(messages: list[ChatMessage] | None, prompt: str | None) -> int:
+    """Tokens a prompt will take, estimated high (4 characters a token, plus framing)."""
+    text = prompt or ""
+    if messages:
+        text = "".join(message.content for message in messages)
+        return len(text) // 3 + 8 * len(messages) + 8
+    return len(text) // 3 + 8
+
+
+async def reserve_budget(
+    state: Runtime, key: ApiKey, prompt_tokens: int, max_tokens: int
+) -> BudgetUse:
+    """Reserve prompt + max_tokens (at least prompt + 1) or refuse with 429 naming the budget."""
+    settings = state.settings
+    per_day = key.tokens_per_day if key.tokens_per_day is not None else settings.tokens_per_day
+    per_month = (
+        key.tokens_per_month if key.tokens_per_month is not None else settings.tokens_per_month
+    )
+    try:
+        reservation = await state.budgets.reserve(
+            key.id,
+            "local",
+            prompt_tokens + max_tokens,
+            prompt_tokens + 1,
+            per_day or None,
+            per_month or None,
+        )
+    except BudgetExceeded as exc:
+        raise ApiError(429, "budget_exhausted", str(exc), headers=_reset_header(exc)) from None
+    return BudgetUse(state.budgets, reservation, max_tokens, reservation.granted - prompt_tokens)
+
+
+def _reset_header(exc: BudgetExceeded) -> dict[str, str]:
+    wait = max(1, int((exc.resets - datetime.datetime.now(datetime.UTC)).total_seconds()))
+    return {"Retry-After": str(wait)}
+
+
+async def generate(
     state: Runtime,
     model: str,
     *,
@@ -129,20 +222,23 @@ def generate(
     stop: list[str] | None = None,
     seed: int | None = None,
 ) -> Events:
-    """The engine's events under the request deadline; failures become ApiError."""
+    """The engine's events under the request deadline and the key's token budget."""
+    budget = await reserve_budget(
+        state, current_key(), _prompt_estimate(messages, prompt), max_tokens
+    )
     timeout = state.settings.request_timeout
     events = state.engine.generate(
         model,
         deadline=trio.current_time() + timeout,
         messages=messages,
         prompt=prompt,
-        max_tokens=max_tokens,
+        max_tokens=min(max_tokens, budget.granted_tokens),
         temperature=temperature,
         top_p=top_p,
         stop=stop,
         seed=seed,
     )
-    return Events(events, timeout)
+    return Events(events, timeout, budget)
 
 
 async def collect(events: Events) -> tuple[str, Done]:

@@ -127,7 +127,7 @@ async def _events(state: Runtime, body: _Sampling, **source: Any) -> tuple[str, 
     requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
     if isinstance(body, CompletionRequest) and requested is None:
         requested = OPENAI_DEFAULT_COMPLETION_TOKENS
-    events = generate(
+    events = await generate(
         state,
         model,
         max_tokens=max_tokens_for(state, requested),
