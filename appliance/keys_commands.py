@@ -56,7 +56,7 @@ async def _rotate(settings: Settings) -> int:
 
 
 def run_keys_command(settings: Settings, args: argparse.Namespace) -> int:
-    if args.keys_command in ("create", "list", "revoke"):
+    if args.keys_command in ("create", "list", "revoke", "usage"):
         from appliance.auth.commands import run_api_key_command
 
         try:

@@ -228,6 +228,13 @@ async def test_token_budgets_cut_a_stream_refuse_the_next_request_and_show_usage
                 # length is only estimated when the reservation is made).
                 assert 60 <= usage["local"]["day"] <= 120
                 assert usage["local"]["tokens_per_day"] == 60 and usage["enforced"] is True
+            listed = await trio.to_thread.run_sync(
+                lambda: _keys_cli(daemon, "usage", "small", "--json")
+            )
+            assert listed.returncode == 0, listed.stderr
+            [row] = json.loads(listed.stdout)
+            assert row["local"]["day"] == usage["local"]["day"]
+            assert row["local"]["tokens_per_day"] == 60
             # Other keys have their own budgets.
             async with daemon.client() as admin:
                 ok = await admin.post("/api/v1/chat/send", json={"message": "hi", "max_tokens": 3})

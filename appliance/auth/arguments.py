@@ -19,3 +19,6 @@ def add_api_key_parsers(key_commands: argparse._SubParsersAction[argparse.Argume
     listing.add_argument("--json", action="store_true", help="print JSON for scripts")
     revoke = key_commands.add_parser("revoke", help="revoke an API key now")
     revoke.add_argument("name", help="the key's name")
+    usage = key_commands.add_parser("usage", help="tokens each key used today and this month")
+    usage.add_argument("name", nargs="?", help="one key (default: all)")
+    usage.add_argument("--json", action="store_true", help="print JSON for scripts")

@@ -9,9 +9,11 @@ import datetime
 import json
 import sys
 
+import msgspec
 import trio
 
 from appliance.auth.apikeys import ApiKey, ApiKeyError, KeyStore
+from appliance.auth.budgets import Budgets
 from appliance.config import Settings
 from appliance.privacy.keys import hash_key_for
 from appliance.store.access import redis_client
@@ -64,6 +66,10 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
             print(f"revoked key {revoked.name!r} (id {revoked.id}); it is refused from now on")
             return 0
         keys = await store.list()
+        if args.keys_command == "usage":
+            return await _usage(
+                settings, Budgets(lambda: client, settings.budget_enforce), keys, args
+            )
     if args.json:
         print(json.dumps([_entry(key) for key in keys], indent=2))
         return 0
@@ -73,6 +79,46 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
             f"{key.name:<24} {key.scope:<6} {key.id:<17} {_when(key.created):<17} "
             f"{_when(key.last_used)}"
         )
+    return 0
+
+
+async def _usage(
+    settings: Settings, budgets: Budgets, keys: list[ApiKey], args: argparse.Namespace
+) -> int:
+    if args.name is not None:
+        keys = [key for key in keys if key.name == args.name]
+        if not keys:
+            raise ApiKeyError(f"there is no key named {args.name!r} (see: appliance keys list)")
+    rows = []
+    for key in keys:
+        per_day = key.tokens_per_day if key.tokens_per_day is not None else settings.tokens_per_day
+        per_month = (
+            key.tokens_per_month if key.tokens_per_month is not None else settings.tokens_per_month
+        )
+        local = await budgets.usage(key.id, "local", per_day or None, per_month or None)
+        remote = await budgets.usage(key.id, "remote", None, None)
+        rows.append((key, local, remote))
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": k.name,
+                        "id": k.id,
+                        "local": msgspec.to_builtins(lo),
+                        "remote": msgspec.to_builtins(re),
+                    }
+                    for k, lo, re in rows
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    print(f"{'NAME':<24} {'LOCAL TODAY':>18} {'LOCAL MONTH':>20} {'REMOTE MONTH':>12}")
+    for key, local, remote in rows:
+        day = f"{local.day}/{local.tokens_per_day or '-'}"
+        month = f"{local.month}/{local.tokens_per_month or '-'}"
+        print(f"{key.name:<24} {day:>18} {month:>20} {remote.month:>12}")
     return 0
 
 
