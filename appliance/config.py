@@ -18,6 +18,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 
 from appliance.envfile import DEFAULT_ENV_FILE, EnvFileError, parse_env_file
+from appliance.llm.remote_config import RemoteConfig, RemoteConfigError
 
 PREFIX: Final = "APPLIANCE_"
 # Names read from the environment that are not settings themselves.
@@ -111,6 +112,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     rate_limit: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(
         default=600, name="APPLIANCE_RATE_LIMIT"
     )
+    max_streams_per_key: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(
+        default=4, name="APPLIANCE_MAX_STREAMS_PER_KEY"
+    )
+    auth: Literal["on", "off"] = msgspec.field(default="on", name="APPLIANCE_AUTH")
     backup_interval: str = msgspec.field(default="24h", name="APPLIANCE_BACKUP_INTERVAL")
     backup_keep: PositiveInt = msgspec.field(default=10, name="APPLIANCE_BACKUP_KEEP")
     retention_sweep_seconds: PositiveFloat = msgspec.field(
@@ -125,6 +130,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     budget_enforce: bool = msgspec.field(default=True, name="BUDGET_ENFORCE")
     search_enabled: bool = msgspec.field(default=False, name="SEARCH_ENABLED")
     remote_llm_enabled: bool = msgspec.field(default=False, name="REMOTE_LLM_ENABLED")
+    remote_llm_url: str = msgspec.field(default="", name="APPLIANCE_REMOTE_LLM_URL")
+    remote_llm_model: str = msgspec.field(default="", name="APPLIANCE_REMOTE_LLM_MODEL")
+    remote_llm_key_file: str = msgspec.field(default="", name="APPLIANCE_REMOTE_LLM_KEY_FILE")
+    remote_timeout: PositiveFloat = msgspec.field(default=60.0, name="APPLIANCE_REMOTE_TIMEOUT")
+    remote_price_per_1k: Annotated[float, msgspec.Meta(ge=0)] = msgspec.field(
+        default=0.0, name="APPLIANCE_REMOTE_PRICE_PER_1K_TOKENS"
+    )
+    remote_budget_monthly: Annotated[float, msgspec.Meta(ge=0)] = msgspec.field(
+        default=0.0, name="APPLIANCE_REMOTE_BUDGET_MONTHLY"
+    )
     npu_force_enable: bool = msgspec.field(default=False, name="NPU_FORCE_ENABLE")
 
     def __post_init__(self) -> None:
@@ -193,6 +208,12 @@ DOCS: Final[dict[str, SettingDoc]] = {
     ),
     "APPLIANCE_RATE_LIMIT": SettingDoc(
         "requests per minute per API key; 0 = no limit", "beyond it 429 with Retry-After"
+    ),
+    "APPLIANCE_MAX_STREAMS_PER_KEY": SettingDoc(
+        "whole number; 0 = no limit", "streamed generations one key may have open at once"
+    ),
+    "APPLIANCE_AUTH": SettingDoc(
+        "on | off", "API keys; off only in development on a loopback bind (one local admin)"
     ),
     "APPLIANCE_BACKUP_INTERVAL": SettingDoc(
         "duration such as 24h, 30m, 3600 (seconds); 0 = off", "time between scheduled backups"
@@ -270,6 +291,24 @@ DOCS: Final[dict[str, SettingDoc]] = {
     "BUDGET_ENFORCE": SettingDoc("true | false", "enforce token budgets"),
     "SEARCH_ENABLED": SettingDoc("true | false", "web search (off: nothing is contacted)"),
     "REMOTE_LLM_ENABLED": SettingDoc("true | false", "remote LLM (off: no outbound connection)"),
+    "APPLIANCE_REMOTE_LLM_URL": SettingDoc(
+        "https:// base URL ending in /v1", "OpenAI-compatible server of the remote LLM"
+    ),
+    "APPLIANCE_REMOTE_LLM_MODEL": SettingDoc(
+        "the remote server's model name", "clients ask for it as remote:<name>"
+    ),
+    "APPLIANCE_REMOTE_LLM_KEY_FILE": SettingDoc(
+        "absolute path, mode 0600", "file holding the remote LLM's API key"
+    ),
+    "APPLIANCE_REMOTE_TIMEOUT": SettingDoc(
+        "seconds, above 0", "wait for the remote's answer and for each streamed piece"
+    ),
+    "APPLIANCE_REMOTE_PRICE_PER_1K_TOKENS": SettingDoc(
+        "money per 1000 tokens, 0 or more", "what the remote charges (counts spending)"
+    ),
+    "APPLIANCE_REMOTE_BUDGET_MONTHLY": SettingDoc(
+        "money, 0 = no limit", "remote spending of the whole appliance per calendar month"
+    ),
     "NPU_FORCE_ENABLE": SettingDoc("true | false", "ask for an NPU backend"),
 }
 
@@ -425,10 +464,47 @@ def startup_problems(settings: Settings) -> list[str]:
             "SEARCH_ENABLED=true, but this version has no search provider; set it to false"
         )
     if settings.remote_llm_enabled:
-        problems.append(
-            "REMOTE_LLM_ENABLED=true, but this version has no remote LLM support; set it to false"
-        )
+        problems.extend(remote_problems(settings))
+    if settings.auth == "off":
+        if settings.env == "production":
+            problems.append("APPLIANCE_AUTH=off is refused in production; remove it")
+        elif not _loopback_host(settings.host):
+            problems.append(
+                f"APPLIANCE_AUTH=off needs a loopback APPLIANCE_BIND (127.0.0.1), not "
+                f"{settings.host}: without keys anyone who reaches the port is admin"
+            )
     return problems
+
+
+def remote_problems(settings: Settings) -> list[str]:
+    """Why the remote LLM settings are unusable (reads the key file), one line at most."""
+    if not settings.remote_llm_url:
+        return [
+            "REMOTE_LLM_ENABLED=true needs APPLIANCE_REMOTE_LLM_URL (the remote server's "
+            "OpenAI-compatible base URL, e.g. https://api.example.com/v1)"
+        ]
+    if not settings.remote_llm_model:
+        return ["REMOTE_LLM_ENABLED=true needs APPLIANCE_REMOTE_LLM_MODEL (its model name)"]
+    try:
+        remote_config(settings)
+    except RemoteConfigError as exc:
+        return [str(exc)]
+    return []
+
+
+def remote_config(settings: Settings) -> RemoteConfig:
+    """The remote LLM's config from the settings, its key read from the key file."""
+    return RemoteConfig.load(
+        url=settings.remote_llm_url,
+        model=settings.remote_llm_model,
+        key_file=settings.remote_llm_key_file,
+        timeout=settings.remote_timeout,
+        price_per_1k=settings.remote_price_per_1k,
+    )
+
+
+def _loopback_host(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def masked(settings: Settings) -> dict[str, str]:

@@ -15,12 +15,13 @@ from appliance.auth.budgets import Budgets
 from appliance.auth.gate import Gate
 from appliance.backup.restore import recover_before_start
 from appliance.backup.service import Backups, BackupService
-from appliance.config import Settings
+from appliance.config import Settings, remote_config
 from appliance.http.app import Runtime, create_app
 from appliance.http.service import HttpService
 from appliance.llm.backends import backend_report
 from appliance.llm.engine import InferenceService
 from appliance.llm.registry import ModelRegistry
+from appliance.llm.remote import RemoteLLM
 from appliance.metrics import count_models
 from appliance.privacy.keys import load_keys
 from appliance.privacy.redaction import Redactor
@@ -148,7 +149,15 @@ async def _start_services(supervisor: Supervisor, settings: Settings) -> Runtime
     apikeys = KeyStore(lambda: store.client, keys.hash_key)
     if settings.admin_key_hash and await apikeys.ensure_first_admin(settings.admin_key_hash):
         LOGGER.info("recorded the first admin key (made by appliance init)")
-    gate = Gate(lambda: store.client, apikeys, keys.hash_key, settings.rate_limit)
+    gate = Gate(
+        lambda: store.client,
+        apikeys,
+        keys.hash_key,
+        settings.rate_limit,
+        enabled=settings.auth == "on",
+    )
+    if settings.auth == "off":
+        LOGGER.warning("APPLIANCE_AUTH=off: every request is the local admin, no budgets")
     backups = Backups(settings, supervisor, store, keys)
     await supervisor.start(BackupService(backups))
     backend = await trio.to_thread.run_sync(backend_report, settings)
@@ -157,6 +166,12 @@ async def _start_services(supervisor: Supervisor, settings: Settings) -> Runtime
     engine = InferenceService(settings, registry)
     # Before HTTP: with preloading on, READY waits for the default model.
     await supervisor.start(engine)
+    remote = None
+    if settings.remote_llm_enabled:
+        # startup_problems has checked the settings and the key file.
+        remote = RemoteLLM(await trio.to_thread.run_sync(remote_config, settings))
+        await supervisor.start(remote)
+        LOGGER.info("remote LLM on: remote:%s at %s", remote.model, settings.remote_llm_url)
     state = Runtime(
         settings=settings,
         supervisor=supervisor,
@@ -172,6 +187,7 @@ async def _start_services(supervisor: Supervisor, settings: Settings) -> Runtime
         gate=gate,
         budgets=Budgets(lambda: store.client, settings.budget_enforce),
         backend=backend,
+        remote=remote,
     )
     http = HttpService(create_app(state), settings, state.requests)
     await supervisor.start(http)

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -239,3 +240,28 @@ async def test_token_budgets_cut_a_stream_refuse_the_next_request_and_show_usage
             async with daemon.client() as admin:
                 ok = await admin.post("/api/v1/chat/send", json={"message": "hi", "max_tokens": 3})
                 assert ok.status_code == 200, ok.text
+
+
+async def test_auth_off_is_for_a_loopback_development_box_only(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with running_daemon({"APPLIANCE_AUTH": "off"}) as daemon:
+            client = daemon.client(key="")
+            async with client:
+                listed = await client.get("/api/v1/conversations")
+                assert listed.status_code == 200
+                usage = (await client.get("/api/v1/usage")).json()
+                assert usage["key"]["name"] == "local" and usage["key"]["scope"] == "admin"
+    for extra, needle in (
+        ({"APPLIANCE_BIND": "0.0.0.0:0"}, "loopback"),
+        ({"APPLIANCE_ENV": "production"}, "refused in production"),
+    ):
+        env = daemon_environment(tmp_path, {"APPLIANCE_AUTH": "off", **extra})
+        done = await trio.run_process(
+            [sys.executable, "-m", "appliance", "config", "check"],
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert done.returncode == 1
+        assert needle in (done.stdout + done.stderr).decode()

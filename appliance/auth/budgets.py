@@ -19,6 +19,10 @@ import msgspec
 
 Kind = Literal["local", "remote"]
 USAGE_PREFIX: Final = "usage:"
+# Remote spending is counted in millionths of the currency, so that Redis adds integers.
+MICROS: Final = 1_000_000
+# The remote spending budget is the whole appliance's (one bill), not a key's.
+APPLIANCE_OWNER: Final = "appliance"
 # A day's counter outlives its day by a little (for `keys usage` around midnight).
 DAY_TTL: Final = 3 * 86_400
 MONTH_TTL: Final = 40 * 86_400
@@ -49,8 +53,23 @@ class BudgetExceeded(Exception):
         self.budget, self.used, self.limit, self.resets = budget, used, limit, resets
         super().__init__(
             f"the {budget} budget of this key is used up: {used} of {limit} tokens; it resets "
-            f"at {resets.isoformat().replace('+00:00', 'Z')}"
+            f"at {_when(resets)}"
         )
+
+
+class SpendingExceeded(BudgetExceeded):
+    """The appliance's monthly remote spending budget is used up."""
+
+    def __str__(self) -> str:
+        return (
+            f"the monthly remote spending budget of this appliance is used up: "
+            f"{self.used / MICROS:.4f} of {self.limit / MICROS:.4f} "
+            f"(APPLIANCE_REMOTE_BUDGET_MONTHLY); it resets at {_when(self.resets)}"
+        )
+
+
+def _when(moment: datetime.datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 class Usage(msgspec.Struct):
@@ -72,7 +91,7 @@ def _periods(now: datetime.datetime) -> tuple[str, str, datetime.datetime, datet
     return now.strftime("%Y%m%d"), now.strftime("%Y%m"), day_end, month_end
 
 
-def counter_keys(key_id: str, kind: Kind, now: datetime.datetime) -> tuple[str, str]:
+def counter_keys(key_id: str, kind: str, now: datetime.datetime) -> tuple[str, str]:
     day, month, _, _ = _periods(now)
     base = f"{USAGE_PREFIX}{{{key_id}}}:{kind}"
     return f"{base}:day:{day}", f"{base}:month:{month}"
@@ -108,19 +127,59 @@ class Budgets:
         day_key, month_key = counter_keys(key_id, kind, now)
         day_limit = tokens_per_day if self.enforce and tokens_per_day is not None else -1
         month_limit = tokens_per_month if self.enforce and tokens_per_month is not None else -1
-        reply = await self._client().eval(
-            _RESERVE,
-            keys=[day_key, month_key],
-            args=[wanted, day_limit, month_limit, minimum, DAY_TTL, MONTH_TTL],
+        granted, day_used, month_used = await self._reserve(
+            day_key, month_key, wanted, day_limit, month_limit, minimum
         )
-        assert isinstance(reply, list | tuple)  # the script returns a three-item list
-        granted, day_used, month_used = (int(str(item)) for item in reply)
         if granted == 0:
             _, _, day_end, month_end = _periods(now)
             if day_limit >= 0 and day_used + minimum > day_limit:
                 raise BudgetExceeded(f"daily {kind}", day_used, day_limit, day_end)
             raise BudgetExceeded(f"monthly {kind}", month_used, month_limit, month_end)
         return Reservation(key_id, kind, granted, day_key, month_key)
+
+    async def reserve_spending(
+        self,
+        wanted: int,
+        minimum: int,
+        monthly_limit: int | None,
+        now: datetime.datetime | None = None,
+    ) -> Reservation:
+        """Up to `wanted` micros of the appliance's monthly remote spending, at least
+        `minimum`, or SpendingExceeded."""
+        now = now or datetime.datetime.now(datetime.UTC)
+        day_key, month_key = counter_keys(APPLIANCE_OWNER, "spend", now)
+        limit = monthly_limit if self.enforce and monthly_limit is not None else -1
+        granted, _, month_used = await self._reserve(day_key, month_key, wanted, -1, limit, minimum)
+        if granted == 0:
+            raise SpendingExceeded("monthly remote spending", month_used, limit, _periods(now)[3])
+        return Reservation(APPLIANCE_OWNER, "spend", granted, day_key, month_key)
+
+    async def record_spending(self, key_id: str, micros: int) -> None:
+        """Count what a key's remote requests cost (for its usage report)."""
+        if micros > 0:
+            day_key, month_key = counter_keys(key_id, "spend", datetime.datetime.now(datetime.UTC))
+            async with self._client().pipeline(transaction=True) as pipe:
+                pipe.incrby(day_key, micros)
+                pipe.expire(day_key, DAY_TTL)
+                pipe.incrby(month_key, micros)
+                pipe.expire(month_key, MONTH_TTL)
+
+    async def spending(self, owner: str, now: datetime.datetime | None = None) -> float:
+        """This month's remote spending of a key (or of APPLIANCE_OWNER), in money."""
+        _, month_key = counter_keys(owner, "spend", now or datetime.datetime.now(datetime.UTC))
+        return int(await self._client().get(month_key) or 0) / MICROS
+
+    async def _reserve(
+        self, day_key: str, month_key: str, wanted: int, day: int, month: int, minimum: int
+    ) -> tuple[int, int, int]:
+        reply = await self._client().eval(
+            _RESERVE,
+            keys=[day_key, month_key],
+            args=[wanted, day, month, minimum, DAY_TTL, MONTH_TTL],
+        )
+        assert isinstance(reply, list | tuple)  # the script returns a three-item list
+        granted, day_used, month_used = (int(str(item)) for item in reply)
+        return granted, day_used, month_used
 
     async def settle(self, reservation: Reservation, used: int) -> None:
         """Count what the request really used: give back the unused part of the
@@ -152,4 +211,23 @@ class Budgets:
             tokens_per_month=tokens_per_month,
             day_resets=day_end.isoformat(),
             month_resets=month_end.isoformat(),
+            cost_month=await self.spending(key_id, now) if kind == "remote" else None,
         )
+
+    async def report(
+        self, key_id: str, tokens_per_day: int | None, tokens_per_month: int | None
+    ) -> dict[str, Usage]:
+        """A key's local and remote usage; each kind has the key's token budgets."""
+        return {
+            kind: await self.usage(key_id, kind, tokens_per_day, tokens_per_month)
+            for kind in ("local", "remote")
+        }
+
+
+def key_limits(
+    key_day: int | None, key_month: int | None, default_day: int, default_month: int
+) -> tuple[int | None, int | None]:
+    """A key's token budgets per day and month: its own, else the defaults (0 = none)."""
+    day = key_day if key_day is not None else default_day
+    month = key_month if key_month is not None else default_month
+    return day or None, month or None

@@ -13,7 +13,7 @@ import msgspec
 import trio
 
 from appliance.auth.apikeys import ApiKey, ApiKeyError, KeyStore
-from appliance.auth.budgets import Budgets
+from appliance.auth.budgets import Budgets, key_limits
 from appliance.config import Settings
 from appliance.privacy.keys import hash_key_for
 from appliance.store.access import redis_client
@@ -91,13 +91,14 @@ async def _usage(
             raise ApiKeyError(f"there is no key named {args.name!r} (see: appliance keys list)")
     rows = []
     for key in keys:
-        per_day = key.tokens_per_day if key.tokens_per_day is not None else settings.tokens_per_day
-        per_month = (
-            key.tokens_per_month if key.tokens_per_month is not None else settings.tokens_per_month
+        limits = key_limits(
+            key.tokens_per_day,
+            key.tokens_per_month,
+            settings.tokens_per_day,
+            settings.tokens_per_month,
         )
-        local = await budgets.usage(key.id, "local", per_day or None, per_month or None)
-        remote = await budgets.usage(key.id, "remote", None, None)
-        rows.append((key, local, remote))
+        report = await budgets.report(key.id, *limits)
+        rows.append((key, report["local"], report["remote"]))
     if args.json:
         print(
             json.dumps(
@@ -114,11 +115,17 @@ async def _usage(
             )
         )
         return 0
-    print(f"{'NAME':<24} {'LOCAL TODAY':>18} {'LOCAL MONTH':>20} {'REMOTE MONTH':>12}")
+    print(
+        f"{'NAME':<24} {'LOCAL TODAY':>18} {'LOCAL MONTH':>20} {'REMOTE MONTH':>12} "
+        f"{'REMOTE COST':>11}"
+    )
     for key, local, remote in rows:
         day = f"{local.day}/{local.tokens_per_day or '-'}"
         month = f"{local.month}/{local.tokens_per_month or '-'}"
-        print(f"{key.name:<24} {day:>18} {month:>20} {remote.month:>12}")
+        print(
+            f"{key.name:<24} {day:>18} {month:>20} {remote.month:>12} "
+            f"{remote.cost_month or 0:>11.4f}"
+        )
     return 0
 
 

@@ -21,6 +21,7 @@ from appliance.config import Settings
 from appliance.http.errors import ApiError, register_error_handlers
 from appliance.llm.engine import InferenceService
 from appliance.llm.registry import ModelRegistry
+from appliance.llm.remote import RemoteLLM
 from appliance.logs import request_context
 from appliance.metrics import ProcessSampler, RequestStats
 from appliance.privacy.keys import Keys
@@ -55,7 +56,11 @@ class Runtime:
     apikeys: KeyStore
     gate: Gate
     budgets: Budgets
+    # The remote LLM client, when REMOTE_LLM_ENABLED; None means no code path can reach it.
+    remote: RemoteLLM | None = None
     urls: list[str] = field(default_factory=list)
+    # Open streamed generations per key id (APPLIANCE_MAX_STREAMS_PER_KEY).
+    streams: dict[str, int] = field(default_factory=dict)
     # llama.cpp backends built in and in use (appliance.llm.backends.backend_report).
     backend: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)

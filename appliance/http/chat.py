@@ -91,6 +91,7 @@ async def send() -> Response:
         temperature=body.temperature,
         top_p=body.top_p,
         seed=body.seed,
+        stream=body.stream,
     )
 
     async def store(answer: str, done: Done) -> str:

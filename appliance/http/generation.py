@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Final
 
@@ -11,9 +12,10 @@ import msgspec
 import trio
 
 from appliance.auth.apikeys import ApiKey
-from appliance.auth.budgets import BudgetExceeded, Budgets, Reservation
+from appliance.auth.budgets import MICROS, BudgetExceeded, Budgets, Kind, Reservation, key_limits
 from appliance.http.app import Runtime, current_key
 from appliance.http.errors import ApiError, error_body
+from appliance.http.remote_generation import REMOTE_PREFIX, open_remote_stream, remote_model
 from appliance.llm.engine import (
     RETRY_AFTER_SECONDS,
     DeadlineExceeded,
@@ -31,8 +33,11 @@ _MARKER_JSON: Final = _JSON.encode(_MARKER)
 
 
 async def resolve_model(state: Runtime, requested: str | None) -> str:
-    """The usable model a request names, or the default one; 404/503 otherwise."""
+    """The usable model a request names, or the default one; 404/503 otherwise. The remote
+    model is `remote:<name>`; its bare name means it only when no local model has it."""
     registry = state.registry
+    if requested and requested.startswith(REMOTE_PREFIX):
+        return REMOTE_PREFIX + remote_model(state.remote, requested).model
     try:
         if requested:
             record = await trio.to_thread.run_sync(registry.usable, requested)
@@ -41,6 +46,8 @@ async def resolve_model(state: Runtime, requested: str | None) -> str:
             registry.default_name, state.settings.default_model or None
         )
     except (UnknownModel, InvalidModelName) as exc:
+        if state.remote is not None and requested == state.remote.model:
+            return REMOTE_PREFIX + state.remote.model
         raise ApiError(404, "model_not_found", str(exc), param="model") from None
     except ModelUnavailable as exc:
         raise ApiError(503, "model_unavailable", str(exc), param="model") from None
@@ -88,18 +95,20 @@ class Events:
     closed), and a generation cut short by the reservation ends in a 429 naming the budget.
     """
 
-    __slots__ = ("_budget", "_events", "_first", "_seen", "_timeout")
+    __slots__ = ("_budget", "_events", "_first", "_release", "_seen", "_timeout")
 
     def __init__(
         self,
         events: AsyncGenerator[Token | Done, None],
         timeout: float,
         budget: BudgetUse | None = None,
+        release: Callable[[], None] | None = None,
     ) -> None:
         self._events = events
         self._timeout = timeout
         self._first: Token | Done | None = None
         self._budget = budget
+        self._release = release
         self._seen = 0
 
     def __aiter__(self) -> Events:
@@ -129,9 +138,25 @@ class Events:
         """Wait for the first event before a response starts, so that a full queue, an
         unknown model or a prompt too long still get their own status code (429, 404,
         400) rather than an error inside a 200 stream."""
-        self._first = await self.__anext__()
+        try:
+            self._first = await self.__anext__()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+            raise
+
+    def __del__(self) -> None:
+        # A response that never started its body (the client left first) never closes its
+        # events; the key's stream slot must not stay taken.
+        release = self._release
+        if release is not None:
+            self._release = None
+            release()
 
     async def aclose(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
         await self._events.aclose()
         if self._budget is not None:
             with trio.CancelScope(shield=True):
@@ -142,13 +167,24 @@ class BudgetUse:
     """One request's reservation: settled once, with what the generation really used."""
 
     def __init__(
-        self, budgets: Budgets, reservation: Reservation, requested: int, granted_tokens: int
+        self,
+        budgets: Budgets,
+        reservation: Reservation,
+        requested: int,
+        granted_tokens: int,
+        spending: Reservation | None = None,
+        micros_per_token: float = 0.0,
     ) -> None:
         self.budgets = budgets
         self.reservation = reservation
         self.requested = requested
         self.granted_tokens = granted_tokens
+        # A remote request also holds part of the appliance's monthly spending budget.
+        self.spending = spending
+        self.micros_per_token = micros_per_token
         self.settled = False
+        # What a cut names: the budget that granted the fewest tokens.
+        self.limited_by = f"{reservation.kind} token budget of this key"
 
     async def finish(self, done: Done) -> None:
         await self._settle(done.prompt_tokens + done.completion_tokens)
@@ -158,8 +194,8 @@ class BudgetUse:
             raise ApiError(
                 429,
                 "budget_exhausted",
-                f"the {self.reservation.kind} token budget of this key ran out after "
-                f"{done.completion_tokens} tokens; see: GET /api/v1/usage",
+                f"the {self.limited_by} ran out after {done.completion_tokens} tokens; "
+                "see: GET /api/v1/usage",
             )
 
     async def abandon(self, tokens_seen: int) -> None:
@@ -168,9 +204,14 @@ class BudgetUse:
         await self._settle(self.reservation.granted - self.granted_tokens + tokens_seen)
 
     async def _settle(self, used: int) -> None:
-        if not self.settled:
-            self.settled = True
-            await self.budgets.settle(self.reservation, used)
+        if self.settled:
+            return
+        self.settled = True
+        await self.budgets.settle(self.reservation, used)
+        if self.spending is not None:
+            cost = math.ceil(used * self.micros_per_token)
+            await self.budgets.settle(self.spending, cost)
+            await self.budgets.record_spending(self.reservation.key_id, cost)
 
 
 def _prompt_estimate(messages: list[ChatMessage] | None, prompt: str | None) -> int:
@@ -183,26 +224,74 @@ def _prompt_estimate(messages: list[ChatMessage] | None, prompt: str | None) -> 
 
 
 async def reserve_budget(
-    state: Runtime, key: ApiKey, prompt_tokens: int, max_tokens: int
+    state: Runtime, key: ApiKey, prompt_tokens: int, max_tokens: int, kind: Kind = "local"
 ) -> BudgetUse:
-    """Reserve prompt + max_tokens (at least prompt + 1) or refuse with 429 naming the budget."""
+    """Reserve prompt + max_tokens (at least prompt + 1) or refuse with 429 naming the budget;
+    a remote request also reserves their price from the appliance's spending budget."""
     settings = state.settings
-    per_day = key.tokens_per_day if key.tokens_per_day is not None else settings.tokens_per_day
-    per_month = (
-        key.tokens_per_month if key.tokens_per_month is not None else settings.tokens_per_month
+    limits = key_limits(
+        key.tokens_per_day, key.tokens_per_month, settings.tokens_per_day, settings.tokens_per_month
     )
+    budgets = state.budgets
     try:
-        reservation = await state.budgets.reserve(
-            key.id,
-            "local",
-            prompt_tokens + max_tokens,
-            prompt_tokens + 1,
-            per_day or None,
-            per_month or None,
+        reservation = await budgets.reserve(
+            key.id, kind, prompt_tokens + max_tokens, prompt_tokens + 1, *limits
         )
     except BudgetExceeded as exc:
         raise ApiError(429, "budget_exhausted", str(exc), headers=_reset_header(exc)) from None
-    return BudgetUse(state.budgets, reservation, max_tokens, reservation.granted - prompt_tokens)
+    granted = reservation.granted
+    per_token = settings.remote_price_per_1k * 1000  # micros per token
+    if kind == "remote" and per_token > 0:
+        limit = round(settings.remote_budget_monthly * MICROS) or None
+        try:
+            spending = await budgets.reserve_spending(
+                math.ceil(granted * per_token), math.ceil((prompt_tokens + 1) * per_token), limit
+            )
+        except BudgetExceeded as exc:
+            with trio.CancelScope(shield=True):
+                await budgets.settle(reservation, 0)
+            raise ApiError(429, "budget_exhausted", str(exc), headers=_reset_header(exc)) from None
+        affordable = math.floor(spending.granted / per_token)
+        use = BudgetUse(
+            budgets,
+            reservation,
+            max_tokens,
+            min(granted, affordable) - prompt_tokens,
+            spending,
+            per_token,
+        )
+        if affordable < granted:
+            use.limited_by = (
+                "monthly remote spending budget of this appliance (APPLIANCE_REMOTE_BUDGET_MONTHLY)"
+            )
+        return use
+    return BudgetUse(budgets, reservation, max_tokens, granted - prompt_tokens)
+
+
+def _open_stream(state: Runtime, key: ApiKey) -> Callable[[], None]:
+    """Count a streamed generation of `key` (429 beyond APPLIANCE_MAX_STREAMS_PER_KEY); the
+    returned callable ends it."""
+    limit = state.settings.max_streams_per_key
+    streams = state.streams
+    open_now = streams.get(key.id, 0)
+    if limit and open_now >= limit:
+        raise ApiError(
+            429,
+            "too_many_streams",
+            f"this key already has {open_now} streamed generations open; the limit is {limit} "
+            "(APPLIANCE_MAX_STREAMS_PER_KEY): wait for one to end",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    streams[key.id] = open_now + 1
+
+    def release() -> None:
+        left = streams.get(key.id, 1) - 1
+        if left > 0:
+            streams[key.id] = left
+        else:
+            streams.pop(key.id, None)
+
+    return release
 
 
 def _reset_header(exc: BudgetExceeded) -> dict[str, str]:
@@ -221,24 +310,64 @@ async def generate(
     top_p: float,
     stop: list[str] | None = None,
     seed: int | None = None,
+    stream: bool = False,
 ) -> Events:
-    """The engine's events under the request deadline and the key's token budget."""
-    budget = await reserve_budget(
-        state, current_key(), _prompt_estimate(messages, prompt), max_tokens
-    )
-    timeout = state.settings.request_timeout
-    events = state.engine.generate(
-        model,
-        deadline=trio.current_time() + timeout,
-        messages=messages,
-        prompt=prompt,
-        max_tokens=min(max_tokens, budget.granted_tokens),
-        temperature=temperature,
-        top_p=top_p,
-        stop=stop,
-        seed=seed,
-    )
-    return Events(events, timeout, budget)
+    """The events of a local generation (engine) or of the remote LLM (`remote:` models),
+    under the request deadline, the key's token budget and its stream limit."""
+    remote = remote_model(state.remote, model) if model.startswith(REMOTE_PREFIX) else None
+    if remote is not None and messages is None:
+        raise ApiError(
+            422,
+            "unsupported_for_remote",
+            "the remote model serves chat completions only; use POST /v1/chat/completions",
+            param="model",
+        )
+    key = current_key()
+    release = _open_stream(state, key) if stream else None
+    budget: BudgetUse | None = None
+    try:
+        if state.gate.enabled:
+            budget = await reserve_budget(
+                state,
+                key,
+                _prompt_estimate(messages, prompt),
+                max_tokens,
+                "remote" if remote is not None else "local",
+            )
+        granted = min(max_tokens, budget.granted_tokens) if budget is not None else max_tokens
+        timeout = state.settings.request_timeout
+        if remote is not None:
+            assert messages is not None  # refused above
+            events = await open_remote_stream(
+                remote,
+                state.redactor,
+                messages,
+                max_tokens=granted,
+                temperature=temperature,
+                top_p=top_p,
+                stop=stop,
+                seed=seed,
+            )
+        else:
+            events = state.engine.generate(
+                model,
+                deadline=trio.current_time() + timeout,
+                messages=messages,
+                prompt=prompt,
+                max_tokens=granted,
+                temperature=temperature,
+                top_p=top_p,
+                stop=stop,
+                seed=seed,
+            )
+    except BaseException:
+        if release is not None:
+            release()
+        if budget is not None:
+            with trio.CancelScope(shield=True):
+                await budget.abandon(0)
+        raise
+    return Events(events, timeout, budget, release)
 
 
 async def collect(events: Events) -> tuple[str, Done]:

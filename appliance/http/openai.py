@@ -30,6 +30,7 @@ from appliance.http.generation import (
     sse_error,
     sse_template,
 )
+from appliance.http.remote_generation import REMOTE_PREFIX
 from appliance.llm.protocol import ChatMessage, Done, Token
 
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
@@ -135,6 +136,7 @@ async def _events(state: Runtime, body: _Sampling, **source: Any) -> tuple[str, 
         top_p=body.top_p,
         stop=_stop_list(body.stop),
         seed=body.seed,
+        stream=body.stream,
         **source,
     )
     if body.stream:
@@ -262,19 +264,25 @@ async def completions() -> Response:
 
 @blueprint.get("/models")
 async def models() -> Response:
-    records = await trio.to_thread.run_sync(runtime().registry.list)
-    return _json(
+    state = runtime()
+    records = await trio.to_thread.run_sync(state.registry.list)
+    listed = [
         {
-            "object": "list",
-            "data": [
-                {
-                    "id": record.name,
-                    "object": "model",
-                    "created": int(record.checked_at),
-                    "owned_by": "appliance",
-                }
-                for record in records
-                if record.ok
-            ],
+            "id": record.name,
+            "object": "model",
+            "created": int(record.checked_at),
+            "owned_by": "appliance",
         }
-    )
+        for record in records
+        if record.ok
+    ]
+    if state.remote is not None:
+        listed.append(
+            {
+                "id": REMOTE_PREFIX + state.remote.model,
+                "object": "model",
+                "created": int(time.time()),
+                "owned_by": "remote",
+            }
+        )
+    return _json({"object": "list", "data": listed})

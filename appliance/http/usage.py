@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 from quart import Blueprint, Response
 
+from appliance.auth.budgets import APPLIANCE_OWNER, key_limits
 from appliance.http.app import current_key, runtime
 
 blueprint = Blueprint("usage", __name__, url_prefix="/api/v1")
@@ -14,14 +17,19 @@ blueprint = Blueprint("usage", __name__, url_prefix="/api/v1")
 async def usage() -> Response:
     state, key = runtime(), current_key()
     settings = state.settings
-    per_day = key.tokens_per_day if key.tokens_per_day is not None else settings.tokens_per_day
-    per_month = (
-        key.tokens_per_month if key.tokens_per_month is not None else settings.tokens_per_month
+    limits = key_limits(
+        key.tokens_per_day, key.tokens_per_month, settings.tokens_per_day, settings.tokens_per_month
     )
-    body = {
+    body: dict[str, Any] = {
         "key": {"id": key.id, "name": key.name, "scope": key.scope},
         "enforced": settings.budget_enforce,
-        "local": await state.budgets.usage(key.id, "local", per_day or None, per_month or None),
-        "remote": await state.budgets.usage(key.id, "remote", None, None),
+        **await state.budgets.report(key.id, *limits),
     }
+    if state.remote is not None:
+        budget = settings.remote_budget_monthly
+        body["remote_spending"] = {
+            "month": await state.budgets.spending(APPLIANCE_OWNER),
+            "budget_monthly": budget or None,
+            "price_per_1k_tokens": settings.remote_price_per_1k,
+        }
     return Response(msgspec.json.encode(body), mimetype="application/json")
