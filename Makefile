@@ -60,8 +60,8 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check appliance tests bench packaging
-	$(BIN)/ruff format --check appliance tests bench packaging
+	$(BIN)/ruff check appliance tests bench packaging e2e
+	$(BIN)/ruff format --check appliance tests bench packaging e2e
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
@@ -87,6 +87,13 @@ binary: $(BUILD_VENV)/.installed
 deb: $(BUILD_VENV)/.installed
 	$(BUILD_BIN)/python packaging/build.py deb --unit-file "$(UNIT_FILE)" \
 		--sysusers-file "$(SYSUSERS_FILE)"
+
+# `make e2e` (as root): the .deb installed and operated under a real systemd, in a Debian 12
+# container booted with systemd-nspawn (e2e/run.py; its root is made once by debootstrap and
+# cached in /var/cache/appliance-e2e). The binary is rebuilt only when it changed.
+.PHONY: e2e
+e2e: deb
+	$(BIN)/python e2e/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist

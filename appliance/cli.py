@@ -20,6 +20,7 @@ from appliance.config import ConfigError, Settings, load_settings, masked, start
 from appliance.envfile import DEFAULT_ENV_FILE, generate_env_file_text, write_new_env_file
 from appliance.ops.install import add_install_parser, run_install
 from appliance.ops.logs import add_logs_parser
+from appliance.ops.owner import handing_back
 from appliance.ops.update import add_update_parser
 
 LOGGER = logging.getLogger("appliance.cli")
@@ -215,20 +216,24 @@ def _models(args: argparse.Namespace) -> int:
     from appliance.model_commands import run_models_command
 
     settings = _settings(args)
-    return run_models_command(settings, args)
+    with handing_back(settings):
+        return run_models_command(settings, args)
 
 
 def _keys(args: argparse.Namespace) -> int:
     from appliance.keys_commands import run_keys_command
 
     settings = _settings(args)
-    return run_keys_command(settings, args)
+    with handing_back(settings):
+        return run_keys_command(settings, args)
 
 
 def _backup(args: argparse.Namespace) -> int:
     from appliance.backup.commands import run_backup_command
 
-    return run_backup_command(_settings(args), args)
+    settings = _settings(args)
+    with handing_back(settings):
+        return run_backup_command(settings, args)
 
 
 def _control(args: argparse.Namespace) -> int:
@@ -272,9 +277,12 @@ def _status(args: argparse.Namespace) -> int:
     if ":" in host:
         host = f"[{host}]"
     base = f"http://{host}:{settings.port}/api/v1/health"
-    headers = {"Authorization": f"Bearer {token}"} if (token := _operator_token(settings)) else {}
+    with handing_back(settings):
+        token = _operator_token(settings)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with httpx.Client(timeout=args.timeout, headers=headers) as client:
+        # Loopback HTTP: no proxy, .netrc or CA bundle from the environment applies.
+        with httpx.Client(timeout=args.timeout, headers=headers, trust_env=False) as client:
             answer = client.get(f"{base}/services")
             # Without the store (so without a key) the services list stays empty.
             services = answer.json() if answer.status_code == 200 else {}

@@ -27,6 +27,9 @@ SECRET_NAMES: Final = frozenset(
     {"SECRET_KEY", "PRIVACY_SALT", "SECRET_KEY_PREVIOUS", "PRIVACY_SALT_PREVIOUS"}
 )
 MIN_SECRET_KEY_CHARS: Final = 32
+# Where the packaged daemon keeps its data and (RuntimeDirectory=) its sockets.
+SYSTEM_STATE_DIR: Final = "/var/lib/appliance"
+SYSTEM_RUNTIME_DIR: Final = "/run/appliance"
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -57,7 +60,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         default="development", name="APPLIANCE_ENV"
     )
     bind: str = msgspec.field(default="127.0.0.1:8000", name="APPLIANCE_BIND")
-    state_dir: str = msgspec.field(default="/var/lib/appliance", name="APPLIANCE_STATE_DIR")
+    state_dir: str = msgspec.field(default=SYSTEM_STATE_DIR, name="APPLIANCE_STATE_DIR")
     models_dir: str = msgspec.field(default="", name="APPLIANCE_MODELS_DIR")
     backup_dir: str = msgspec.field(default="", name="APPLIANCE_BACKUP_DIR")
     runtime_dir: str = msgspec.field(default="", name="APPLIANCE_RUNTIME_DIR")
@@ -405,15 +408,18 @@ def _apply_directory_defaults(raw: dict[str, str], environ: Mapping[str, str]) -
     # systemd passes StateDirectory=/RuntimeDirectory= as (colon-separated) absolute paths.
     if not raw.get("APPLIANCE_STATE_DIR"):
         systemd_state = environ.get("STATE_DIRECTORY", "").split(":")[0]
-        raw["APPLIANCE_STATE_DIR"] = systemd_state or "/var/lib/appliance"
+        raw["APPLIANCE_STATE_DIR"] = systemd_state or SYSTEM_STATE_DIR
     state = raw["APPLIANCE_STATE_DIR"]
     if not raw.get("APPLIANCE_MODELS_DIR"):
         raw["APPLIANCE_MODELS_DIR"] = os.path.join(state, "models")
     if not raw.get("APPLIANCE_BACKUP_DIR"):
         raw["APPLIANCE_BACKUP_DIR"] = os.path.join(state, "backups")
     if not raw.get("APPLIANCE_RUNTIME_DIR"):
+        # The installed layout's commands (run by root, without $RUNTIME_DIRECTORY) must
+        # find the daemon's sockets where the unit's RuntimeDirectory= puts them.
         systemd_runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-        raw["APPLIANCE_RUNTIME_DIR"] = systemd_runtime or os.path.join(state, "run")
+        installed = state == SYSTEM_STATE_DIR and SYSTEM_RUNTIME_DIR
+        raw["APPLIANCE_RUNTIME_DIR"] = systemd_runtime or installed or os.path.join(state, "run")
 
 
 def _explain(exc: msgspec.ValidationError, values: Mapping[str, Any]) -> str:

@@ -60,7 +60,8 @@ def generate_env_file_text(production: bool = True) -> str:
     privacy_salt = secrets.token_urlsafe(24)
     env = "production" if production else "development"
     return (
-        "# appliance settings; read by `appliance serve` and systemd's EnvironmentFile=.\n"
+        "# appliance settings, read by every `appliance` command (the unit points\n"
+        "# APPLIANCE_ENV_FILE here).\n"
         "# Keep this file 0600: it holds the keys that seal stored conversations.\n"
         f"APPLIANCE_ENV={env}\n"
         f"SECRET_KEY={secret_key}\n"

@@ -206,7 +206,7 @@ def _ask_daemon(settings: Settings, name: str, token: str) -> RestoreReport:
     url = f"http://{host}:{settings.port}/api/v1/admin/restore"
     headers = {"Authorization": f"Bearer {token}"}
     try:
-        with httpx.Client(timeout=RESTORE_HTTP_TIMEOUT, headers=headers) as client:
+        with httpx.Client(timeout=RESTORE_HTTP_TIMEOUT, headers=headers, trust_env=False) as client:
             response = client.post(url, json={"archive": name})
     except httpx.TransportError:
         raise BackupError(

@@ -56,8 +56,9 @@ def systemctl(action: str) -> None:
             f"systemctl {action} did not finish in {SYSTEMCTL_TIMEOUT:.0f} s"
         ) from None
     if done.returncode != 0:
+        # The first line says what happened; later ones are hints such as "(followed by ...)".
         lines = (done.stderr or done.stdout).strip().splitlines()
-        detail = lines[-1] if lines else f"exit {done.returncode}"
+        detail = lines[0] if lines else f"exit {done.returncode}"
         raise ControlError(f"systemctl {action} {UNIT} failed ({detail}); see: appliance logs")
 
 
@@ -73,7 +74,9 @@ def api_base(settings: Settings) -> str:
 def serving_version(settings: Settings, timeout: float = 2.0) -> str | None:
     """The version of the daemon that answers, or None when none does."""
     try:
-        response = httpx.get(f"{api_base(settings)}/api/v1/health/live", timeout=timeout)
+        response = httpx.get(
+            f"{api_base(settings)}/api/v1/health/live", timeout=timeout, trust_env=False
+        )
         version = response.json().get("version")
     except (httpx.HTTPError, ValueError, AttributeError):
         return None
@@ -86,8 +89,8 @@ def wait_until_ready(settings: Settings, version: str | None, timeout: float) ->
     base = api_base(settings)
     while time.monotonic() < deadline:
         try:
-            live = httpx.get(f"{base}/api/v1/health/live", timeout=2.0).json()
-            ready = httpx.get(f"{base}/api/v1/health/ready", timeout=5.0)
+            live = httpx.get(f"{base}/api/v1/health/live", timeout=2.0, trust_env=False).json()
+            ready = httpx.get(f"{base}/api/v1/health/ready", timeout=5.0, trust_env=False)
             if ready.status_code == 200 and (version is None or live.get("version") == version):
                 return True
         except (httpx.HTTPError, ValueError, AttributeError):

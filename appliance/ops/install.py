@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from appliance.config import SYSTEM_STATE_DIR
 from appliance.envfile import generate_env_file_text, write_new_env_file
 from appliance.ops.accounts import (
     Account,
@@ -46,7 +47,7 @@ EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
 DEFAULT_PREFIX: Final = "/usr"
 CONFIG_DIR: Final = "/etc/appliance"
-STATE_DIR: Final = "/var/lib/appliance"
+STATE_DIR: Final = SYSTEM_STATE_DIR
 BACKUP_DIR: Final = "/var/lib/appliance/backups"
 UNIT_DIR: Final = "/etc/systemd/system"
 # Where a package (the .deb) puts its unit; /lib is /usr/lib on a merged-/usr system.

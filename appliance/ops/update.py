@@ -21,6 +21,7 @@ from typing import Final
 
 from appliance.config import Settings
 from appliance.ops.control import ControlError, serving_version, systemctl, wait_until_ready
+from appliance.ops.owner import handing_back
 
 EXECUTABLE: Final = "appliance"
 VERSION_TIMEOUT: Final = 60.0
@@ -118,6 +119,9 @@ def _stage(new: Path, install_dir: Path) -> Path:
 
 def _restart_and_wait(settings: Settings, version: str | None, timeout: float) -> bool:
     try:
+        # A unit that failed to start too often in a row (StartLimitBurst=) refuses every
+        # start, the rollback's included, until its failed state is reset.
+        systemctl("reset-failed")
         systemctl("restart")
     except ControlError as exc:
         print(f"appliance: {exc}", file=sys.stderr)
@@ -143,7 +147,8 @@ def update(
         from appliance.backup.commands import backup_now
 
         try:
-            info = trio.run(lambda: backup_now(settings))
+            with handing_back(settings):
+                info = trio.run(lambda: backup_now(settings))
         except BackupError as exc:
             raise UpdateError(
                 f"the backup before the update failed ({exc}); nothing changed"
