@@ -1,0 +1,421 @@
+"""Continuous batching: several generations on one llama.cpp context, one decode per step.
+
+Each `step` builds one batch: the next token of every decoding sequence and a chunk of the
+prompt of each sequence still reading its prompt (at most `n_batch` tokens in all), calls
+llama_decode once, and samples every sequence that got logits with its own C sampler
+chain (the chain llama-cpp-python's `create_completion` builds, so a seed gives the same
+answer). A sequence that joins is in the next step's batch; one that ends or is cancelled
+stops at once. Slots keep their tokens in the KV cache after a sequence ends, so a
+follow-up whose prompt starts with them evaluates only its new tokens: a new sequence takes
+the free slot with the longest common prefix, else the least recently used one.
+
+The KV cache is unified (all slots share `n_ctx` cells). When it is full, idle slots give
+up their cached tokens first; if that is not enough the youngest running sequence ends
+with a `context_full` error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import llama_cpp as llama
+
+# What create_completion's sampler chain uses unless told otherwise.
+TOP_K: Final = 40
+MIN_P: Final = 0.05
+TYPICAL_P: Final = 1.0
+PIECE_BYTES: Final = 64
+
+
+class BatchFull(Exception):
+    """Every slot is running a sequence."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenText:
+    """A piece of a sequence's answer."""
+
+    request_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A sequence ended: why, its token counts, and how many prompt tokens came from the
+    slot's cache instead of being evaluated."""
+
+    request_id: int
+    finish_reason: str  # "stop", "length" or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    request_id: int
+    code: str
+    message: str
+
+
+Event = TokenText | Finished | Failed
+
+
+class TextStream:
+    """Bytes of token pieces in, text out: incomplete UTF-8 waits for its next bytes, and
+    text that may be the start of a stop string is held back until it is known not to be."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [stop for stop in stops if stop]
+        self._bytes = b""
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, piece: bytes) -> str:
+        """The text that can be sent now; sets `stopped` when a stop string appears."""
+        self._bytes += piece
+        try:
+            text = self._bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.reason != "unexpected end of data":
+                text = self._bytes.decode("utf-8", "replace")
+            else:
+                text = self._bytes[: exc.start].decode("utf-8")
+                self._bytes = self._bytes[exc.start :]
+                return self._release(text)
+        self._bytes = b""
+        return self._release(text)
+
+    def finish(self) -> str:
+        """What is still held, at the end of a sequence that did not stop on a string."""
+        text = self._held + self._bytes.decode("utf-8", "ignore")
+        self._held, self._bytes = "", b""
+        return "" if self.stopped else text
+
+    def _release(self, text: str) -> str:
+        held = self._held + text
+        if not self._stops:
+            self._held = ""
+            return held
+        cut = min((i for i in (held.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._held = ""
+            return held[:cut]
+        keep = max((_overlap(held, stop) for stop in self._stops), default=0)
+        self._held = held[len(held) - keep :] if keep else ""
+        return held[: len(held) - keep]
+
+
+def _overlap(text: str, stop: str) -> int:
+    """The length of the longest end of `text` that begins `stop`."""
+    for size in range(min(len(text), len(stop) - 1), 0, -1):
+        if stop.startswith(text[-size:]):
+            return size
+    return 0
+
+
+def sampler_chain(sampling: Sampling) -> Any:
+    """A C sampler chain like create_completion's (free it with llama_sampler_free)."""
+    chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+    add = llama.llama_sampler_chain_add
+    if sampling.temperature == 0:
+        add(chain, llama.llama_sampler_init_greedy())
+        return chain
+    seed = llama.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed & 0xFFFFFFFF
+    add(chain, llama.llama_sampler_init_top_k(TOP_K))
+    add(chain, llama.llama_sampler_init_typical(TYPICAL_P, 1))
+    add(chain, llama.llama_sampler_init_top_p(sampling.top_p, 1))
+    add(chain, llama.llama_sampler_init_min_p(MIN_P, 1))
+    add(chain, llama.llama_sampler_init_temp(sampling.temperature))
+    add(chain, llama.llama_sampler_init_dist(seed))
+    return chain
+
+
+@dataclass
+class _Running:
+    request_id: int
+    sampling: Sampling
+    chain: Any
+    text: TextStream
+    prompt_tokens: int
+    cached_tokens: int
+    pending: list[int]  # prompt tokens not yet evaluated
+    started: int  # order of joining (the youngest goes first when the cache is full)
+    generated: int = 0
+    next_token: int | None = None  # sampled, to be evaluated in the next step
+    logits_at: int = -1  # its row in the batch being decoded, or -1
+
+
+@dataclass
+class _Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens in the KV cache, in order
+    last_used: int = 0
+    running: _Running | None = None
+
+
+def open_model(
+    path: str, *, n_ctx: int, n_threads: int, n_gpu_layers: int, parallel: int, n_batch: int
+) -> tuple[Any, Any]:
+    """llama-cpp-python's LlamaModel and a LlamaContext for `parallel` sequences sharing a
+    unified KV cache of `n_ctx` cells; ValueError when llama.cpp refuses."""
+    from llama_cpp._internals import LlamaContext, LlamaModel  # untyped library
+
+    model_params = llama.llama_model_default_params()
+    model_params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers
+    model: Any = LlamaModel(path_model=path, params=model_params, verbose=False)
+    params = llama.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = params.n_ubatch = n_batch  # one ubatch per decode: a failure is whole
+    params.n_seq_max = parallel
+    params.kv_unified = True
+    params.n_threads = params.n_threads_batch = n_threads
+    try:
+        context = LlamaContext(model=model, params=params, verbose=False)
+    except BaseException:
+        model.close()
+        raise
+    return model, context
+
+
+class Batcher:
+    """The sequences of one loaded model, from `open_model` (or a LlamaModel and a
+    LlamaContext made with n_seq_max >= `parallel` and a unified KV cache)."""
+
+    def __init__(self, model: Any, context: Any, parallel: int, n_batch: int) -> None:
+        self._vocab = model.vocab
+        self._ctx = context.ctx
+        self._memory = llama.llama_get_memory(context.ctx)
+        self.n_ctx: int = llama.llama_n_ctx(context.ctx)
+        self._n_batch = n_batch
+        self._slots = [_Slot(seq_id) for seq_id in range(parallel)]
+        self._batch = llama.llama_batch_init(n_batch, 0, 1)
+        self._clock = itertools.count(1)
+        self._piece = ctypes.create_string_buffer(PIECE_BYTES)
+        # Prompt tokens evaluated and taken from slot caches, since the model was loaded.
+        self.evaluated_prompt_tokens = 0
+        self.reused_prompt_tokens = 0
+
+    def close(self) -> None:
+        for slot in self._slots:
+            if slot.running is not None:
+                llama.llama_sampler_free(slot.running.chain)
+                slot.running = None
+        if self._batch is not None:
+            llama.llama_batch_free(self._batch)
+            self._batch = None
+
+    @property
+    def running(self) -> int:
+        return sum(slot.running is not None for slot in self._slots)
+
+    @property
+    def has_free_slot(self) -> bool:
+        return any(slot.running is None for slot in self._slots)
+
+    def start(self, request_id: int, prompt: list[int], sampling: Sampling) -> None:
+        """Join the next step. The caller has checked that prompt + max_tokens fit n_ctx."""
+        slot = self._choose_slot(prompt)
+        common = _common_prefix(slot.cached, prompt)
+        if common == len(prompt):
+            common -= 1  # the last prompt token is evaluated again, for its logits
+        llama.llama_memory_seq_rm(self._memory, slot.seq_id, common, -1)
+        del slot.cached[common:]
+        slot.last_used = next(self._clock)
+        slot.running = _Running(
+            request_id=request_id,
+            sampling=sampling,
+            chain=sampler_chain(sampling),
+            text=TextStream(sampling.stop),
+            prompt_tokens=len(prompt),
+            cached_tokens=common,
+            pending=list(prompt[common:]),
+            started=slot.last_used,
+        )
+        self.reused_prompt_tokens += common
+
+    def cancel(self, request_id: int) -> Finished | None:
+        for slot in self._slots:
+            running = slot.running
+            if running is not None and running.request_id == request_id:
+                return self._end(slot, "cancelled")
+        return None
+
+    def step(self) -> list[Event]:
+        """One decode for every running sequence; the events it produced."""
+        events: list[Event] = []
+        while True:
+            plan = self._plan()
+            if not plan:
+                return events
+            self._load(plan)
+            status = llama.llama_decode(self._ctx, self._batch)
+            if status == 0:
+                break
+            if status != 1:
+                raise RuntimeError(f"llama_decode returned {status}")
+            # No room in the KV cache: idle slots give theirs up, else the youngest ends.
+            if not self._evict_idle():
+                events.append(self._fail_youngest())
+        for slot, tokens, from_prompt in plan:
+            running = slot.running
+            assert running is not None
+            slot.cached.extend(tokens)
+            if from_prompt:
+                del running.pending[: len(tokens)]
+                self.evaluated_prompt_tokens += len(tokens)
+            else:
+                running.next_token = None
+            if running.logits_at >= 0:
+                events.extend(self._sample(slot, running))
+        return events
+
+    # -- the batch ----------------------------------------------------------------------
+
+    def _plan(self) -> list[tuple[_Slot, list[int], bool]]:
+        """What each running sequence puts in this step's batch (oldest first, at most
+        n_batch tokens): (slot, tokens, whether they come from its prompt)."""
+        plan: list[tuple[_Slot, list[int], bool]] = []
+        room = self._n_batch
+        running_slots = [slot for slot in self._slots if slot.running is not None]
+        for slot in sorted(running_slots, key=lambda s: s.running.started if s.running else 0):
+            running = slot.running
+            assert running is not None
+            if running.next_token is not None:
+                plan.append((slot, [running.next_token], False))
+                room -= 1
+            elif running.pending:
+                chunk = running.pending[:room]
+                plan.append((slot, chunk, True))
+                room -= len(chunk)
+            if room == 0:
+                break
+        return plan
+
+    def _load(self, plan: list[tuple[_Slot, list[int], bool]]) -> None:
+        self._batch.n_tokens = 0
+        for slot in self._slots:
+            if slot.running is not None:
+                slot.running.logits_at = -1
+        for slot, tokens, from_prompt in plan:
+            running = slot.running
+            assert running is not None
+            # Logits for a decoding token, and for the last token of a whole prompt.
+            wants_logits = not from_prompt or len(tokens) == len(running.pending)
+            for index, token in enumerate(tokens):
+                last = index == len(tokens) - 1
+                self._add(token, len(slot.cached) + index, slot.seq_id, last and wants_logits)
+            if wants_logits:
+                running.logits_at = self._batch.n_tokens - 1
+
+    def _add(self, token: int, position: int, seq_id: int, logits: bool) -> None:
+        batch, i = self._batch, self._batch.n_tokens
+        batch.token[i] = token
+        batch.pos[i] = position
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq_id
+        batch.logits[i] = logits
+        batch.n_tokens = i + 1
+
+    def _sample(self, slot: _Slot, running: _Running) -> list[Event]:
+        token = llama.llama_sampler_sample(running.chain, self._ctx, running.logits_at)
+        if llama.llama_vocab_is_eog(self._vocab, token):
+            return self._ending(slot, "stop")
+        running.generated += 1
+        events: list[Event] = []
+        text = running.text.feed(self._piece_of(token))
+        if text:
+            events.append(TokenText(running.request_id, text))
+        if running.text.stopped:
+            return [*events, *self._ending(slot, "stop")]
+        full = len(slot.cached) + 1 >= self.n_ctx
+        if running.generated >= running.sampling.max_tokens or full:
+            return [*events, *self._ending(slot, "length")]
+        running.next_token = token
+        return events
+
+    def _piece_of(self, token: int) -> bytes:
+        size = llama.llama_token_to_piece(self._vocab, token, self._piece, PIECE_BYTES, 0, False)
+        if size < 0:  # a piece longer than the buffer: ask again with room for it
+            buffer = ctypes.create_string_buffer(-size)
+            size = llama.llama_token_to_piece(self._vocab, token, buffer, -size, 0, False)
+            return buffer.raw[:size]
+        return self._piece.raw[:size]
+
+    def _ending(self, slot: _Slot, reason: str) -> list[Event]:
+        running = slot.running
+        assert running is not None
+        rest = running.text.finish()
+        events: list[Event] = [TokenText(running.request_id, rest)] if rest else []
+        return [*events, self._end(slot, reason)]
+
+    def _end(self, slot: _Slot, reason: str) -> Finished:
+        running = slot.running
+        assert running is not None
+        slot.running = None
+        slot.last_used = next(self._clock)
+        llama.llama_sampler_free(running.chain)
+        return Finished(
+            running.request_id,
+            reason,
+            running.prompt_tokens,
+            running.generated,
+            running.cached_tokens,
+        )
+
+    # -- slots and the cache ------------------------------------------------------------
+
+    def _choose_slot(self, prompt: list[int]) -> _Slot:
+        free = [slot for slot in self._slots if slot.running is None]
+        if not free:
+            raise BatchFull(f"all {len(self._slots)} slots are running")
+        return max(free, key=lambda s: (_common_prefix(s.cached, prompt), -s.last_used))
+
+    def _evict_idle(self) -> bool:
+        evicted = False
+        for slot in sorted(self._slots, key=lambda s: s.last_used):
+            if slot.running is None and slot.cached:
+                llama.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
+                slot.cached.clear()
+                evicted = True
+        return evicted
+
+    def _fail_youngest(self) -> Failed:
+        slot = max(
+            (s for s in self._slots if s.running is not None),
+            key=lambda s: s.running.started if s.running else 0,
+        )
+        running = slot.running
+        assert running is not None
+        self._end(slot, "cancelled")
+        # Its cache goes too: the others need the room.
+        llama.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
+        slot.cached.clear()
+        return Failed(
+            running.request_id,
+            "context_full",
+            "the model's context is full with the requests running now; retry shortly",
+        )
+
+
+def _common_prefix(first: Sequence[int], second: Sequence[int]) -> int:
+    count = 0
+    for a, b in zip(first, second, strict=False):
+        if a != b:
+            break
+        count += 1
+    return count
