@@ -90,6 +90,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_queue: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(
         default=8, name="APPLIANCE_MAX_QUEUE"
     )
+    parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] = msgspec.field(
+        default=4, name="APPLIANCE_PARALLEL"
+    )
     request_timeout: PositiveFloat = msgspec.field(default=300.0, name="APPLIANCE_REQUEST_TIMEOUT")
     max_tokens_limit: PositiveInt = msgspec.field(default=4096, name="APPLIANCE_MAX_TOKENS")
     default_max_tokens: PositiveInt = msgspec.field(
@@ -255,6 +258,9 @@ DOCS: Final[dict[str, SettingDoc]] = {
     "APPLIANCE_THREADS": SettingDoc("whole number; 0 = usable cores", "llama.cpp threads"),
     "APPLIANCE_GPU_LAYERS": SettingDoc(
         "whole number; -1 = all", "layers offloaded to a GPU backend, if built with one"
+    ),
+    "APPLIANCE_PARALLEL": SettingDoc(
+        "whole number, 1 to 64", "generations decoded together (continuous batching)"
     ),
     "APPLIANCE_MAX_QUEUE": SettingDoc(
         "whole number", "generations that may wait; beyond it 429 with Retry-After"

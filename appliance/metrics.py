@@ -122,6 +122,11 @@ class _SnapshotCollector(Collector):
         llm = snap["llm"]
         yield _gauge("appliance_llm_queue_depth", "generations waiting", llm["queue_depth"])
         yield _gauge("appliance_llm_busy", "1 while a generation runs", 1 if llm["busy"] else 0)
+        yield _gauge(
+            "appliance_llm_running",
+            "generations decoding together now (at most APPLIANCE_PARALLEL)",
+            llm["running"],
+        )
         for key in ("completed", "failed", "rejected", "worker_crashes", "tokens_generated"):
             yield _gauge(f"appliance_llm_{key}", f"generations {key} since start", llm[key])
         yield _gauge(

@@ -163,8 +163,8 @@ async def test_kill9_mid_stream_fails_requests_in_flight_and_the_worker_comes_ba
                     event = await reader.next()
                     assert event is not None and event[0] == "token", event
                 nursery.start_soon(queued_request)
-                # The non-streaming request waits for the generator: it is in flight.
-                await wait_for_llm(client, lambda llm: llm["queue_depth"] == 1)
+                # The non-streaming request decodes beside the stream: it is in flight.
+                await wait_for_llm(client, lambda llm: llm["running"] == 2)
                 os.kill(worker_pid, signal.SIGKILL)
                 # The server cuts the stream instead of sending its error event (a bug, see
                 # test_kill9_mid_stream_ends_the_stream_with_an_error_event); either way
@@ -245,7 +245,9 @@ async def test_disconnect_mid_stream_stops_the_generation_and_stores_nothing() -
 
 async def test_a_full_queue_answers_429_with_retry_after_and_real_status_for_streams() -> None:
     with trio.fail_after(90):
-        async with gemma_daemon({"APPLIANCE_MAX_QUEUE": "1"}) as daemon, http(daemon) as client:
+        # One generation at a time, so that a second one waits in the queue.
+        settings = {"APPLIANCE_MAX_QUEUE": "1", "APPLIANCE_PARALLEL": "1"}
+        async with gemma_daemon(settings) as daemon, http(daemon) as client:
             results: list[httpx.Response] = []
 
             async def ask(max_tokens: int) -> None:

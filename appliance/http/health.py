@@ -183,6 +183,8 @@ def llm_metrics(state: Runtime) -> dict[str, Any]:
     return {
         "loaded_model": engine.loaded_model,
         "busy": engine.busy,
+        "running": engine.running,
+        "parallel": state.settings.parallel,
         "queue_depth": engine.waiting,
         "max_queue": state.settings.max_queue,
         "completed": stats.completed,

@@ -227,6 +227,9 @@ class Batcher:
     def has_free_slot(self) -> bool:
         return any(slot.running is None for slot in self._slots)
 
+    def running_ids(self) -> list[int]:
+        return [slot.running.request_id for slot in self._slots if slot.running is not None]
+
     def start(self, request_id: int, prompt: list[int], sampling: Sampling) -> None:
         """Join the next step. The caller has checked that prompt + max_tokens fit n_ctx."""
         slot = self._choose_slot(prompt)

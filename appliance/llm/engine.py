@@ -1,7 +1,9 @@
 """The inference service: supervises the worker process and schedules generations on it.
 
-One generation runs at a time; callers wait in a bounded FIFO queue (beyond it they get
-`QueueFull`, which the API turns into 429 with Retry-After). If the worker dies, every
+Up to APPLIANCE_PARALLEL generations run at once in the worker (continuous batching);
+more callers wait in a bounded FIFO queue (beyond it they get `QueueFull`, which the API
+turns into 429 with Retry-After). A change of model waits until the running generations
+end; so does recycling the worker. If the worker dies, every
 request in flight gets `WorkerCrashed` (503), the worker is started again with back-off,
 and the model it had loaded is loaded again. A model that kills the worker while loading
 is marked failed in the registry and is not loaded again until it is verified.
@@ -50,7 +52,6 @@ LOGGER = logging.getLogger("appliance.llm")
 STOP_GRACE: Final = 5.0
 CANCEL_GRACE: Final = 5.0
 RETRY_AFTER_SECONDS: Final = 2
-RECYCLE_TIMEOUT: Final = 120.0
 PRELOAD_TRIES: Final = 3
 # After the worker's socket ends, how long a request waits for the exit watcher to say
 # how the worker ended (it notices within milliseconds; this only bounds the wait).
@@ -150,6 +151,8 @@ class _Connection:
         self.sock = sock
         self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         self.frames = FrameBuffer()
+        # Several generations run at once: one frame out at a time.
+        self.send_lock = trio.Lock()
         self.reading = False  # a request waits on the socket; any other waits for it
         self.ended = False  # closed, EOF or an invalid frame: no more frames will come
 
@@ -188,8 +191,13 @@ class InferenceService(Service):
         self.loaded_model: str | None = None
         self.wanted_model: str | None = None
         self.waiting = 0
-        self.busy = False
-        self._lock = trio.Lock()
+        # Generations running in the worker now (at most APPLIANCE_PARALLEL).
+        self.running = 0
+        self._slots = trio.Semaphore(settings.parallel)
+        # Held while the loaded model changes; a change waits for `_idle`.
+        self._switch = trio.Lock()
+        self._idle = trio.Event()
+        self._idle.set()
         self._connection: _Connection | None = None
         self._process: trio.Process | None = None
         self._pending: dict[int, _Pending] = {}
@@ -324,7 +332,8 @@ class InferenceService(Service):
         if connection is None:
             raise WorkerCrashed("the worker is restarting")
         try:
-            await connection.stream.send_all(encode_frame(message))
+            async with connection.send_lock:
+                await connection.stream.send_all(encode_frame(message))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise WorkerCrashed("the worker is gone") from None
 
@@ -412,6 +421,7 @@ class InferenceService(Service):
                     n_ctx=context,
                     n_threads=self.settings.threads or usable_cores(),
                     n_gpu_layers=self.settings.gpu_layers,
+                    parallel=self.settings.parallel,
                 )
             )
             reply = await self._receive(request_id, pending)
@@ -455,24 +465,13 @@ class InferenceService(Service):
                 f"{self.settings.max_queue}); retry in a few seconds"
             )
         queued_at = time.monotonic()
-        self.waiting += 1
-        try:
-            with trio.move_on_at(deadline) as queueing:
-                await self._lock.acquire()
-        finally:
-            self.waiting -= 1
-        if queueing.cancelled_caught:
-            raise DeadlineExceeded("the request waited in the queue past its deadline")
+        await self._admit(model, deadline)
         request_id: int | None = None
         sent = finished = False
+        self.running += 1
+        self._idle = trio.Event()
         try:
-            self.busy = True
             self.stats.last_queue_wait = time.monotonic() - queued_at
-            if self.loaded_model != model:
-                with trio.move_on_at(deadline) as loading:
-                    await self._load(model)
-                if loading.cancelled_caught:
-                    raise DeadlineExceeded("loading the model took past the request's deadline")
             request_id, pending = self._open()
             await self._send(
                 Generate(
@@ -518,16 +517,66 @@ class InferenceService(Service):
                 if sent and not finished:
                     await self._cancel(request_id)
                 self._pending.pop(request_id, None)
-            self.busy = False
-            self._served += 1
-            if self._needs_recycle():
-                # Still holding the lock: queued requests wait for the fresh worker.
-                self._worker_ready = trio.Event()
-                self._recycle.set()
-                with trio.move_on_after(RECYCLE_TIMEOUT) as scope:
-                    scope.shield = True
+            self._finish_running()
+
+    async def _admit(self, model: str, deadline: float) -> None:
+        """Wait for a slot (APPLIANCE_PARALLEL), the worker and `model`, within `deadline`."""
+        self.waiting += 1
+        stage = "waited in the queue"
+        acquired = False
+        try:
+            with trio.move_on_at(deadline) as waiting:
+                await self._slots.acquire()
+                acquired = True
+                # A recycle in progress (or due: this worker took all the requests it may):
+                # start on the fresh worker.
+                await self._worker_ready.wait()
+                while self._took_enough():
+                    self._close_gate()
                     await self._worker_ready.wait()
-            self._lock.release()
+                self._served += 1
+                if self.loaded_model != model:
+                    stage = "waited for its model to load"
+                    await self._switch_to(model)
+        except BaseException:
+            if acquired:
+                self._slots.release()
+            raise
+        finally:
+            self.waiting -= 1
+        if waiting.cancelled_caught:
+            if acquired:
+                self._slots.release()
+            raise DeadlineExceeded(f"the request {stage} past its deadline")
+
+    async def _switch_to(self, model: str) -> None:
+        """Load `model` once the generations on the current one have ended."""
+        async with self._switch:
+            if self.loaded_model == model:
+                return
+            await self._idle.wait()
+            await self._load(model)
+
+    def _finish_running(self) -> None:
+        self.running -= 1
+        if self._worker_ready.is_set() and self._grew_too_big():
+            self._close_gate()
+        if self.running == 0:
+            self._idle.set()
+            if not self._worker_ready.is_set():
+                self._recycle.set()
+        self._slots.release()
+
+    def _close_gate(self) -> None:
+        """New generations wait for a fresh worker; this one goes once the running end."""
+        if self._worker_ready.is_set():
+            self._worker_ready = trio.Event()
+        if self.running == 0:
+            self._recycle.set()
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
 
     async def _cancel(self, request_id: int) -> None:
         """The caller went away (client disconnect, deadline): stop the worker within a
@@ -555,12 +604,16 @@ class InferenceService(Service):
             if seconds > 0:
                 self.stats.last_tokens_per_second = (done.completion_tokens - 1) / seconds
 
-    def _needs_recycle(self) -> bool:
-        """The guide's --max-requests against leaks, plus a memory ceiling."""
+    def _took_enough(self) -> bool:
+        """The guide's --max-requests against leaks: this worker took its last request."""
         limit = self.settings.worker_max_requests
         if limit and self._served >= limit:
             LOGGER.info("worker served %d requests (APPLIANCE_WORKER_MAX_REQUESTS)", self._served)
             return True
+        return False
+
+    def _grew_too_big(self) -> bool:
+        """The worker's RSS passed APPLIANCE_WORKER_MAX_RSS_MB."""
         pid = self.pid()
         rss_limit = self.settings.worker_max_rss_mb * 1024 * 1024
         if pid is None or not rss_limit:

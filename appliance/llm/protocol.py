@@ -34,6 +34,8 @@ class Load(msgspec.Struct, frozen=True, tag="load"):
     n_ctx: int
     n_threads: int
     n_gpu_layers: int = 0
+    # Generations the worker runs at once (continuous batching).
+    parallel: int = 1
 
 
 class Generate(msgspec.Struct, frozen=True, tag="generate"):
@@ -71,6 +73,8 @@ class Done(msgspec.Struct, frozen=True, tag="done"):
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    # Prompt tokens taken from a slot's cache (an earlier turn) rather than evaluated.
+    cached_tokens: int = 0
 
 
 class Error(msgspec.Struct, frozen=True, tag="error"):

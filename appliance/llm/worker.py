@@ -2,8 +2,9 @@
 
 A crash in llama.cpp (a bad model, a kernel bug, an OOM kill) ends this process only; the
 supervisor answers the requests in flight with 503 and starts a new worker. The worker
-reads frames on a reader thread, so a Cancel is seen while a generation runs, and checks
-for it before every token it sends.
+reads frames on a reader thread, so a Cancel is seen while generations run; between decode
+steps it takes new requests and ends cancelled ones, so that they join or leave the batch
+within one token.
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ import time
 from collections.abc import Iterator
 from typing import Any, Final
 
+from appliance.llm.batching import (
+    Batcher,
+    BatchFull,
+    Event,
+    Finished,
+    Sampling,
+    TokenText,
+    open_model,
+)
 from appliance.llm.protocol import (
     Cancel,
     ChatMessage,
@@ -37,6 +47,8 @@ from appliance.llm.protocol import (
 
 LOGGER = logging.getLogger("appliance.worker")
 
+# Tokens of one decode step at most (prompt chunks and next tokens of all sequences).
+N_BATCH: Final = 512
 # Format used when a model carries no chat template of its own.
 FALLBACK_STOP: Final = ["\n### User:", "\n### System:"]
 
@@ -69,15 +81,18 @@ class Connection:
 
 
 class Worker:
-    """Holds at most one loaded model and runs one generation at a time."""
+    """Holds at most one loaded model and runs up to `parallel` generations on it at once,
+    one llama.cpp decode per step for all of them (appliance.llm.batching)."""
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self.inbox: queue.Queue[ToWorker | None] = queue.Queue()
         self.cancelled: set[int] = set()
-        self._llm: Any = None
+        self._model: Any = None
+        self._context: Any = None
+        self._batcher: Batcher | None = None
         self._formatter: Any = None
-        self._model = ""
+        self._name = ""
 
     def read_forever(self) -> None:
         """Reader thread: cancels take effect at once, everything else is queued."""
@@ -92,84 +107,160 @@ class Worker:
         self.inbox.put(None)
 
     def serve(self) -> None:
-        while True:
-            message = self.inbox.get()
-            if message is None:
-                return
-            try:
-                if isinstance(message, Load):
-                    self.connection.send(self.load(message))
-                elif isinstance(message, Generate):
-                    self.generate(message)
-            except BrokenPipeError:
-                return
-            except Exception as exc:
-                # One bad request must not take the loaded model down with the process.
-                LOGGER.exception("request %d failed in the worker", message.id)
+        """Take requests between decode steps; wait for one only while nothing runs."""
+        try:
+            while True:
+                batcher = self._batcher
+                busy = batcher is not None and batcher.running > 0
+                try:
+                    message = self.inbox.get(block=not busy)
+                except queue.Empty:
+                    pass  # nothing new: decode the next step
+                else:
+                    if message is None:
+                        return
+                    self._handle(message)
+                self._cancel_requested()
+                self._step()
+        except BrokenPipeError:
+            return
+
+    def _handle(self, message: ToWorker) -> None:
+        try:
+            if isinstance(message, Load):
+                self.connection.send(self.load(message))
+            elif isinstance(message, Generate):
+                self.start(message)
+        except BrokenPipeError:
+            raise
+        except Exception as exc:
+            # One bad request must not take the loaded model down with the process.
+            LOGGER.exception("request %d failed in the worker", message.id)
+            self.connection.send(
+                Error(message.id, "internal_error", f"the worker failed: {type(exc).__name__}")
+            )
+
+    def _cancel_requested(self) -> None:
+        batcher = self._batcher
+        for request_id in list(self.cancelled):
+            self.cancelled.discard(request_id)
+            finished = batcher.cancel(request_id) if batcher is not None else None
+            if finished is not None:
+                self._send_event(finished)
+
+    def _step(self) -> None:
+        batcher = self._batcher
+        if batcher is None or batcher.running == 0:
+            return
+        try:
+            events = batcher.step()
+        except RuntimeError as exc:
+            LOGGER.error("llama.cpp failed: %s; ending the running generations", exc)
+            for request_id in batcher.running_ids():
+                batcher.cancel(request_id)
                 self.connection.send(
-                    Error(message.id, "internal_error", f"the worker failed: {type(exc).__name__}")
+                    Error(request_id, "generation_failed", f"llama.cpp failed: {exc}")
                 )
+            return
+        for event in events:
+            self._send_event(event)
+
+    def _send_event(self, event: Event) -> None:
+        if isinstance(event, TokenText):
+            self.connection.send(Token(event.request_id, event.text))
+        elif isinstance(event, Finished):
+            self.connection.send(
+                Done(
+                    event.request_id,
+                    event.finish_reason,
+                    event.prompt_tokens,
+                    event.completion_tokens,
+                    event.cached_tokens,
+                )
+            )
+        else:
+            self.connection.send(Error(event.request_id, event.code, event.message))
 
     def load(self, request: Load) -> Loaded | Error:
-        from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         started = time.monotonic()
-        self._llm = None
+        if self._batcher is not None and self._batcher.running:
+            return Error(request.id, "busy", "generations are running; load after they end")
+        self._unload()
         try:
-            llm = Llama(
-                model_path=request.path,
+            model, context = open_model(
+                request.path,
                 n_ctx=request.n_ctx,
                 n_threads=request.n_threads,
-                n_threads_batch=request.n_threads,
                 n_gpu_layers=request.n_gpu_layers,
-                verbose=False,
+                parallel=max(1, request.parallel),
+                n_batch=min(N_BATCH, request.n_ctx),
             )
         except (ValueError, RuntimeError, OSError) as exc:
             # The message goes to API clients: name the model, never its path.
             reason = str(exc).replace(request.path, request.model)
             return Error(request.id, "model_load_failed", f"llama.cpp could not load it: {reason}")
-        template = llm.metadata.get("tokenizer.chat_template")
+        template = model.metadata().get("tokenizer.chat_template")
         self._formatter = None
         if template:
-            eos = llm.token_eos()
-            bos = llm.token_bos()
+            eos = model.token_eos()
+            bos = model.token_bos()
             self._formatter = Jinja2ChatFormatter(
                 template=template,
-                eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
-                bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+                eos_token=model.token_get_text(eos) if eos != -1 else "",
+                bos_token=model.token_get_text(bos) if bos != -1 else "",
                 add_generation_prompt=True,
             )
-        self._llm = llm
-        self._model = request.model
+        self._model, self._context = model, context
+        self._batcher = Batcher(
+            model, context, parallel=max(1, request.parallel), n_batch=min(N_BATCH, request.n_ctx)
+        )
+        self._name = request.model
         return Loaded(
             id=request.id,
             model=request.model,
-            n_ctx=llm.n_ctx(),
+            n_ctx=self._batcher.n_ctx,
             chat_template=bool(template),
             load_seconds=round(time.monotonic() - started, 3),
         )
 
+    def _unload(self) -> None:
+        # The old model goes before the new one loads: two may not fit in memory.
+        if self._batcher is not None:
+            self._batcher.close()
+        if self._context is not None:
+            self._context.close()
+        if self._model is not None:
+            self._model.close()
+        self._batcher = self._context = self._model = None
+
+    def _tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+
     def _prompt_tokens(self, request: Generate) -> tuple[list[int], list[str]]:
-        llm = self._llm
         if request.messages is None:
-            text = request.prompt or ""
-            return llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), []
+            return self._tokenize(request.prompt or "", add_bos=True, special=False), []
         if self._formatter is not None:
             rendered = self._formatter(
                 messages=[{"role": m.role, "content": m.content} for m in request.messages]
             )
-            tokens = llm.tokenize(
-                rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
+            tokens = self._tokenize(
+                rendered.prompt, add_bos=not rendered.added_special, special=True
             )
             return tokens, list(rendered.stop or [])
         prompt = fallback_prompt(request.messages)
-        return llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False), FALLBACK_STOP
+        return self._tokenize(prompt, add_bos=True, special=False), FALLBACK_STOP
 
-    def generate(self, request: Generate) -> None:
+    def start(self, request: Generate) -> None:
         send = self.connection.send
-        if self._llm is None:
+        batcher = self._batcher
+        if batcher is None:
             send(Error(request.id, "model_not_loaded", "no model is loaded"))
+            return
+        if request.id in self.cancelled:
+            self.cancelled.discard(request.id)
+            send(Done(request.id, "cancelled", 0, 0))
             return
         try:
             tokens, template_stop = self._prompt_tokens(request)
@@ -178,7 +269,7 @@ class Worker:
             # template is data from the file, so any failure is the template's.
             send(Error(request.id, "template_error", f"the model's chat template failed: {exc}"))
             return
-        n_ctx = self._llm.n_ctx()
+        n_ctx = batcher.n_ctx
         if len(tokens) + 1 > n_ctx:
             send(
                 Error(
@@ -189,37 +280,17 @@ class Worker:
                 )
             )
             return
-        max_tokens = min(request.max_tokens, n_ctx - len(tokens))
-        completion = 0
-        finish = "length"
-        stream = self._llm.create_completion(
-            prompt=tokens,
-            max_tokens=max_tokens,
+        sampling = Sampling(
+            max_tokens=min(request.max_tokens, n_ctx - len(tokens)),
             temperature=request.temperature,
             top_p=request.top_p,
-            stop=[*request.stop, *template_stop] or None,
             seed=request.seed,
-            stream=True,
+            stop=(*request.stop, *template_stop),
         )
         try:
-            for chunk in stream:
-                if request.id in self.cancelled:
-                    finish = "cancelled"
-                    break
-                choice = chunk["choices"][0]
-                text = choice.get("text") or ""
-                if text:
-                    completion += 1
-                    send(Token(request.id, text))
-                if choice.get("finish_reason"):
-                    finish = choice["finish_reason"]
-        except (ValueError, RuntimeError) as exc:
-            send(Error(request.id, "generation_failed", f"llama.cpp failed: {exc}"))
-            return
-        finally:
-            stream.close()
-            self.cancelled.discard(request.id)
-        send(Done(request.id, finish, len(tokens), completion))
+            batcher.start(request.id, tokens, sampling)
+        except BatchFull as exc:
+            send(Error(request.id, "busy", f"the worker is full ({exc}); retry"))
 
 
 def run_worker(fd: int) -> int:

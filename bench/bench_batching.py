@@ -1,0 +1,143 @@
+"""Continuous batching: aggregate decode rate with 1, 2, 4 and 8 concurrent streams through
+the HTTP API, each against llama-cpp-python called directly for one stream in the same run,
+and time to first token of the 10th turn of a conversation against the 1st (prefix reuse).
+
+Same model, prompt and sampling as bench_llm (Gemma 3 270M Q4_K_M, greedy, every usable
+core). The daemon runs as shipped: APPLIANCE_PARALLEL=4, so with 8 streams four wait.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Final
+
+import httpx
+from bench_llm import (
+    CONCURRENT_MAX_TOKENS,
+    DAEMON_ENV,
+    DAEMON_LOG_LEVEL,
+    MODEL,
+    READY_TIMEOUT,
+    REQUEST_TIMEOUT,
+    DirectBaseline,
+    Stream,
+    http_stream,
+)
+from harness import Daemon, install_gemma, note, result, short_tempdir
+
+NAME: Final = "batching"
+STREAMS: Final = (1, 2, 4, 8)
+GOAL_AT_4: Final = 1.9
+TURNS: Final = 10
+TURN_GOAL: Final = 1.5
+TURN_MESSAGE: Final = "Tell me one more fact about the Roman Empire, in two sentences."
+
+
+def run(quick: bool) -> Iterator[dict[str, Any]]:
+    rounds = 2 if quick else 4
+    with short_tempdir() as state:
+        model = install_gemma(state / "models", MODEL)
+        with DirectBaseline(model, state / "direct.log") as direct:
+            direct.generate(16)  # warm
+            direct_tps = statistics.median(
+                direct.generate(CONCURRENT_MAX_TOKENS).decode_tps for _ in range(rounds)
+            )
+        note(f"direct single stream: {direct_tps:.1f} tok/s")
+        with Daemon(state, DAEMON_LOG_LEVEL, env=DAEMON_ENV) as daemon:
+            daemon.start()
+            daemon.wait_ready(READY_TIMEOUT)
+            key = daemon.api_key()
+            http_stream(daemon.port, 16, key=key)  # warm, and the prompt is cached
+            for count in STREAMS:
+                rates = [_aggregate(daemon.port, key, count) for _ in range(rounds)]
+                aggregate = statistics.median(rate for rate, _ in rates)
+                errors = sum(failed for _, failed in rates)
+                ratio = aggregate / direct_tps
+                note(f"{count} streams: {aggregate:.1f} tok/s, {ratio:.2f}x direct")
+                extra: dict[str, Any] = {}
+                if count == 4:
+                    extra = {"goal": f">= {GOAL_AT_4}", "meets_goal": ratio >= GOAL_AT_4}
+                yield result(
+                    NAME,
+                    f"aggregate_tps_{count}_streams",
+                    round(aggregate, 2),
+                    "tok/s",
+                    ratio_vs_direct_single=round(ratio, 3),
+                    direct_single_tps=round(direct_tps, 2),
+                    rounds=[round(rate, 2) for rate, _ in rates],
+                    errors=errors,
+                    max_tokens=CONCURRENT_MAX_TOKENS,
+                    parallel=4,
+                    **extra,
+                )
+            yield from _turns(daemon, key)
+
+
+def _aggregate(port: int, key: str, count: int) -> tuple[float, int]:
+    """Tokens of `count` streams started together over the time from the first request to
+    the last token, and how many streams failed."""
+    barrier = threading.Barrier(count)
+    streams: list[Stream | None] = [None] * count
+
+    def client(index: int) -> None:
+        streams[index] = http_stream(port, CONCURRENT_MAX_TOKENS, barrier=barrier, key=key)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(REQUEST_TIMEOUT * 2)
+    done = [s for s in streams if s is not None and s.ok]
+    if not done:
+        return 0.0, count
+    start = min(s.sent_at for s in done)
+    end = max(s.sent_at + s.token_times[-1] for s in done)
+    return sum(s.tokens for s in done) / (end - start), count - len(done)
+
+
+def _turns(daemon: Daemon, key: str) -> Iterator[dict[str, Any]]:
+    """One conversation of TURNS turns through /api/v1/chat/send, streamed: the time to
+    the first token of each turn."""
+    ttft: list[float] = []
+    conversation: str | None = None
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=daemon.base_url, headers=headers, timeout=REQUEST_TIMEOUT) as client:
+        for _ in range(TURNS):
+            body: dict[str, Any] = {
+                "message": TURN_MESSAGE,
+                "max_tokens": 48,
+                "temperature": 0,
+                "stream": True,
+                "model": MODEL,
+            }
+            if conversation:
+                body["conversation_id"] = conversation
+            first: float | None = None
+            started = time.perf_counter()
+            with client.stream("POST", "/api/v1/chat/send", json=body) as answer:
+                event = ""
+                for line in answer.iter_lines():
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: ") and event == "token" and first is None:
+                        first = time.perf_counter() - started
+                    elif line.startswith("data: ") and event == "done":
+                        conversation = json.loads(line[6:])["conversation_id"]
+            if first is None:
+                raise RuntimeError(f"turn {len(ttft) + 1} produced no token")
+            ttft.append(first * 1000)
+    ratio = ttft[-1] / ttft[0]
+    note(f"turn 1 TTFT {ttft[0]:.1f} ms, turn {TURNS} {ttft[-1]:.1f} ms ({ratio:.2f}x)")
+    yield result(
+        NAME,
+        f"ttft_turn_{TURNS}_vs_turn_1",
+        round(ratio, 3),
+        "ratio",
+        ttft_ms=[round(value, 1) for value in ttft],
+        goal=f"<= {TURN_GOAL}",
+        meets_goal=ratio <= TURN_GOAL,
+    )
