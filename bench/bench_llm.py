@@ -68,6 +68,8 @@ DAEMON_ENV: Final = {
     "APPLIANCE_CONTEXT_SIZE": str(N_CTX),
     "APPLIANCE_THREADS": str(THREADS),
     "APPLIANCE_MAX_QUEUE": str(MAX_QUEUE),
+    # All clients share one key here; its stream limit would turn some away.
+    "APPLIANCE_MAX_STREAMS_PER_KEY": "0",
 }
 # WARNING keeps the access log out of the token path; real warnings still show up.
 DAEMON_LOG_LEVEL: Final = "WARNING"
