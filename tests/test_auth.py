@@ -265,3 +265,36 @@ async def test_auth_off_is_for_a_loopback_development_box_only(tmp_path: Path) -
         )
         assert done.returncode == 1
         assert needle in (done.stdout + done.stderr).decode()
+
+
+async def test_streams_whose_client_leaves_at_once_give_back_slot_and_reservation() -> None:
+    with trio.fail_after(90):
+        async with running_daemon({"APPLIANCE_MAX_STREAMS_PER_KEY": "1"}) as daemon:
+            key = await daemon.create_key("leaver")
+            body = json.dumps(
+                {"message": "tell me everything", "max_tokens": 2000, "stream": True}
+            ).encode()
+            host, port = daemon.url.removeprefix("http://").rsplit(":", 1)
+            for _ in range(3):
+                # The request, then the connection closes before any answer is read.
+                stream = await trio.open_tcp_stream(host, int(port))
+                await stream.send_all(
+                    b"POST /api/v1/chat/send HTTP/1.1\r\nHost: x\r\n"
+                    b"Authorization: Bearer " + key.encode() + b"\r\n"
+                    b"Content-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                )
+                await stream.aclose()
+            async with daemon.client(key=key) as client:
+                # The one stream slot is free again (each left at once)...
+                for _ in range(50):
+                    answer = await client.post(
+                        "/api/v1/chat/send", json={"message": "hi", "max_tokens": 3, "stream": True}
+                    )
+                    if answer.status_code != 429:
+                        break
+                    await trio.sleep(0.1)
+                assert answer.status_code == 200, answer.text
+                # ...and no reservation of 2000 tokens stayed charged.
+                usage = (await client.get("/api/v1/usage")).json()["local"]
+            assert usage["day"] < 2000, usage

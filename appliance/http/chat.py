@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated, Any, Final
 
 import msgspec
@@ -12,6 +12,7 @@ from appliance.http.app import current_owner, runtime
 from appliance.http.bodies import parse_body
 from appliance.http.errors import ApiError
 from appliance.http.generation import (
+    StreamBody,
     collect,
     finish_reason,
     generate,
@@ -126,7 +127,7 @@ async def send() -> Response:
     token_event = sse_template(lambda text: {"text": text}, event="token")
     request_id = g.request_id
 
-    async def stream() -> AsyncIterator[bytes]:
+    async def stream() -> AsyncGenerator[bytes, None]:
         parts: list[str] = []
         try:
             async for event in events:
@@ -150,7 +151,11 @@ async def send() -> Response:
         finally:
             await events.aclose()
 
-    return Response(stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-store"})
+    return Response(
+        StreamBody(stream(), events),
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 def _page_arguments() -> tuple[int, int]:

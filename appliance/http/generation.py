@@ -163,6 +163,32 @@ class Events:
                 await self._budget.abandon(self._seen)
 
 
+class StreamBody:
+    """The SSE body of a streamed generation. Quart closes a response body when it is done
+    with it, also when the client left before the first byte; closing an async generator
+    that never started skips its `finally`, so this closes the generation's events itself
+    (its stream slot and budget reservation are let go either way)."""
+
+    __slots__ = ("_chunks", "_events")
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None], events: Events) -> None:
+        self._chunks = chunks
+        self._events = events
+
+    def __aiter__(self) -> StreamBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._chunks.aclose()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._events.aclose()
+
+
 class BudgetUse:
     """One request's reservation: settled once, with what the generation really used."""
 

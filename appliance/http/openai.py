@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -21,6 +21,7 @@ from appliance.http.bodies import parse_body
 from appliance.http.errors import ApiError
 from appliance.http.generation import (
     Events,
+    StreamBody,
     collect,
     finish_reason,
     generate,
@@ -119,7 +120,7 @@ def _usage(done: Done) -> dict[str, int]:
     }
 
 
-def _stream_response(chunks: AsyncIterator[bytes]) -> Response:
+def _stream_response(chunks: StreamBody) -> Response:
     return Response(chunks, mimetype="text/event-stream", headers={"Cache-Control": "no-store"})
 
 
@@ -189,7 +190,7 @@ async def chat_completions() -> Response:
     token_chunk = sse_template(lambda text: chunk_body({"content": text}, None))
     request_id = g.request_id
 
-    async def stream() -> AsyncIterator[bytes]:
+    async def stream() -> AsyncGenerator[bytes, None]:
         try:
             yield sse(chunk_body({"role": "assistant", "content": ""}, None))
             async for event in events:
@@ -214,7 +215,7 @@ async def chat_completions() -> Response:
         finally:
             await events.aclose()
 
-    return _stream_response(stream())
+    return _stream_response(StreamBody(stream(), events))
 
 
 @blueprint.post("/completions")
@@ -246,7 +247,7 @@ async def completions() -> Response:
     token_chunk = sse_template(lambda text: body_of(text, None))
     request_id = g.request_id
 
-    async def stream() -> AsyncIterator[bytes]:
+    async def stream() -> AsyncGenerator[bytes, None]:
         try:
             async for event in events:
                 if isinstance(event, Token):
@@ -259,7 +260,7 @@ async def completions() -> Response:
         finally:
             await events.aclose()
 
-    return _stream_response(stream())
+    return _stream_response(StreamBody(stream(), events))
 
 
 @blueprint.get("/models")
