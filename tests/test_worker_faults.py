@@ -19,7 +19,7 @@ import openai
 import psutil
 import trio
 
-from tests.harness import Daemon, pid_alive, running_daemon, short_tempdir
+from tests.harness import Daemon, install_tiny_model, pid_alive, running_daemon, short_tempdir
 from tests.real_model import install_gemma
 
 # At temperature 0 the Gemma 3 270M base model keeps repeating this until max_tokens.
@@ -513,3 +513,30 @@ async def test_a_worker_that_dies_while_loading_is_restarted_and_the_model_marke
             models = (await client.get("/api/v1/models")).json()["models"]
             assert models[0]["state"] == "failed"
             assert "while loading" in models[0]["reason"]
+
+
+async def test_a_request_for_another_model_waits_for_the_running_ones_then_loads_it() -> None:
+    with trio.fail_after(120):
+        async with gemma_daemon() as daemon, http(daemon) as client:
+            install_tiny_model(daemon.state_dir / "models")
+            answers: dict[str, httpx.Response] = {}
+
+            async def ask(name: str, body: Any) -> None:
+                answers[name] = await client.post("/v1/chat/completions", json=body)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, "gemma", openai_body(200))
+                await wait_for_llm(client, lambda llm: llm["running"] == 1)
+                other = {**openai_body(4), "model": "tiny"}
+                nursery.start_soon(ask, "tiny", other)
+                # The switch waits for the gemma generation; gemma requests queue behind it.
+                await wait_for_llm(client, lambda llm: llm["queue_depth"] == 1)
+                nursery.start_soon(ask, "gemma again", openai_body(4))
+            for name, answer in answers.items():
+                assert answer.status_code == 200, (name, answer.text)
+            assert answers["gemma"].json()["choices"][0]["finish_reason"] == "length"
+            assert answers["tiny"].json()["model"] == "tiny"
+            # Nothing was marked failed on the way.
+            listed = (await client.get("/api/v1/models")).json()
+            assert all(model["state"] == "ok" for model in listed["models"]), listed
+            assert (await llm_metrics(client))["failed"] == 0

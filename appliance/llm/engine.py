@@ -469,7 +469,9 @@ class InferenceService(Service):
         request_id: int | None = None
         sent = finished = False
         self.running += 1
-        self._idle = trio.Event()
+        if self._idle.is_set():
+            # Replaced only when set: a model switch may be waiting on the current one.
+            self._idle = trio.Event()
         try:
             self.stats.last_queue_wait = time.monotonic() - queued_at
             request_id, pending = self._open()
@@ -554,6 +556,9 @@ class InferenceService(Service):
         async with self._switch:
             if self.loaded_model == model:
                 return
+            # Requests for the old model stop starting (they queue behind this switch), so
+            # the running ones can end and no Generate reaches the worker during the load.
+            self.loaded_model = None
             await self._idle.wait()
             await self._load(model)
 
