@@ -93,6 +93,8 @@ class Worker:
         self._batcher: Batcher | None = None
         self._formatter: Any = None
         self._name = ""
+        # Request ids only grow: a cancel for an id up to this one needs no Generate.
+        self._last_started = 0
 
     def read_forever(self) -> None:
         """Reader thread: cancels take effect at once, everything else is queued."""
@@ -143,10 +145,13 @@ class Worker:
     def _cancel_requested(self) -> None:
         batcher = self._batcher
         for request_id in list(self.cancelled):
-            self.cancelled.discard(request_id)
             finished = batcher.cancel(request_id) if batcher is not None else None
             if finished is not None:
+                self.cancelled.discard(request_id)
                 self._send_event(finished)
+            elif request_id <= self._last_started:
+                self.cancelled.discard(request_id)  # it has ended already
+            # Else its Generate is still on the way: `start` answers it as cancelled.
 
     def _step(self) -> None:
         batcher = self._batcher
@@ -255,6 +260,7 @@ class Worker:
     def start(self, request: Generate) -> None:
         send = self.connection.send
         batcher = self._batcher
+        self._last_started = max(self._last_started, request.id)
         if batcher is None:
             send(Error(request.id, "model_not_loaded", "no model is loaded"))
             return
