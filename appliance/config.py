@@ -11,12 +11,12 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from appliance.config_docs import DOCS
 from appliance.envfile import DEFAULT_ENV_FILE, EnvFileError, parse_env_file
 from appliance.llm.remote_config import RemoteConfig, RemoteConfigError
 
@@ -37,14 +37,6 @@ PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 
 class ConfigError(ValueError):
     """Settings are invalid; the message is one line for the operator."""
-
-
-@dataclass(frozen=True)
-class SettingDoc:
-    """What an operator reads about one setting (README table, error messages)."""
-
-    form: str
-    meaning: str
 
 
 _BIND = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
@@ -194,132 +186,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def embedded_redis(self) -> bool:
         return not self.redis_url
 
-
-DOCS: Final[dict[str, SettingDoc]] = {
-    "APPLIANCE_ENV": SettingDoc("development | production", "production refuses weak secrets"),
-    "APPLIANCE_BIND": SettingDoc("HOST:PORT, e.g. 127.0.0.1:8000", "where the HTTP API listens"),
-    "APPLIANCE_STATE_DIR": SettingDoc(
-        "absolute path", "data; default $STATE_DIRECTORY under systemd, else /var/lib/appliance"
-    ),
-    "APPLIANCE_MODELS_DIR": SettingDoc("absolute path", "GGUF models; default <state>/models"),
-    "APPLIANCE_BACKUP_DIR": SettingDoc("absolute path", "backups; default <state>/backups"),
-    "APPLIANCE_ADMIN_KEY_HASH": SettingDoc(
-        "written by appliance init", "the first admin key (id and keyed hash; never the key)"
-    ),
-    "APPLIANCE_TOKENS_PER_DAY": SettingDoc(
-        "tokens, 0 = no limit", "default daily token budget of a key (keys may override)"
-    ),
-    "APPLIANCE_TOKENS_PER_MONTH": SettingDoc(
-        "tokens, 0 = no limit", "default monthly token budget of a key (keys may override)"
-    ),
-    "APPLIANCE_RATE_LIMIT": SettingDoc(
-        "requests per minute per API key; 0 = no limit", "beyond it 429 with Retry-After"
-    ),
-    "APPLIANCE_MAX_STREAMS_PER_KEY": SettingDoc(
-        "whole number; 0 = no limit", "streamed generations one key may have open at once"
-    ),
-    "APPLIANCE_AUTH": SettingDoc(
-        "on | off", "API keys; off only in development on a loopback bind (one local admin)"
-    ),
-    "APPLIANCE_BACKUP_INTERVAL": SettingDoc(
-        "duration such as 24h, 30m, 3600 (seconds); 0 = off", "time between scheduled backups"
-    ),
-    "APPLIANCE_BACKUP_KEEP": SettingDoc(
-        "whole number, 1 or more", "backups kept; older ones are deleted after a new one"
-    ),
-    "APPLIANCE_RUNTIME_DIR": SettingDoc(
-        "absolute path", "sockets; default $RUNTIME_DIRECTORY under systemd, else <state>/run"
-    ),
-    "APPLIANCE_REDIS_URL": SettingDoc(
-        "redis://, rediss:// or unix:// URL", "external Redis; empty starts the embedded one"
-    ),
-    "APPLIANCE_REDIS_MAXMEMORY": SettingDoc(
-        "size such as 256mb", "embedded Redis memory cap (writes refused beyond it)"
-    ),
-    "APPLIANCE_LOG_LEVEL": SettingDoc("DEBUG | INFO | WARNING | ERROR", "log threshold"),
-    "APPLIANCE_MAX_BODY_BYTES": SettingDoc("bytes, 1024 or more", "larger request bodies get 413"),
-    "APPLIANCE_GRACEFUL_TIMEOUT": SettingDoc(
-        "seconds, above 0", "how long requests in flight may finish on stop"
-    ),
-    "APPLIANCE_MIN_FREE_DISK_MB": SettingDoc(
-        "megabytes, 0 or more", "ready turns 503 below this free space in the state dir"
-    ),
-    "APPLIANCE_RESTART_LIMIT": SettingDoc(
-        "whole number, 1 or more", "service failures tolerated per window before exiting"
-    ),
-    "APPLIANCE_RESTART_WINDOW": SettingDoc("seconds, above 0", "the window for the restart limit"),
-    "APPLIANCE_DEFAULT_MODEL": SettingDoc(
-        "a model name", "model used when a request names none; default: the only or first one"
-    ),
-    "APPLIANCE_PRELOAD": SettingDoc("true | false", "load the default model before READY"),
-    "APPLIANCE_CONTEXT_SIZE": SettingDoc(
-        "tokens, 128 or more", "context window (capped at the model's own)"
-    ),
-    "APPLIANCE_THREADS": SettingDoc("whole number; 0 = usable cores", "llama.cpp threads"),
-    "APPLIANCE_GPU_LAYERS": SettingDoc(
-        "whole number; -1 = all", "layers offloaded to a GPU backend, if built with one"
-    ),
-    "APPLIANCE_PARALLEL": SettingDoc(
-        "whole number, 1 to 64", "generations decoded together (continuous batching)"
-    ),
-    "APPLIANCE_MAX_QUEUE": SettingDoc(
-        "whole number", "generations that may wait; beyond it 429 with Retry-After"
-    ),
-    "APPLIANCE_REQUEST_TIMEOUT": SettingDoc(
-        "seconds, above 0", "deadline of one generation, queueing included"
-    ),
-    "APPLIANCE_MAX_TOKENS": SettingDoc("whole number, 1 or more", "largest max_tokens accepted"),
-    "APPLIANCE_DEFAULT_MAX_TOKENS": SettingDoc(
-        "whole number, 1 or more", "max_tokens when a request gives none"
-    ),
-    "APPLIANCE_WORKER_MAX_REQUESTS": SettingDoc(
-        "whole number; 0 = never", "recycle the worker after this many requests"
-    ),
-    "APPLIANCE_WORKER_MAX_RSS_MB": SettingDoc(
-        "megabytes; 0 = no limit", "recycle the worker when its RSS grows past this"
-    ),
-    "SECRET_KEY": SettingDoc("32+ characters", "root secret; required in production"),
-    "PRIVACY_SALT": SettingDoc(
-        "text", "salt for key derivation and hashed ids; required in production"
-    ),
-    "SECRET_KEY_PREVIOUS": SettingDoc(
-        "the SECRET_KEY before a rotation", "keeps data sealed under it readable until rotated"
-    ),
-    "PRIVACY_SALT_PREVIOUS": SettingDoc(
-        "the PRIVACY_SALT before a rotation", "goes with SECRET_KEY_PREVIOUS"
-    ),
-    "APPLIANCE_RETENTION_SWEEP_SECONDS": SettingDoc(
-        "seconds, above 0", "how often conversations past PRIVACY_RETENTION_DAYS are deleted"
-    ),
-    "BACKEND_CORS_ORIGINS": SettingDoc(
-        "comma-separated or JSON list of origins", "browser origins allowed (none by default)"
-    ),
-    "PRIVACY_ENCRYPT_AT_REST": SettingDoc("true | false", "seal stored content"),
-    "PRIVACY_REDACT_AGGRESSIVENESS": SettingDoc("off | standard | strict", "redaction level"),
-    "PRIVACY_RETENTION_DAYS": SettingDoc("whole number of days, 1 or more", "retention period"),
-    "BUDGET_ENFORCE": SettingDoc("true | false", "enforce token budgets"),
-    "SEARCH_ENABLED": SettingDoc("true | false", "web search (off: nothing is contacted)"),
-    "REMOTE_LLM_ENABLED": SettingDoc("true | false", "remote LLM (off: no outbound connection)"),
-    "APPLIANCE_REMOTE_LLM_URL": SettingDoc(
-        "https:// base URL ending in /v1", "OpenAI-compatible server of the remote LLM"
-    ),
-    "APPLIANCE_REMOTE_LLM_MODEL": SettingDoc(
-        "the remote server's model name", "clients ask for it as remote:<name>"
-    ),
-    "APPLIANCE_REMOTE_LLM_KEY_FILE": SettingDoc(
-        "absolute path, mode 0600", "file holding the remote LLM's API key"
-    ),
-    "APPLIANCE_REMOTE_TIMEOUT": SettingDoc(
-        "seconds, above 0", "wait for the remote's answer and for each streamed piece"
-    ),
-    "APPLIANCE_REMOTE_PRICE_PER_1K_TOKENS": SettingDoc(
-        "money per 1000 tokens, 0 or more", "what the remote charges (counts spending)"
-    ),
-    "APPLIANCE_REMOTE_BUDGET_MONTHLY": SettingDoc(
-        "money, 0 = no limit", "remote spending of the whole appliance per calendar month"
-    ),
-    "NPU_FORCE_ENABLE": SettingDoc("true | false", "ask for an NPU backend"),
-}
 
 ENV_NAMES: Final = frozenset(DOCS)
 _TRUE = {"true", "yes", "on", "1"}

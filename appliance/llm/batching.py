@@ -225,10 +225,6 @@ class Batcher:
     def running(self) -> int:
         return sum(slot.running is not None for slot in self._slots)
 
-    @property
-    def has_free_slot(self) -> bool:
-        return any(slot.running is None for slot in self._slots)
-
     def running_ids(self) -> list[int]:
         return [slot.running.request_id for slot in self._slots if slot.running is not None]
 

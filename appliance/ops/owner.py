@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +41,7 @@ def hand_back(settings: Settings) -> int:
     if owner is None:
         return 0
     changed = 0
+    refused: list[Path] = []
     roots = {Path(settings.state_dir), Path(settings.models_dir), Path(settings.backup_dir)}
     for root in roots:
         for path in _walk(root):
@@ -49,6 +51,15 @@ def hand_back(settings: Settings) -> int:
                     changed += 1
             except FileNotFoundError:
                 continue
+            except OSError:
+                # A read-only mount, say: the command's own outcome still stands.
+                refused.append(path)
+    if refused:
+        print(
+            f"appliance: could not give {len(refused)} file(s) back to uid {owner[0]} "
+            f"(first: {refused[0]}); run: chown -R {owner[0]}:{owner[1]} {settings.state_dir}",
+            file=sys.stderr,
+        )
     return changed
 
 
