@@ -16,13 +16,8 @@ from appliance.auth.budgets import MICROS, BudgetExceeded, Budgets, Kind, Reserv
 from appliance.http.app import Runtime, current_key
 from appliance.http.errors import ApiError, error_body
 from appliance.http.remote_generation import REMOTE_PREFIX, open_remote_stream, remote_model
-from appliance.llm.engine import (
-    RETRY_AFTER_SECONDS,
-    DeadlineExceeded,
-    InferenceError,
-    QueueFull,
-    WorkerCrashed,
-)
+from appliance.llm.engine import RETRY_AFTER_SECONDS
+from appliance.llm.errors import DeadlineExceeded, InferenceError, QueueFull, WorkerCrashed
 from appliance.llm.protocol import ChatMessage, Done, Token
 from appliance.llm.registry import InvalidModelName, ModelUnavailable, RegistryError, UnknownModel
 

@@ -18,7 +18,6 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -28,23 +27,26 @@ import trio
 
 from appliance.children import forward_output, spawn, terminate
 from appliance.config import Settings
+from appliance.llm.errors import (
+    DeadlineExceeded,
+    InferenceError,
+    ModelFailed,
+    QueueFull,
+    WorkerCrashed,
+)
 from appliance.llm.protocol import (
     Cancel,
     ChatMessage,
     Done,
     Error,
-    FrameBuffer,
     FromWorker,
     Generate,
     Load,
     Loaded,
-    ProtocolError,
     Token,
-    ToWorker,
-    decode_from_worker,
-    encode_frame,
 )
 from appliance.llm.registry import ModelRegistry, RegistryError
+from appliance.llm.worker_link import Pending, WorkerLink
 from appliance.supervisor import Service
 
 LOGGER = logging.getLogger("appliance.llm")
@@ -53,44 +55,6 @@ STOP_GRACE: Final = 5.0
 CANCEL_GRACE: Final = 5.0
 RETRY_AFTER_SECONDS: Final = 2
 PRELOAD_TRIES: Final = 3
-# After the worker's socket ends, how long a request waits for the exit watcher to say
-# how the worker ended (it notices within milliseconds; this only bounds the wait).
-EXIT_GRACE: Final = 2.0
-RECEIVE_BYTES: Final = 65536
-
-
-class InferenceError(Exception):
-    """A generation could not be served; `status` and `code` shape the HTTP answer."""
-
-    status = 500
-    code = "inference_error"
-
-
-class WorkerCrashed(InferenceError):
-    status = 503
-    code = "worker_crashed"
-
-    def __init__(self, detail: str = "") -> None:
-        super().__init__("model worker crashed; retry" + (f" ({detail})" if detail else ""))
-
-
-class QueueFull(InferenceError):
-    status = 429
-    code = "queue_full"
-
-
-class DeadlineExceeded(InferenceError):
-    status = 504
-    code = "deadline_exceeded"
-
-
-class ModelFailed(InferenceError):
-    """The worker refused the request (bad prompt, model that does not load...)."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
 
 
 # Worker error codes that are the client's to fix.
@@ -123,60 +87,6 @@ class GenerationStats:
     recent_ttft: list[float] = field(default_factory=list)
 
 
-class _Pending:
-    """One request's frames that another task read off the socket, or why none will come."""
-
-    __slots__ = ("error", "frames", "wakeup")
-
-    def __init__(self) -> None:
-        self.frames: deque[FromWorker] = deque()
-        self.error: BaseException | None = None
-        # Set while the request waits for a frame that another task is reading.
-        self.wakeup: trio.Event | None = None
-
-    def wake(self) -> None:
-        if self.wakeup is not None:
-            self.wakeup.set()
-
-
-class _Connection:
-    """The supervisor's end of one worker's socket.
-
-    Frames out go through trio's stream. Frames in have no reader task of their own: the
-    request that waits for one reads the socket itself, so a token costs one task wakeup
-    and one recv, not a reader task's wakeup plus a channel hop to the request's task.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        self.frames = FrameBuffer()
-        # Several generations run at once: one frame out at a time.
-        self.send_lock = trio.Lock()
-        self.reading = False  # a request waits on the socket; any other waits for it
-        self.ended = False  # closed, EOF or an invalid frame: no more frames will come
-
-    async def read_body(self) -> bytes | None:
-        """The next frame's body; None once the socket has ended. Raises ProtocolError."""
-        body = self.frames.pop()
-        while body is None and not self.ended:
-            # Readiness first, then one recv: one system call per token, where trio's
-            # receive_some would try a recv first and fail while the worker decodes.
-            try:
-                await trio.lowlevel.wait_readable(self.sock)
-                data = self.sock.recv(RECEIVE_BYTES)
-            except BlockingIOError:
-                continue
-            except (OSError, trio.ClosedResourceError):
-                data = b""
-            if not data:
-                self.ended = True
-                return None
-            self.frames.push(data)
-            body = self.frames.pop()
-        return body
-
-
 class InferenceService(Service):
     """Owns the worker process; `generate` is what the HTTP handlers call."""
 
@@ -198,9 +108,8 @@ class InferenceService(Service):
         self._switch = trio.Lock()
         self._idle = trio.Event()
         self._idle.set()
-        self._connection: _Connection | None = None
+        self._link: WorkerLink | None = None
         self._process: trio.Process | None = None
-        self._pending: dict[int, _Pending] = {}
         self._next_id = 1
         self._served = 0
         self._recycle = trio.Event()
@@ -236,12 +145,12 @@ class InferenceService(Service):
             child.close()
         self._process = process
         self._served = 0
-        connection = _Connection(parent)
-        self._connection = connection
+        link = WorkerLink(parent, lambda: _kill(process))
+        self._link = link
         exit_: list[tuple[int, str | None]] = []
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_exit, process, nursery.cancel_scope, exit_)
+                nursery.start_soon(self._watch_exit, process, link, nursery.cancel_scope, exit_)
                 nursery.start_soon(forward_output, process, logging.getLogger("appliance.worker"))
                 # A crash fails the pending requests (so a load in progress raises
                 # WorkerCrashed here) and cancels this nursery; it is reported below.
@@ -253,14 +162,12 @@ class InferenceService(Service):
                     LOGGER.info("recycling the worker after %d requests", self._served)
                 nursery.cancel_scope.cancel()
         finally:
-            self._connection = None
-            connection.ended = True
+            self._link = None
             self.loaded_model = None
             self._loading = None
-            with trio.CancelScope(shield=True):
-                await connection.stream.aclose()
+            await link.aclose()
             await terminate(process, STOP_GRACE)
-            self._fail_pending(WorkerCrashed("the worker stopped"))
+            link.fail(WorkerCrashed("the worker stopped"))
         if exit_:
             code, loading = exit_[0]
             self.stats.crashes += 1
@@ -273,13 +180,14 @@ class InferenceService(Service):
     async def _watch_exit(
         self,
         process: trio.Process,
+        link: WorkerLink,
         scope: trio.CancelScope,
         exit_: list[tuple[int, str | None]],
     ) -> None:
         code = await process.wait()
         exit_.append((code, self._loading))
         LOGGER.error("the inference worker %s", _describe_exit(code))
-        self._fail_pending(WorkerCrashed(_describe_exit(code)))
+        link.fail(WorkerCrashed(_describe_exit(code)))
         scope.cancel()
 
     async def _load_at_start(self) -> None:
@@ -318,89 +226,16 @@ class InferenceService(Service):
         if self.wanted_model == model:
             self.wanted_model = None
 
-    def _fail_pending(self, error: BaseException) -> None:
-        for pending in self._pending.values():
-            if pending.error is None:
-                pending.error = error
-            pending.wake()
-        self._pending.clear()
-
     # -- requests --------------------------------------------------------------------
 
-    async def _send(self, message: ToWorker) -> None:
-        connection = self._connection
-        if connection is None:
+    def _open(self) -> tuple[WorkerLink, int, Pending]:
+        """A new request id on the current worker, waiting for its frames."""
+        link = self._link
+        if link is None:
             raise WorkerCrashed("the worker is restarting")
-        try:
-            async with connection.send_lock:
-                await connection.stream.send_all(encode_frame(message))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise WorkerCrashed("the worker is gone") from None
-
-    def _open(self) -> tuple[int, _Pending]:
         request_id = self._next_id
         self._next_id += 1
-        pending = _Pending()
-        self._pending[request_id] = pending
-        return request_id, pending
-
-    async def _receive(self, request_id: int, pending: _Pending) -> FromWorker:
-        """The request's next frame. A waiting request reads the socket itself while no
-        other does; frames it reads for other requests are queued for them (frames of
-        requests no longer waiting, such as one that gave up on a cancel, are dropped)."""
-        while True:
-            if pending.frames:
-                return pending.frames.popleft()
-            if pending.error is not None:
-                raise pending.error
-            connection = self._connection
-            if connection is None:
-                raise WorkerCrashed("the worker is restarting")
-            if connection.reading:
-                await self._wait(pending)
-                continue
-            message = await self._read_frame(connection)
-            if message is None:
-                # The worker is gone: its exit watcher says how in a moment.
-                with trio.move_on_after(EXIT_GRACE):
-                    while pending.error is None:
-                        await self._wait(pending)
-                raise pending.error or WorkerCrashed("the worker closed its connection")
-            if message.id == request_id:
-                return message
-            other = self._pending.get(message.id)
-            if other is not None:
-                other.frames.append(message)
-                other.wake()
-
-    async def _read_frame(self, connection: _Connection) -> FromWorker | None:
-        """The next frame off the socket, whoever it is for; None once it has ended."""
-        connection.reading = True
-        try:
-            body = await connection.read_body()
-            return None if body is None else decode_from_worker(body)
-        except ProtocolError as exc:
-            self._protocol_error(connection, exc)
-            return None
-        finally:
-            connection.reading = False
-            # Hand the socket on to any other request waiting for a frame.
-            for pending in self._pending.values():
-                pending.wake()
-
-    async def _wait(self, pending: _Pending) -> None:
-        pending.wakeup = wakeup = trio.Event()
-        try:
-            await wakeup.wait()
-        finally:
-            pending.wakeup = None
-
-    def _protocol_error(self, connection: _Connection, exc: ProtocolError) -> None:
-        connection.ended = True
-        LOGGER.error("worker sent an invalid frame (%s); restarting it", exc)
-        process = self._process
-        if process is not None and process.returncode is None:
-            process.send_signal(signal.SIGKILL)
+        return link, request_id, link.open(request_id)
 
     async def _load(self, model: str) -> None:
         record = await trio.to_thread.run_sync(self.registry.usable, model)
@@ -408,12 +243,12 @@ class InferenceService(Service):
         context = self.settings.context_size
         if record.context_length:
             context = min(context, record.context_length)
-        request_id, pending = self._open()
+        link, request_id, pending = self._open()
         self._loading = model
         # The worker frees the old model before loading the new one (two may not fit).
         self.loaded_model = None
         try:
-            await self._send(
+            await link.send(
                 Load(
                     id=request_id,
                     model=model,
@@ -424,9 +259,9 @@ class InferenceService(Service):
                     parallel=self.settings.parallel,
                 )
             )
-            reply = await self._receive(request_id, pending)
+            reply = await link.receive(request_id, pending)
         finally:
-            self._pending.pop(request_id, None)
+            link.forget(request_id)
             self._loading = None
         if isinstance(reply, Error):
             await self._mark_failed(model, reply.message)
@@ -466,7 +301,8 @@ class InferenceService(Service):
             )
         queued_at = time.monotonic()
         await self._admit(model, deadline)
-        request_id: int | None = None
+        link: WorkerLink | None = None
+        request_id = 0
         sent = finished = False
         self.running += 1
         if self._idle.is_set():
@@ -474,8 +310,8 @@ class InferenceService(Service):
             self._idle = trio.Event()
         try:
             self.stats.last_queue_wait = time.monotonic() - queued_at
-            request_id, pending = self._open()
-            await self._send(
+            link, request_id, pending = self._open()
+            await link.send(
                 Generate(
                     id=request_id,
                     max_tokens=max_tokens,
@@ -492,7 +328,7 @@ class InferenceService(Service):
             while True:
                 event: FromWorker | None = None
                 with trio.move_on_at(deadline):
-                    event = await self._receive(request_id, pending)
+                    event = await link.receive(request_id, pending)
                 if event is None:
                     raise DeadlineExceeded("the generation ran past the request's deadline")
                 if isinstance(event, Error):
@@ -514,11 +350,11 @@ class InferenceService(Service):
                     yield event
                     return
         finally:
-            if request_id is not None:
+            if link is not None:
                 # A Generate never written needs no Cancel (and no Done will come).
                 if sent and not finished:
-                    await self._cancel(request_id)
-                self._pending.pop(request_id, None)
+                    await _cancel(link, request_id, pending)
+                link.forget(request_id)
             self._finish_running()
 
     async def _admit(self, model: str, deadline: float) -> None:
@@ -583,21 +419,6 @@ class InferenceService(Service):
     def busy(self) -> bool:
         return self.running > 0
 
-    async def _cancel(self, request_id: int) -> None:
-        """The caller went away (client disconnect, deadline): stop the worker within a
-        token and wait for it, so the next request starts at once."""
-        pending = self._pending.get(request_id)
-        if pending is None:
-            return
-        with trio.move_on_after(CANCEL_GRACE) as scope:
-            scope.shield = True
-            try:
-                await self._send(Cancel(request_id))
-                while not isinstance(await self._receive(request_id, pending), Done | Error):
-                    pass
-            except InferenceError:
-                pass
-
     def _record_first_token(self, seconds: float) -> None:
         self.stats.last_time_to_first_token = seconds
         self.stats.recent_ttft = [*self.stats.recent_ttft[-99:], seconds]
@@ -640,3 +461,21 @@ def _describe_exit(code: int) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exited with code {code}"
+
+
+async def _cancel(link: WorkerLink, request_id: int, pending: Pending) -> None:
+    """The caller went away (client disconnect, deadline): stop the worker within a token
+    and wait for it, so that the request's slot is free at once."""
+    with trio.move_on_after(CANCEL_GRACE) as scope:
+        scope.shield = True
+        try:
+            await link.send(Cancel(request_id))
+            while not isinstance(await link.receive(request_id, pending), Done | Error):
+                pass
+        except InferenceError:
+            pass
+
+
+def _kill(process: trio.Process) -> None:
+    if process.returncode is None:
+        process.send_signal(signal.SIGKILL)
