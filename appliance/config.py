@@ -39,9 +39,10 @@ class ConfigError(ValueError):
     """Settings are invalid; the message is one line for the operator."""
 
 
-_BIND = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
-_MEMORY = re.compile(r"^\d+(b|kb|mb|gb)?$", re.IGNORECASE)
-_DURATION = re.compile(r"^(?P<amount>\d+)(?P<unit>s|m|h|d)?$")
+# ASCII digits only (`\d` also matches other scripts' digits), and few enough for int().
+_BIND = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(?P<port>[0-9]{1,5})$")
+_MEMORY = re.compile(r"^[0-9]{1,15}(b|kb|mb|gb)?$", re.IGNORECASE)
+_DURATION = re.compile(r"^(?P<amount>[0-9]{1,12})(?P<unit>s|m|h|d)?$")
 _DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -152,7 +153,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("APPLIANCE_ADMIN_KEY_HASH")
         if not _DURATION.match(self.backup_interval):
             raise ValueError("APPLIANCE_BACKUP_INTERVAL")
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        if self.redis_url and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        ):
             raise ValueError("APPLIANCE_REDIS_URL")
         for name in ("state_dir", "models_dir", "backup_dir", "runtime_dir"):
             if not os.path.isabs(getattr(self, name)):
@@ -269,11 +272,23 @@ def load_settings(
         raw.update(from_file)
     raw.update({k: v for k, v in environ.items() if k in ENV_NAMES})
     _apply_directory_defaults(raw, environ)
+    for name, value in raw.items():
+        if not _is_utf8(value):
+            # Undecodable bytes in the environment come as lone surrogates.
+            raise ConfigError(f"{name} holds bytes that are not UTF-8 text; write it in UTF-8")
     values = {name: _normalise(name, value) for name, value in raw.items()}
     try:
         return msgspec.convert(values, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(exc, values)) from None
+
+
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _apply_directory_defaults(raw: dict[str, str], environ: Mapping[str, str]) -> None:
@@ -304,7 +319,10 @@ def _explain(exc: msgspec.ValidationError, values: Mapping[str, Any]) -> str:
         return f"invalid settings: {message}"
     if name in SECRET_NAMES:
         return f"{name} is invalid; expected {doc.form}"
-    return f"{name}={values.get(name, '')!s:.60} is invalid; expected {doc.form}"
+    shown = str(values.get(name, ""))[:60]
+    if not shown.isprintable():  # a line break or control character: one line, escaped
+        shown = repr(shown)
+    return f"{name}={shown} is invalid; expected {doc.form}"
 
 
 def production_problems(settings: Settings) -> list[str]:

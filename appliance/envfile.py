@@ -11,6 +11,7 @@ from typing import Final
 DEFAULT_ENV_FILE: Final = Path("/etc/appliance/appliance.env")
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 class EnvFileError(ValueError):
@@ -27,8 +28,12 @@ def parse_env_file(path: Path) -> dict[str, str]:
         raise EnvFileError(f"env file {path} is not readable by this user") from None
     except UnicodeDecodeError:
         raise EnvFileError(f"env file {path} is not UTF-8 text") from None
+    except OSError as exc:  # a directory, an I/O error
+        raise EnvFileError(f"env file {path} cannot be read ({exc.strerror})") from None
     values: dict[str, str] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # Lines end at \n, \r or \r\n, as systemd reads them; str.splitlines would also split
+    # at \f, \x1c, \u2028 and others, which systemd keeps inside a value.
+    for number, raw in enumerate(_LINE_END.split(text), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

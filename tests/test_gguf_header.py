@@ -11,10 +11,13 @@ import os
 import struct
 import subprocess
 import sys
+import time
+import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,6 +29,7 @@ from appliance.llm.gguf_header import (
     GGUFHeaderError,
     check_gguf_header,
 )
+from tests.conftest import examples
 from tests.real_model import gemma_path
 from tests.tiny_gguf import write_tiny_llama
 
@@ -518,3 +522,66 @@ def test_random_damage_is_refused_cleanly(
         assert message
         assert "\n" not in message
         assert str(path.parent) not in message
+
+
+def test_truncation_at_every_offset_is_refused(small: tuple[Path, bytes, int]) -> None:
+    """Every byte of the header and metadata is needed, and tensor data must be complete:
+    every offset in the first KiB (header, keys, the vocabulary's start), then one in 31
+    through the metadata and one in 509 through the tensor data."""
+    path, valid, metadata_end = small
+    cuts = [*range(1024), *range(1024, metadata_end, 31), *range(metadata_end, len(valid), 509)]
+    for cut in cuts:
+        path.write_bytes(valid[:cut])
+        with pytest.raises(GGUFHeaderError) as info:
+            check_gguf_header(path)
+        assert "\n" not in str(info.value)
+
+
+def u64_fields(valid: bytes, reader: gguf.GGUFReader) -> list[int]:
+    """Offsets of every 64-bit field of the header: counts, lengths, dimensions, offsets."""
+    base = reader.data.ctypes.data
+    fields = [*reader.fields.values(), *(tensor.field for tensor in reader.tensors)]
+    return sorted(
+        part.ctypes.data - base
+        for field in fields
+        for part in field.parts
+        if part.dtype == np.uint64 and part.size == 1
+    )
+
+
+@pytest.fixture(scope="module")
+def length_fields(small: tuple[Path, bytes, int]) -> list[int]:
+    path, valid, _ = small
+    source = path.with_name("src.gguf")
+    return u64_fields(valid, gguf.GGUFReader(source))
+
+
+@settings(max_examples=examples(150), deadline=None, database=None)
+@given(data=st.data(), value=st.sampled_from([2**32 + 7, 2**40, 2**62, 2**63, 2**64 - 1]))
+def test_a_huge_count_or_length_anywhere_is_refused_without_allocating(
+    small: tuple[Path, bytes, int], length_fields: list[int], data: st.DataObject, value: int
+) -> None:
+    path, valid, _ = small
+    at = data.draw(st.sampled_from(length_fields))
+    damaged = bytearray(valid)
+    U64.pack_into(damaged, at, value)
+    path.write_bytes(damaged)
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(GGUFHeaderError):
+            check_gguf_header(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - started < 1.0
+    assert peak < 1024 * 1024  # a few read windows of 64 KiB at most
+
+
+def test_the_length_fields_are_found(
+    length_fields: list[int], small: tuple[Path, bytes, int]
+) -> None:
+    # Header counts, a length per key and string, and per tensor a name length, dimensions
+    # and an offset: hundreds of places in the tiny model.
+    assert length_fields[:2] == [8, 16]
+    assert len(length_fields) > 300

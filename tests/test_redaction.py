@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.privacy.redaction import LEVELS, Finding, Redactor
+from tests.conftest import examples
 from tests.redaction_corpus import (
     CATEGORIES,
     NEGATIVE_SAMPLES,
@@ -312,3 +313,61 @@ def test_a_long_message_is_redacted_whole() -> None:
     result = REDACTORS["strict"].redact(text)
     assert [f.category for f in result.findings] == ["EMAIL", "PHONE"]
     assert re.search(r"\[EMAIL\].*\[PHONE\]$", result.text)
+
+
+# --- any unicode, and redacting twice -----------------------------------------------------
+
+ODD_CHARACTERS = st.sampled_from(
+    [
+        "\u200b",  # zero-width space
+        "\u200d",  # zero-width joiner
+        "\u202e",  # right-to-left override
+        "\u2067",  # right-to-left isolate
+        "\ufeff",  # byte order mark
+        "\u0301",  # combining accent
+        "\ud800",  # lone surrogates: what undecodable input may become
+        "\udcff",
+        "\U0001f600",
+        "\u0663",  # an Arabic-Indic digit
+        "\uff11",  # a full-width digit
+        "\n",
+        "\r",
+        "\t",
+        "@",
+        ".",
+        "[",
+        "]",
+    ]
+)
+ANY_TEXT = st.one_of(
+    st.text(st.characters(), max_size=300),  # every code point, surrogates included
+    st.lists(st.one_of(ODD_CHARACTERS, st.text(NUMBER_ALPHABET, max_size=6)), max_size=60).map(
+        "".join
+    ),
+)
+
+
+@settings(max_examples=examples(150), deadline=None)
+@given(text=ANY_TEXT)
+def test_any_unicode_redacts_and_redacting_twice_changes_nothing(text: str) -> None:
+    for level in ("standard", "strict"):
+        once = REDACTORS[level].redact(text)
+        assert all(0 <= f.start < f.end <= len(text) for f in once.findings)
+        twice = REDACTORS[level].redact(once.text)
+        assert twice.text == once.text, (level, twice.findings)
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(
+    before=st.text(st.characters(), max_size=20),
+    email=EMAILS,
+    after=st.text(st.characters(), max_size=20),
+    repeat=st.integers(1, 2000),
+)
+def test_an_email_on_a_very_long_line_of_odd_text_never_survives(
+    before: str, email: str, after: str, repeat: int
+) -> None:
+    padding = "\u200b\u202e" * repeat  # zero-width and right-to-left marks, no spaces
+    text = f"{padding}{before} {email} {after}{padding}"
+    for level in ("standard", "strict"):
+        assert email not in REDACTORS[level].redact(text).text

@@ -64,10 +64,11 @@ def name_problem(name: str) -> str | None:
     """Why `name` cannot be a member name, or None when it is a normalized relative path."""
     if not name:
         return "has an empty name"
-    if len(name.encode(errors="surrogateescape")) > MAX_NAME_BYTES:
-        return f"has a name longer than {MAX_NAME_BYTES} bytes"
-    if any(0xDC80 <= ord(char) <= 0xDCFF for char in name):
+    # Undecodable bytes of a tar name come as surrogates (surrogateescape).
+    if any(0xD800 <= ord(char) <= 0xDFFF for char in name):
         return "has a name that is not UTF-8"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        return f"has a name longer than {MAX_NAME_BYTES} bytes"
     if any(ord(char) < 0x20 or ord(char) == 0x7F for char in name):
         return "has a control character in its name"
     if name.startswith("/"):
@@ -101,7 +102,7 @@ def decode_manifest(data: bytes) -> Manifest:
     """The manifest, checked: its format version first, then every entry."""
     try:
         version = msgspec.json.decode(data, type=_Version).format_version
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 through
         raise BackupError(f"the manifest is unreadable ({exc}); the archive is damaged") from None
     if version != FORMAT_VERSION:
         age = "newer" if version > FORMAT_VERSION else "older"
@@ -111,7 +112,7 @@ def decode_manifest(data: bytes) -> Manifest:
         )
     try:
         manifest = msgspec.json.decode(data, type=Manifest)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 through
         raise BackupError(f"the manifest is unreadable ({exc}); the archive is damaged") from None
     seen: set[str] = set()
     for entry in manifest.members:

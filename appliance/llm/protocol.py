@@ -135,6 +135,8 @@ def _decode(decoder: msgspec.msgpack.Decoder[T], body: bytes) -> T:
         return decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"invalid frame: {exc}") from None
+    except UnicodeDecodeError:  # msgspec lets a string that is not UTF-8 through as this
+        raise ProtocolError("invalid frame: a string is not UTF-8") from None
 
 
 def decode_to_worker(body: bytes) -> ToWorker:

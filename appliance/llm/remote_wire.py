@@ -129,7 +129,7 @@ def decode_completion(raw: bytes) -> tuple[str, str | None, WireUsage | None]:
     """A non-streamed answer's text, finish reason and usage (if the remote counted)."""
     try:
         completion = _COMPLETION.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec lets bad UTF-8 through
         raise malformed("a response") from None
     if not completion.choices:
         raise malformed("a response without choices")
@@ -142,7 +142,7 @@ def decode_chunk(raw: bytes, scrub: Scrub, event: str = "") -> Chunk:
     own appliance sends `event: error`) fails the stream."""
     try:
         chunk = _CHUNK.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec lets bad UTF-8 through
         if event != "error":
             raise malformed("a stream chunk") from None
         chunk = Chunk(error=raw.decode("utf-8", "replace"))
@@ -181,6 +181,8 @@ class SSEDecoder:
         events: list[SSEEvent] = []
         start = 0
         while (end := self._buffer.find(b"\n", start)) >= 0:
+            if end - start > self._limit:  # as when the line arrives in pieces (below)
+                raise malformed(f"a stream line over {self._limit} bytes")
             line = bytes(self._buffer[start:end])
             self._line(line[:-1] if line.endswith(b"\r") else line, events)
             start = end + 1
