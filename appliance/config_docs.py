@@ -54,7 +54,9 @@ DOCS: Final[dict[str, SettingDoc]] = {
         "absolute path", "sockets; default $RUNTIME_DIRECTORY under systemd, else <state>/run"
     ),
     "APPLIANCE_REDIS_URL": SettingDoc(
-        "redis://, rediss:// or unix:// URL", "external Redis; empty starts the embedded one"
+        "redis://, rediss:// or unix:// URL of one server; redis+cluster://HOST:PORT"
+        "[,HOST:PORT...] (or rediss+cluster://) for a Redis Cluster",
+        "external Redis shared by several appliances; empty starts the embedded one",
     ),
     "APPLIANCE_REDIS_MAXMEMORY": SettingDoc(
         "size such as 256mb", "embedded Redis memory cap (writes refused beyond it)"

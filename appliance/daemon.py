@@ -27,7 +27,7 @@ from appliance.privacy.keys import load_keys
 from appliance.privacy.redaction import Redactor
 from appliance.privacy.retention import DAY_SECONDS, RetentionService
 from appliance.privacy.rotation import check_keys
-from appliance.store.client import Store
+from appliance.store.client import Store, is_cluster_url
 from appliance.store.conversations import Conversations
 from appliance.store.server import EmbeddedRedis
 from appliance.supervisor import Supervisor
@@ -134,6 +134,11 @@ async def _start_services(supervisor: Supervisor, settings: Settings) -> Runtime
         url = f"unix://{redis.socket_path}"
     else:
         url = settings.redis_url
+        LOGGER.info(
+            "store: the external %s at APPLIANCE_REDIS_URL; backups are left to its own "
+            "persistence (RDB/AOF)",
+            "Redis Cluster" if is_cluster_url(url) else "Redis",
+        )
     store = Store(url)
     await supervisor.start(store)
     keys = await trio.to_thread.run_sync(load_keys, settings)

@@ -19,6 +19,7 @@ from appliance.privacy.keys import load_keys
 from appliance.privacy.rotation import KeyMismatch, key_usage, old_key_count, rotate
 from appliance.progress import ProgressBar
 from appliance.store.access import redis_client
+from appliance.store.client import StoreMisconfigured
 from appliance.store.conversations import key_id_of
 from appliance.store.sealing import KeyRing, SealError
 
@@ -61,6 +62,9 @@ def run_keys_command(settings: Settings, args: argparse.Namespace) -> int:
 
         try:
             return run_api_key_command(settings, args)
+        except StoreMisconfigured as exc:
+            print(f"appliance: {exc}", file=sys.stderr)
+            return 1
         except (coredis.exceptions.RedisError, OSError) as exc:
             print(f"appliance: the store is not reachable ({type(exc).__name__})", file=sys.stderr)
             return 1
@@ -68,7 +72,7 @@ def run_keys_command(settings: Settings, args: argparse.Namespace) -> int:
         if args.keys_command == "status":
             return trio.run(_status, settings, args.json)
         return trio.run(_rotate, settings)
-    except (KeyMismatch, SealError) as exc:
+    except (KeyMismatch, SealError, StoreMisconfigured) as exc:
         print(f"appliance: {exc}", file=sys.stderr)
         return 1
     except (coredis.exceptions.RedisError, OSError) as exc:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import coredis
 import httpx
 import trio
 
@@ -125,9 +124,10 @@ async def create_api_key(env: Mapping[str, str], name: str, scope: str, **limits
     from appliance.config import load_settings
     from appliance.privacy.keys import hash_key_for
     from appliance.store.access import store_url
+    from appliance.store.client import connect
 
     settings = load_settings(environ=env)
-    client: coredis.Redis[bytes] = coredis.Redis.from_url(store_url(settings))
+    client = connect(store_url(settings))
     async with client:
         store = KeyStore(lambda: client, hash_key_for(settings))
         _, token = await store.create(name, scope, **limits)

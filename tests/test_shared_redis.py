@@ -1,7 +1,10 @@
 """Two appliances on one Redis, and what a default appliance connects to.
 
 The first test runs two daemons that share the embedded Redis of one of them (the second
-with APPLIANCE_REDIS_URL) and spends one key's budget through both at once. The second
+with APPLIANCE_REDIS_URL) and spends one key's budget through both at once; the last one
+shows that they take turns at retention (once per period between them, waiting out the
+lock of an appliance that died mid-sweep) and that the one on an external Redis refuses
+backups. The second
 proves that, with the remote LLM and search off, no process of the appliance opens a
 connection anywhere but to itself: every Python process (daemon and worker) runs with an
 audit hook (sitecustomize) that records each socket connect, sendto and name lookup.
@@ -9,16 +12,25 @@ audit hook (sitecustomize) that records each socket connect, sendto and name loo
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
+import itertools
 import json
 import os
 import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import coredis
 import trio
 
-from tests.harness import Daemon, running_daemon, short_tempdir
+from appliance.privacy.retention import DAY_SECONDS, DONE_KEY, LOCK_KEY
+from appliance.store.client import Store
+from appliance.store.conversations import Conversations, meta_key
+from appliance.store.sealing import KeyRing
+from tests.harness import Daemon, daemon_environment, running_daemon, short_tempdir
 
 SHARED_SECRETS = {
     # Both appliances must derive the same key hashes and sealing keys.
@@ -182,3 +194,109 @@ async def test_with_remote_and_search_off_nothing_connects_outside_the_box() -> 
         return not _is_loopback(record["address"][0])
 
     assert [record for record in records if leaves_the_box(record)] == []
+
+
+# --- retention turns and backups with a shared Redis ---------------------------------------
+
+
+def _sweep_times(daemon: Daemon) -> list[float]:
+    times = []
+    for line in daemon.log_lines():
+        if str(line.get("message", "")).startswith("retention sweep deleted"):
+            stamp = datetime.datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
+            times.append(stamp.timestamp())
+    return times
+
+
+async def _write_expired(url: str, count: int) -> list[str]:
+    """Conversations last active eight days ago, written by the product's store code."""
+    codec = await trio.to_thread.run_sync(
+        KeyRing, SHARED_SECRETS["SECRET_KEY"], SHARED_SECRETS["PRIVACY_SALT"]
+    )
+    written = []
+    async with trio.open_nursery() as nursery:
+        store = Store(url)
+        await nursery.start(store.run)
+        conversations = Conversations(
+            store,
+            codec,
+            retention_seconds=7 * DAY_SECONDS,
+            clock=lambda: time.time() - 8 * DAY_SECONDS,
+        )
+        for n in range(count):
+            conversation_id = os.urandom(16).hex()
+            await conversations.record_exchange(
+                conversation_id,
+                owner="retention-test",
+                model="tiny",
+                question=f"question {n}",
+                answer="answer",
+                prompt_tokens=1,
+                completion_tokens=1,
+            )
+            written.append(conversation_id)
+        nursery.cancel_scope.cancel()
+    return written
+
+
+async def test_appliances_on_one_redis_take_turns_at_retention_and_refuse_backups() -> None:
+    period = 1.5
+    env = {**SHARED_SECRETS, "APPLIANCE_RETENTION_SWEEP_SECONDS": str(period)}
+    with trio.fail_after(180):
+        async with running_daemon({**env, "APPLIANCE_BACKUP_INTERVAL": "0"}) as first:
+            socket_path = Path(first.env["APPLIANCE_STATE_DIR"]) / "run" / "redis.sock"
+            url = f"unix://{socket_path}"
+            second_env = {**env, "APPLIANCE_REDIS_URL": url, "APPLIANCE_BACKUP_INTERVAL": "1"}
+            async with running_daemon(second_env, state_dir=short_tempdir()) as second:
+                client: coredis.Redis[bytes] = coredis.Redis(unix_socket_path=str(socket_path))
+                async with client:
+                    await trio.sleep(3 * period)
+                    # An appliance that died in the middle of a sweep: its lock is taken
+                    # like any appliance takes it, and the period is not marked swept.
+                    while True:
+                        taken = await client.set(
+                            LOCK_KEY, "dead-holder", condition=coredis.PureToken.NX, px=4000
+                        )
+                        if taken:
+                            break
+                        await trio.sleep(0.01)
+                    await client.delete([DONE_KEY])
+                    held_from = time.time()
+                    expired = await _write_expired(url, 10)
+                    await trio.sleep(2 * period)
+                    # Nobody sweeps, and nobody but its holder removes the lock.
+                    assert await client.get(LOCK_KEY) == b"dead-holder"
+                    assert all([await client.exists([meta_key(c)]) for c in expired])
+                    # Once it has expired, the next sweep deletes what expired.
+                    with trio.fail_after(4 + 2 * period):
+                        while True:
+                            if not any([await client.exists([meta_key(c)]) for c in expired]):
+                                break
+                            await trio.sleep(0.1)
+                    gone_at = time.time()
+                    assert gone_at >= held_from + 3.9
+
+                # Backups: the embedded store's appliance makes them; the one using it
+                # through APPLIANCE_REDIS_URL refuses, pointing at Redis' own persistence.
+                async with second.client() as http:
+                    refused = await http.post("/api/v1/admin/backups")
+                assert not refused.is_success
+                assert "Redis' own persistence" in refused.json()["error"]["message"]
+                command = await trio.run_process(
+                    [sys.executable, "-m", "appliance", "backup"],
+                    env=daemon_environment(second.state_dir, second.env),
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
+                assert command.returncode == 1
+                assert b"RDB" in command.stderr and b"BGSAVE" in command.stderr
+        sweeps = sorted(_sweep_times(first) + _sweep_times(second))
+        # One sweep per period between the two; none while the dead holder's lock lasted.
+        gaps = [later - earlier for earlier, later in itertools.pairwise(sweeps)]
+        assert all(gap >= period for gap in gaps), gaps
+        assert not [t for t in sweeps if held_from < t < held_from + 3.9]
+        backup_lines = [
+            line for line in second.log_lines() if line.get("logger") == "appliance.backup"
+        ]
+        assert len(backup_lines) <= 1, backup_lines

@@ -5,6 +5,12 @@ A key reads `ak-<id>.<secret>`: the id finds the record in one Redis lookup
 (keyed with the daemon's hash key, derived from PRIVACY_SALT), in constant time. Records
 live in Redis, so a key created or revoked by the CLI, on this box or another appliance on
 the same Redis, counts at the next request.
+
+On a Redis Cluster a record and the name index (`apikey:names`) are in different slots, so
+no write spans both in one transaction: a record is written before its name points at it
+is usable, and a revocation marks the record first (that is what refuses the key) and
+frees the name after, only while the name still points at that key. A step cut off in
+between leaves a name that a second `keys revoke` or `keys create` of the name repairs.
 """
 
 from __future__ import annotations
@@ -17,14 +23,21 @@ import time
 from collections.abc import Callable
 from typing import Final, Literal
 
-import coredis
 import msgspec
 
 from appliance.auth.arguments import SCOPES
+from appliance.store.client import RedisClient
 
 Scope = Literal["admin", "user"]
 RECORD_PREFIX: Final = "apikey:"
 NAMES_KEY: Final = "apikey:names"
+# KEYS: the name index. ARGV: name, key id. Deletes the name only if it names that key.
+_FREE_NAME: Final = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
 _TOKEN: Final = re.compile(r"^ak-([0-9a-f]{16})\.([A-Za-z0-9_-]{20,100})$")
 _NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # last_used is written at most this often per key: a write per request is not worth it.
@@ -97,7 +110,7 @@ def _decode(key_id: str, fields: dict[bytes, bytes]) -> tuple[ApiKey, str]:
 class KeyStore:
     """API key records in Redis."""
 
-    def __init__(self, client: Callable[[], coredis.Redis[bytes]], hash_key: bytes) -> None:
+    def __init__(self, client: Callable[[], RedisClient], hash_key: bytes) -> None:
         # A getter: the daemon's client is replaced when its store restarts.
         self._client = client
         self.hash_key = hash_key
@@ -120,8 +133,6 @@ class KeyStore:
                 raise ApiKeyError(f"{label} must be 0 or more")
         key_id = secrets.token_hex(8)
         token = f"ak-{key_id}.{secrets.token_urlsafe(32)}"
-        if not await self._client().hsetnx(NAMES_KEY, name, key_id):
-            raise ApiKeyError(f"a key named {name!r} exists; revoke it first or pick another name")
         fields: dict[str, str] = {
             "name": name,
             "scope": scope,
@@ -132,7 +143,15 @@ class KeyStore:
             fields["tokens_per_day"] = str(tokens_per_day)
         if tokens_per_month is not None:
             fields["tokens_per_month"] = str(tokens_per_month)
+        # The record first, then the name: a name never points at a key being written.
+        # Until the token is shown nobody can use the record.
         await self._client().hset(record_key(key_id), fields)
+        claimed = await self._client().hsetnx(NAMES_KEY, name, key_id)
+        if not claimed and await self._free_dangling(name):
+            claimed = await self._client().hsetnx(NAMES_KEY, name, key_id)
+        if not claimed:
+            await self._client().delete([record_key(key_id)])
+            raise ApiKeyError(f"a key named {name!r} exists; revoke it first or pick another name")
         key, _ = _decode(key_id, {k.encode(): v.encode() for k, v in fields.items()})
         return key, token
 
@@ -144,7 +163,11 @@ class KeyStore:
         if await self._client().exists([record]):
             return False
         name = "admin"
-        if not await self._client().hsetnx(NAMES_KEY, name, key_id):
+        # Appliances sharing a Redis may start together: the name taken by this same key
+        # is ours.
+        if not await self._client().hsetnx(NAMES_KEY, name, key_id) and (
+            await self._client().hget(NAMES_KEY, name) != key_id.encode()
+        ):
             name = f"admin-{key_id[:6]}"
             await self._client().hset(NAMES_KEY, {name: key_id})
         await self._client().hset(
@@ -210,15 +233,33 @@ class KeyStore:
                 found.append(_decode(key_id.decode(), fields)[0])
         return sorted(found, key=lambda key: key.created)
 
+    async def _free_dangling(self, name: str) -> bool:
+        """Free a name whose key is revoked or has no record (a create or revoke cut off
+        half-way); whether the name is free now."""
+        key_id = await self._client().hget(NAMES_KEY, name)
+        if key_id is None:
+            return True
+        fields = await self._client().hgetall(record_key(key_id.decode()))
+        if fields and b"name" in fields and not fields.get(b"revoked"):
+            return False
+        await self._free_name(name, key_id.decode())
+        return True
+
+    async def _free_name(self, name: str, key_id: str) -> None:
+        await self._client().eval(_FREE_NAME, keys=[NAMES_KEY], args=[name, key_id])
+
     async def revoke(self, name: str) -> ApiKey:
         """Revoked at once: the record stays (marked) for the audit trail, the name is freed."""
         key = await self.by_name(name)
         if key is None:
+            if not await self._free_dangling(name):
+                raise ApiKeyError(f"the key named {name!r} cannot be read; try again")
             raise ApiKeyError(f"there is no key named {name!r} (see: appliance keys list)")
-        async with self._client().pipeline(transaction=True) as pipe:
-            pipe.hset(record_key(key.id), {"revoked": repr(time.time())})
-            pipe.hdel(NAMES_KEY, [name])
-        return msgspec.structs.replace(key, revoked=time.time())
+        revoked = key.revoked or time.time()
+        # The record first: from this write on the key is refused, on every appliance.
+        await self._client().hset(record_key(key.id), {"revoked": repr(revoked)})
+        await self._free_name(name, key.id)
+        return msgspec.structs.replace(key, revoked=revoked)
 
     async def count_admins(self) -> int:
         return sum(1 for key in await self.list() if key.scope == "admin")

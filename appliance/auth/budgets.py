@@ -6,6 +6,8 @@ atomically, so several appliances on one Redis never hand out more than the budg
 the generation the unused part is given back. A request whose reservation is smaller than
 its max_tokens is cut when it reaches the reservation: the budget, not the model, ended it.
 Local and remote usage are separate counters; remote usage is also counted in money.
+A key's counters share its hash tag (`usage:{<key id>}:...`), so the script and the
+settling transaction stay in one slot of a Redis Cluster.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import datetime
 from collections.abc import Callable
 from typing import Final, Literal
 
-import coredis
 import msgspec
+
+from appliance.store.client import RedisClient
 
 Kind = Literal["local", "remote"]
 USAGE_PREFIX: Final = "usage:"
@@ -108,7 +111,7 @@ class Reservation(msgspec.Struct):
 class Budgets:
     """Reserve, settle and report token budgets; `limits=None` for a key means no budget."""
 
-    def __init__(self, client: Callable[[], coredis.Redis[bytes]], enforce: bool) -> None:
+    def __init__(self, client: Callable[[], RedisClient], enforce: bool) -> None:
         self._client = client
         self.enforce = enforce
 

@@ -1,6 +1,7 @@
 """`appliance keys create|list|revoke|usage`: API keys, in the store the daemon uses (its
 redis-server when it runs, so a change counts at the next request; else one started for the
-duration)."""
+duration; or the external Redis or Redis Cluster of APPLIANCE_REDIS_URL, shared by every
+appliance on it)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from appliance.auth.budgets import Budgets, key_limits
 from appliance.config import Settings
 from appliance.privacy.keys import hash_key_for
 from appliance.store.access import redis_client
+from appliance.store.client import StoreMisconfigured
 
 
 def _when(stamp: float | None) -> str:
@@ -132,6 +134,6 @@ async def _usage(
 def run_api_key_command(settings: Settings, args: argparse.Namespace) -> int:
     try:
         return trio.run(_run, settings, args)
-    except ApiKeyError as exc:
+    except (ApiKeyError, StoreMisconfigured) as exc:
         print(f"appliance: {exc}", file=sys.stderr)
         return 1

@@ -8,9 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-import coredis
-
 from appliance.auth.apikeys import ApiKey, KeyStore
+from appliance.store.client import RedisClient
 
 # Who every request is with APPLIANCE_AUTH=off (development on loopback only): the owner
 # of what was stored before keys existed.
@@ -43,11 +42,12 @@ def bearer_token(header: str | None) -> str:
 
 
 class Gate:
-    """Decides per request; counters live in Redis, so they hold across appliances."""
+    """Decides per request; counters live in Redis, so they hold across appliances (each
+    counter is one key, so its INCR and EXPIRE transaction stays in one cluster slot)."""
 
     def __init__(
         self,
-        client: Callable[[], coredis.Redis[bytes]],
+        client: Callable[[], RedisClient],
         keys: KeyStore,
         hash_key: bytes,
         rate_limit: int,

@@ -5,19 +5,18 @@ from __future__ import annotations
 import os
 from typing import Final
 
-import coredis
-
 from appliance.auth.apikeys import KeyStore
 from appliance.config import Settings
 from appliance.privacy.keys import hash_key_for
 from appliance.store.access import store_url
+from appliance.store.client import connect
 
 OPERATOR_KEY_TTL: Final = 3600
 
 
 async def operator_key(settings: Settings) -> str:
     """An admin key valid for an hour, made in the store the daemon uses."""
-    client: coredis.Redis[bytes] = coredis.Redis.from_url(store_url(settings))
+    client = connect(store_url(settings))
     async with client:
         store = KeyStore(lambda: client, hash_key_for(settings))
         return await store.create_ephemeral(f"operator-cli-{os.getpid()}", OPERATOR_KEY_TTL)

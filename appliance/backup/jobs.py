@@ -28,6 +28,7 @@ from appliance.backup.archive import (
 )
 from appliance.backup.snapshot import save_snapshot
 from appliance.config import Settings
+from appliance.store.client import RedisClient
 
 LOGGER = logging.getLogger("appliance.backup")
 
@@ -52,12 +53,24 @@ def exclusive(settings: Settings) -> Iterator[None]:
         os.close(fd)
 
 
+EXTERNAL_STORE_MESSAGE: Final = (
+    "backups and restores cover the embedded store only; this appliance uses the Redis at "
+    "APPLIANCE_REDIS_URL, shared with other appliances: back it up with Redis' own "
+    "persistence (RDB snapshots with BGSAVE or save points, and AOF with appendonly yes) "
+    "on each server or cluster node, and copy those files off the machine"
+)
+
+
+class ExternalStore(BackupError):
+    """A backup or restore was asked of an appliance whose store is an external Redis."""
+
+    def __init__(self) -> None:
+        super().__init__(EXTERNAL_STORE_MESSAGE)
+
+
 def require_embedded_store(settings: Settings) -> None:
     if not settings.embedded_redis:
-        raise BackupError(
-            "backups cover the embedded store; with APPLIANCE_REDIS_URL set, back up that "
-            "Redis server with its own tools"
-        )
+        raise ExternalStore()
 
 
 def remove_restore_leftovers(state_dir: Path) -> list[Path]:
@@ -70,7 +83,7 @@ def remove_restore_leftovers(state_dir: Path) -> list[Path]:
 
 async def make_backup(
     settings: Settings,
-    client: coredis.Redis[bytes],
+    client: RedisClient,
     *,
     key_id: str,
     with_models: bool = False,
@@ -79,6 +92,8 @@ async def make_backup(
 ) -> BackupInfo:
     """Snapshot the store and archive it with the state files; returns the new backup."""
     require_embedded_store(settings)
+    if not isinstance(client, coredis.Redis):
+        raise ExternalStore()
     state, backup_dir = Path(settings.state_dir), Path(settings.backup_dir)
     with exclusive(settings):
         await trio.to_thread.run_sync(_prepare_dirs, backup_dir)

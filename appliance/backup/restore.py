@@ -28,6 +28,7 @@ from appliance.config import Settings
 from appliance.llm.manifest import Manifest as ModelManifest
 from appliance.privacy.rotation import KeyMismatch, check_keys
 from appliance.store.access import daemon_store_running
+from appliance.store.client import RedisClient
 from appliance.store.sealing import Codec
 from appliance.store.server import RDB_NAME, EmbeddedRedis
 
@@ -196,7 +197,7 @@ def recover_before_start(settings: Settings) -> None:
             recover_interrupted(settings)
 
 
-async def check_restored(client: coredis.Redis[bytes], codec: Codec) -> tuple[int, int]:
+async def check_restored(client: RedisClient, codec: Codec) -> tuple[int, int]:
     """The restored store answers and this configuration can read it: (keys, conversations)."""
     usage = await check_keys(client, codec)
     return await client.dbsize(), sum(usage.values())

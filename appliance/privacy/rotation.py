@@ -13,6 +13,7 @@ from typing import Final
 
 import coredis
 
+from appliance.store.client import RedisClient
 from appliance.store.conversations import (
     BYKEY_PREFIX,
     KEY_IDS_KEY,
@@ -34,7 +35,7 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-async def key_usage(client: coredis.Redis[bytes]) -> dict[str, int]:
+async def key_usage(client: RedisClient) -> dict[str, int]:
     """Conversations per key id (a conversation with records under two keys counts twice)."""
     usage: dict[str, int] = {}
     for key_id in sorted(_text(k) for k in await client.smembers(KEY_IDS_KEY)):
@@ -54,7 +55,7 @@ def readable_ids(codec: Codec) -> set[str]:
     return {PLAIN_KEY_ID, *(codec.keys.ids if codec.keys is not None else ())}
 
 
-async def check_keys(client: coredis.Redis[bytes], codec: Codec) -> dict[str, int]:
+async def check_keys(client: RedisClient, codec: Codec) -> dict[str, int]:
     """Refuse to serve data this configuration cannot read; returns the key usage."""
     usage = await key_usage(client)
     readable = readable_ids(codec)
@@ -79,9 +80,7 @@ def old_key_count(usage: dict[str, int], codec: Codec) -> int:
     return sum(count for key_id, count in usage.items() if key_id != current)
 
 
-async def reseal_conversation(
-    client: coredis.Redis[bytes], codec: Codec, conversation_id: str
-) -> bool:
+async def reseal_conversation(client: RedisClient, codec: Codec, conversation_id: str) -> bool:
     """Re-seal every record of one conversation under the current key, atomically."""
     meta, messages = meta_key(conversation_id), messages_key(conversation_id)
     current = key_id_of(codec)
@@ -122,7 +121,7 @@ async def reseal_conversation(
 
 
 async def rotate(
-    client: coredis.Redis[bytes],
+    client: RedisClient,
     codec: Codec,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[int, int]:

@@ -8,7 +8,7 @@ in one cluster slot and runs as one MULTI/EXEC transaction:
     conv:{<id>}:messages   list of sealed msgpack Message records
     conv:index             sorted set: id -> last activity (newest-first listing, and
                            retention sweeps that cost what expires)
-    conv:owner:<owner>     set of the ids an owner has (erasure of "my data")
+    conv:owner:<owner>     set of the ids an owner has (listing and erasure of "my data")
     conv:bykey:<key id>    set of the ids with records sealed under that key (rotation)
     conv:keyids            set of the key ids that have a conv:bykey set
     conv:owners            set of the owners that have a conv:owner set
@@ -16,6 +16,17 @@ in one cluster slot and runs as one MULTI/EXEC transaction:
 A question and its answer are written together, after the answer is complete: a client
 sees both or neither. Keys also get a TTL a day past the retention period, in case a sweep
 never runs.
+
+The index keys are shared by many conversations, so on a Redis Cluster they live in other
+slots than the conversation: they are never in its MULTI/EXEC. Every index write is
+idempotent (ZADD, SADD) and done twice, once before the transaction (a writer that dies
+after it leaves no conversation that listing, erasure and rotation cannot find; a writer
+that dies before it leaves an entry without a conversation, which readers skip and the
+next sweep or erasure removes) and once after it (an entry removed meanwhile by a
+deletion or a sweep that raced with this write is put back). A deletion removes the
+conversation first and its index entries after, then looks again: a conversation written
+anew in between gets its entries back. So nothing acknowledged ever drops out of the
+indexes, on one server or a cluster.
 """
 
 from __future__ import annotations
@@ -124,6 +135,10 @@ class Conversations:
         self._retention = retention_seconds
         self._clock = clock
 
+    @property
+    def store(self) -> Store:
+        return self._store
+
     def _open(self, stored: bytes, key_name: str) -> bytes:
         try:
             return self._codec.open(stored, key_name)
@@ -181,6 +196,7 @@ class Conversations:
         key_id = key_id_of(self._codec)
         ttl = int(self._retention + TTL_SLACK_SECONDS)
         client = self._store.client
+        await self._index(conversation_id, now, owner, [key_id])
         async with client.pipeline(transaction=True) as pipe:
             pipe.hsetnx(meta, "id", conversation_id)
             pipe.hsetnx(meta, "created", repr(now))
@@ -202,13 +218,23 @@ class Conversations:
             )
             pipe.expire(meta, ttl)
             pipe.expire(messages, ttl)
-        # Index entries live in other slots; each write is idempotent, so a retry repairs it.
-        await client.zadd(INDEX_KEY, {conversation_id: now})
-        await client.sadd(owner_key(owner), [conversation_id])
-        await client.sadd(OWNERS_KEY, [owner])
-        await client.sadd(BYKEY_PREFIX + key_id, [conversation_id])
-        await client.sadd(KEY_IDS_KEY, [key_id])
+        # Again after the transaction: a deletion or sweep racing with it may have removed
+        # the entries written before (see the module's docstring).
+        await self._index(conversation_id, now, owner, [key_id])
         return asked, answered
+
+    async def _index(
+        self, conversation_id: str, updated: float, owner: str, key_ids: list[str]
+    ) -> None:
+        """The index entries of one conversation, in one round trip (not a transaction:
+        on a cluster they live in other slots; each write is idempotent)."""
+        async with self._store.client.pipeline(transaction=False) as pipe:
+            pipe.zadd(INDEX_KEY, {conversation_id: updated})
+            pipe.sadd(owner_key(owner), [conversation_id])
+            pipe.sadd(OWNERS_KEY, [owner])
+            for key_id in key_ids:
+                pipe.sadd(BYKEY_PREFIX + key_id, [conversation_id])
+            pipe.sadd(KEY_IDS_KEY, key_ids)
 
     async def page(
         self, offset: int, limit: int, owner: str | None = None
@@ -250,31 +276,45 @@ class Conversations:
 
         Its meta says which owner and key sets hold it; when the meta is already gone (its
         TTL ran out before a sweep), every owner and key set is cleaned instead: there are
-        only a few of each.
+        only a few of each. If the conversation was written anew meanwhile (an exchange
+        racing with the deletion), its entries are put back.
         """
         client = self._store.client
-        await client.zrem(INDEX_KEY, [conversation_id])
         if raw:
             owners = [_text(raw.get(b"owner"))] if raw.get(b"owner") else []
             key_ids = [_text(f[4:]) for f in raw if f.startswith(b"kid:")]
         else:
             owners = [_text(o) for o in await client.smembers(OWNERS_KEY)]
             key_ids = [_text(k) for k in await client.smembers(KEY_IDS_KEY)]
-        for owner in owners:
-            await client.srem(owner_key(owner), [conversation_id])
-        for key_id in key_ids:
-            await client.srem(BYKEY_PREFIX + key_id, [conversation_id])
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.zrem(INDEX_KEY, [conversation_id])
+            for owner in owners:
+                pipe.srem(owner_key(owner), [conversation_id])
+            for key_id in key_ids:
+                pipe.srem(BYKEY_PREFIX + key_id, [conversation_id])
+        again = await client.hgetall(meta_key(conversation_id))
+        if again and b"owner" in again and b"updated" in again:
+            await self._index(
+                conversation_id,
+                float(again[b"updated"]),
+                _text(again[b"owner"]),
+                [_text(f[4:]) for f in again if f.startswith(b"kid:")],
+            )
 
     async def delete_owner(self, owner: str) -> tuple[int, int]:
         """Erase everything of one owner: (conversations, messages) removed."""
-        members = [_text(m) for m in await self._store.client.smembers(owner_key(owner))]
+        client = self._store.client
+        members = [_text(m) for m in await client.smembers(owner_key(owner))]
         conversations = messages = 0
         for conversation_id in members:
             removed = await self.delete(conversation_id, owner)
             if removed >= 0:
                 conversations += 1
                 messages += removed
-        await self._store.client.delete([owner_key(owner)])
+            elif not await client.exists([meta_key(conversation_id)]):
+                # Gone already (its TTL ran out, or its writer died before its MULTI):
+                # only index entries are left.
+                await self._forget(conversation_id, {})
         return conversations, messages
 
     async def expire_older_than(self, cutoff: float, batch: int = 500) -> int:
