@@ -23,10 +23,11 @@ import time
 from collections.abc import Callable
 from typing import Final, Literal
 
+import coredis
 import msgspec
 
 from appliance.auth.arguments import SCOPES
-from appliance.store.client import RedisClient
+from appliance.store.client import RedisClient, refuses_writes
 
 Scope = Literal["admin", "user"]
 RECORD_PREFIX: Final = "apikey:"
@@ -214,7 +215,11 @@ class KeyStore:
         now = time.time()
         if now - self._last_used_written.get(key_id, 0.0) >= LAST_USED_EVERY:
             self._last_used_written[key_id] = now
-            await self._client().hset(record_key(key_id), {"last_used": repr(now)})
+            try:
+                await self._client().hset(record_key(key_id), {"last_used": repr(now)})
+            except coredis.exceptions.RedisError as exc:
+                if not refuses_writes(exc):  # a full store: the key still works
+                    raise
         return key
 
     async def by_name(self, name: str) -> ApiKey | None:

@@ -3,13 +3,16 @@ limits. Only GET /api/v1/health/live and /ready (and CORS preflights) are open."
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
 
+import coredis
+
 from appliance.auth.apikeys import ApiKey, KeyStore
-from appliance.store.client import RedisClient
+from appliance.store.client import RedisClient, refuses_writes
 
 # Who every request is with APPLIANCE_AUTH=off (development on loopback only): the owner
 # of what was stored before keys existed.
@@ -22,6 +25,16 @@ ADMIN_BLUEPRINTS: Final = frozenset({"admin", "health", "models", "keys"})
 FAILURE_WINDOW: Final = 60
 FAILURES_ALLOWED: Final = 10
 RATE_WINDOW: Final = 60
+
+
+@contextlib.contextmanager
+def _unless_store_full() -> Iterator[None]:
+    """Skip a bookkeeping write that a full store refuses (OOM or MISCONF)."""
+    try:
+        yield
+    except coredis.exceptions.RedisError as exc:
+        if not refuses_writes(exc):
+            raise
 
 
 class Refused(Exception):
@@ -85,9 +98,10 @@ class Gate:
         token = bearer_token(header)
         key = await self.keys.authenticate(token) if token else None
         if key is None:
-            async with self._client().pipeline(transaction=True) as pipe:
-                pipe.incr(failures_key)
-                pipe.expire(failures_key, FAILURE_WINDOW)
+            with _unless_store_full():
+                async with self._client().pipeline(transaction=True) as pipe:
+                    pipe.incr(failures_key)
+                    pipe.expire(failures_key, FAILURE_WINDOW)
             raise Refused(
                 401,
                 "invalid_api_key",
@@ -98,7 +112,10 @@ class Gate:
         if blueprint in ADMIN_BLUEPRINTS and key.scope != "admin":
             raise Refused(403, "admin_scope_required", "this endpoint needs a key with scope admin")
         if self.rate_limit:
-            await self._count_request(key)
+            # A full store cannot count; the request still gets through, so that reads
+            # and deletes (which make room) keep working.
+            with _unless_store_full():
+                await self._count_request(key)
         return key
 
     async def _count_request(self, key: ApiKey) -> None:

@@ -5,8 +5,9 @@ more callers wait in a bounded FIFO queue (beyond it they get `QueueFull`, which
 turns into 429 with Retry-After). A change of model waits until the running generations
 end; so does recycling the worker. If the worker dies, every
 request in flight gets `WorkerCrashed` (503), the worker is started again with back-off,
-and the model it had loaded is loaded again. A model that kills the worker while loading
-is marked failed in the registry and is not loaded again until it is verified.
+and the model it had loaded is loaded again. A model that crashes the worker while loading
+(a crash signal, or any death twice in a row: a SIGKILL alone may be the operator or the
+OOM killer) is marked failed in the registry and is not loaded again until it is verified.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ STOP_GRACE: Final = 5.0
 CANCEL_GRACE: Final = 5.0
 RETRY_AFTER_SECONDS: Final = 2
 PRELOAD_TRIES: Final = 3
+# Signals that say the worker crashed on its own (not killed from outside).
+CRASH_SIGNALS: Final = frozenset(
+    {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
+)
+# Deaths of any kind in a row while loading one model that mark it failed.
+LOAD_DEATHS_TO_FAIL: Final = 2
 
 
 # Worker error codes that are the client's to fix.
@@ -115,6 +122,8 @@ class InferenceService(Service):
         self._recycle = trio.Event()
         self._worker_ready = trio.Event()
         self._loading: str | None = None
+        # Deaths in a row while loading, per model (cleared when it loads).
+        self._load_deaths: dict[str, int] = {}
 
     # -- service ---------------------------------------------------------------------
 
@@ -172,9 +181,7 @@ class InferenceService(Service):
             code, loading = exit_[0]
             self.stats.crashes += 1
             if loading is not None:
-                await self._mark_failed(
-                    loading, f"the worker died while loading it ({_describe_exit(code)})"
-                )
+                await self._died_loading(loading, code)
             raise WorkerCrashed(_describe_exit(code))
 
     async def _watch_exit(
@@ -216,6 +223,22 @@ class InferenceService(Service):
         except RegistryError as exc:
             LOGGER.warning("no model preloaded: %s", exc)
             return None
+
+    async def _died_loading(self, model: str, code: int) -> None:
+        deaths = self._load_deaths[model] = self._load_deaths.get(model, 0) + 1
+        crashed = code > 0 or (code < 0 and -code in CRASH_SIGNALS)
+        if not crashed and deaths < LOAD_DEATHS_TO_FAIL:
+            LOGGER.warning(
+                "the worker died while loading %s (%s); loading it again",
+                model,
+                _describe_exit(code),
+            )
+            return
+        del self._load_deaths[model]
+        times = "" if deaths == 1 else f", {deaths} times in a row"
+        await self._mark_failed(
+            model, f"the worker died while loading it ({_describe_exit(code)}{times})"
+        )
 
     async def _mark_failed(self, model: str, reason: str) -> None:
         LOGGER.error("model %s marked failed: %s", model, reason)
@@ -269,6 +292,7 @@ class InferenceService(Service):
                 503, "model_unavailable", f"model {model} failed to load: {reply.message}"
             )
         assert isinstance(reply, Loaded)
+        self._load_deaths.pop(model, None)
         self.loaded_model = model
         self.wanted_model = model
         LOGGER.info(

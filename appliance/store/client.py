@@ -51,6 +51,13 @@ class StoreMisconfigured(StoreUnavailable):
     """APPLIANCE_REDIS_URL cannot work as written; the message says what to change."""
 
 
+def refuses_writes(exc: BaseException) -> bool:
+    """Redis answered, but refuses writes: maxmemory is reached (OOM, with noeviction) or it
+    cannot write its files (MISCONF: a full disk). Reads and deletes still work."""
+    text = str(exc)
+    return isinstance(exc, coredis.exceptions.RedisError) and ("OOM" in text or "MISCONF" in text)
+
+
 def is_cluster_url(url: str) -> bool:
     return url.partition("://")[0] in CLUSTER_SCHEMES
 
@@ -166,7 +173,10 @@ class Store(Service):
             try:
                 await self.client.ping()
             except (coredis.exceptions.RedisError, OSError) as exc:
-                raise StoreUnavailable(f"Redis did not answer: {type(exc).__name__}") from None
+                # On a full disk Redis answers even PING with MISCONF: it is alive (reads
+                # work), and restarting it would not make room.
+                if not refuses_writes(exc):
+                    raise StoreUnavailable(f"Redis did not answer: {type(exc).__name__}") from None
             self._last_ok = time.monotonic()
             return self._last_ok - started
         raise StoreUnavailable(f"Redis did not answer within {timeout:.0f} s")

@@ -31,6 +31,7 @@ indexes, on one server or a cluster.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -41,6 +42,8 @@ import msgspec
 
 from appliance.store.client import Store
 from appliance.store.sealing import Codec, KeyRing, SealError
+
+LOGGER = logging.getLogger("appliance.store")
 
 INDEX_KEY: Final = "conv:index"
 BYKEY_PREFIX: Final = "conv:bykey:"
@@ -197,31 +200,54 @@ class Conversations:
         ttl = int(self._retention + TTL_SLACK_SECONDS)
         client = self._store.client
         await self._index(conversation_id, now, owner, [key_id])
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(meta, "id", conversation_id)
-            pipe.hsetnx(meta, "created", repr(now))
-            pipe.hsetnx(meta, "owner", owner)
-            pipe.hsetnx(
-                meta, "title", self._codec.seal(title.encode(), _title_name(conversation_id))
-            )
-            # kid:<id> fields say which keys this conversation has records under.
-            pipe.hset(meta, {"updated": repr(now), "model": model, f"kid:{key_id}": "1"})
-            pipe.hincrby(meta, "message_count", 2)
-            pipe.hincrby(meta, "prompt_tokens", prompt_tokens)
-            pipe.hincrby(meta, "completion_tokens", completion_tokens)
-            pipe.rpush(
-                messages,
-                [
-                    self._codec.seal(_ENCODER.encode(asked), messages),
-                    self._codec.seal(_ENCODER.encode(answered), messages),
-                ],
-            )
-            pipe.expire(meta, ttl)
-            pipe.expire(messages, ttl)
+        try:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.hsetnx(meta, "id", conversation_id)
+                pipe.hsetnx(meta, "created", repr(now))
+                pipe.hsetnx(meta, "owner", owner)
+                pipe.hsetnx(
+                    meta, "title", self._codec.seal(title.encode(), _title_name(conversation_id))
+                )
+                # kid:<id> fields say which keys this conversation has records under.
+                pipe.hset(meta, {"updated": repr(now), "model": model, f"kid:{key_id}": "1"})
+                pipe.hincrby(meta, "message_count", 2)
+                pipe.hincrby(meta, "prompt_tokens", prompt_tokens)
+                pipe.hincrby(meta, "completion_tokens", completion_tokens)
+                pipe.rpush(
+                    messages,
+                    [
+                        self._codec.seal(_ENCODER.encode(asked), messages),
+                        self._codec.seal(_ENCODER.encode(answered), messages),
+                    ],
+                )
+                pipe.expire(meta, ttl)
+                pipe.expire(messages, ttl)
+        except (coredis.exceptions.RedisError, OSError):
+            # Refused (a full store) or cut off: nothing of it was written. The index
+            # entries written above would point at nothing if the conversation is new.
+            await self._unindex_if_absent(conversation_id, owner, key_id)
+            raise
         # Again after the transaction: a deletion or sweep racing with it may have removed
-        # the entries written before (see the module's docstring).
-        await self._index(conversation_id, now, owner, [key_id])
+        # the entries written before (see the module's docstring). The exchange is stored
+        # and the entries from before are in place, so a failure here is only logged.
+        try:
+            await self._index(conversation_id, now, owner, [key_id])
+        except (coredis.exceptions.RedisError, OSError) as exc:
+            LOGGER.warning("index entries not refreshed after a write: %s", type(exc).__name__)
         return asked, answered
+
+    async def _unindex_if_absent(self, conversation_id: str, owner: str, key_id: str) -> None:
+        """Best effort: a full store still takes deletions."""
+        client = self._store.client
+        try:
+            if await client.exists([meta_key(conversation_id)]):
+                return
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.zrem(INDEX_KEY, [conversation_id])
+                pipe.srem(owner_key(owner), [conversation_id])
+                pipe.srem(BYKEY_PREFIX + key_id, [conversation_id])
+        except (coredis.exceptions.RedisError, OSError) as exc:
+            LOGGER.warning("index entries of a refused write left: %s", type(exc).__name__)
 
     async def _index(
         self, conversation_id: str, updated: float, owner: str, key_ids: list[str]
