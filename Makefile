@@ -60,11 +60,37 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check appliance tests bench packaging e2e
-	$(BIN)/ruff format --check appliance tests bench packaging e2e
+	$(BIN)/ruff check appliance tests bench packaging e2e stress
+	$(BIN)/ruff format --check appliance tests bench packaging e2e stress
+
+# `make chaos`: clients write conversations while redis-server, the inference worker and the
+# daemon are killed with SIGKILL; then every acknowledged write is checked (JSON lines;
+# exit 1 on a lost, changed or duplicated write). CHAOS_SECONDS sets how long (default 180).
+.PHONY: chaos
+chaos: $(VENV)/.installed
+	$(BIN)/python -m stress.chaos
+
+# `make soak`: mixed API traffic against the real daemon while the RSS of the supervisor,
+# redis-server and the worker is sampled (JSON lines; exit 1 on growth after warm-up, a 5xx
+# or lost readiness). SOAK_SECONDS (default 600), SOAK_CLIENTS, SOAK_MODEL=gemma: see
+# stress/soak.py.
+.PHONY: soak
+soak: $(VENV)/.installed
+	$(BIN)/python stress/soak.py
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
+
+# docs/openapi.json is generated from the code (tests/test_openapi.py fails when it is stale).
+# `make fuzz` runs schemathesis against a live daemon with many more examples than `make test`.
+.PHONY: openapi fuzz
+FUZZ_EXAMPLES ?= 200
+
+openapi: $(VENV)/.installed
+	$(BIN)/python -m appliance.http.openapi_doc --output docs/openapi.json
+
+fuzz: $(VENV)/.installed
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/run.py

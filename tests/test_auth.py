@@ -19,7 +19,12 @@ from tests.harness import Daemon, daemon_environment, running_daemon
 # Every route of the app and who may call it. A route missing here fails the walk: decide
 # its scope when you add it.
 PUBLIC = {("GET", "/api/v1/health/live"), ("GET", "/api/v1/health/ready")}
-ADMIN_PREFIXES = ("/api/v1/admin/", "/api/v1/health/", "/api/v1/models")
+ADMIN_PREFIXES = (
+    "/api/v1/admin/",
+    "/api/v1/health/",
+    "/api/v1/models",
+    "/api/v1/openapi.json",
+)
 USER_PREFIXES = (
     "/api/v1/chat/",
     "/api/v1/conversations",

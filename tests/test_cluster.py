@@ -263,7 +263,8 @@ async def test_two_appliances_on_a_cluster_share_conversations_keys_and_budgets(
                 # scheduled timer (every second here) stays quiet.
                 async with first.client() as client:
                     refused = await client.post("/api/v1/admin/backups")
-                assert not refused.is_success
+                assert refused.status_code == 409, refused.text
+                assert refused.json()["error"]["code"] == "external_store"
                 assert "Redis' own persistence" in refused.json()["error"]["message"]
                 command = _cli(second, "backup")
                 assert command.returncode == 1

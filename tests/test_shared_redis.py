@@ -280,7 +280,7 @@ async def test_appliances_on_one_redis_take_turns_at_retention_and_refuse_backup
                 # through APPLIANCE_REDIS_URL refuses, pointing at Redis' own persistence.
                 async with second.client() as http:
                     refused = await http.post("/api/v1/admin/backups")
-                assert not refused.is_success
+                assert refused.status_code == 409, refused.text
                 assert "Redis' own persistence" in refused.json()["error"]["message"]
                 command = await trio.run_process(
                     [sys.executable, "-m", "appliance", "backup"],

@@ -75,6 +75,7 @@ class Backups:
 
     async def backup(self, *, with_models: bool = False) -> BackupInfo:
         """Make a backup now; a failure is recorded, logged and raised as BackupError."""
+        require_embedded_store(self.settings)  # a refusal, not a failed backup
         self.state.running = True
         try:
             info = await make_backup(

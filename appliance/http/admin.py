@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import msgspec
 import trio
 from quart import Blueprint, Response, request
 
 from appliance.backup.archive import BackupError, BackupInfo
-from appliance.backup.jobs import BUSY_MESSAGE
+from appliance.backup.jobs import BUSY_MESSAGE, ExternalStore
+from appliance.backup.restore import RestoreReport
 from appliance.http.app import runtime
 from appliance.http.bodies import parse_body
 from appliance.http.errors import ApiError
+from appliance.http.openapi_doc import (
+    document_request,
+    document_response,
+    errors,
+    optional_body,
+)
 
 blueprint = Blueprint("admin", __name__, url_prefix="/api/v1/admin")
 
@@ -27,44 +34,73 @@ RESTORABLE: Final = re.compile(
 
 
 class BackupRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """What to back up; the models too only when asked (they can be large)."""
+
     with_models: bool = False
 
 
 class RestoreRequest(msgspec.Struct, forbid_unknown_fields=True):
-    archive: str
+    """The file name of a backup in APPLIANCE_BACKUP_DIR (never a path)."""
+
+    archive: Annotated[str, msgspec.Meta(extra_json_schema={"pattern": RESTORABLE.pattern})]
+
+
+class Backup(msgspec.Struct):
+    """One backup archive (times in ISO 8601)."""
+
+    name: str
+    size: int
+    created: str
+    sealed: bool
+    verified_at: str | None
+
+
+class BackupList(msgspec.Struct):
+    """The backups, newest first, and the last results (`status`)."""
+
+    backups: list[Backup]
+    status: dict[str, Any]
 
 
 def _json(body: Any, status: int = 200) -> Response:
     return Response(msgspec.json.encode(body), status=status, mimetype="application/json")
 
 
-def describe(info: BackupInfo) -> dict[str, Any]:
-    return {
-        "name": info.name,
-        "size": info.size,
-        "created": info.created.isoformat(),
-        "sealed": info.sealed,
-        "verified_at": info.verified_at.isoformat() if info.verified_at else None,
-    }
+def describe(info: BackupInfo) -> Backup:
+    return Backup(
+        name=info.name,
+        size=info.size,
+        created=info.created.isoformat(),
+        sealed=info.sealed,
+        verified_at=info.verified_at.isoformat() if info.verified_at else None,
+    )
 
 
 def _refusal(exc: BackupError) -> ApiError:
     if str(exc) == BUSY_MESSAGE:
         return ApiError(409, "busy", str(exc))
+    if isinstance(exc, ExternalStore):
+        return ApiError(409, "external_store", str(exc))
     return ApiError(500, "backup_failed", str(exc))
 
 
 @blueprint.get("/backups")
+@document_response(BackupList)
 async def list_backups() -> Response:
+    """Backups (name, size, created, sealed, verified) and the last success/failure."""
     backups = runtime().backups
     try:
         found = await trio.to_thread.run_sync(backups.listing)
     except BackupError as exc:
         raise ApiError(500, "backup_dir_unreadable", str(exc)) from None
-    return _json({"backups": [describe(info) for info in found], "status": backups.metrics()})
+    return _json(BackupList(backups=[describe(info) for info in found], status=backups.metrics()))
 
 
 @blueprint.post("/backups")
+@optional_body
+@document_request(BackupRequest)
+@document_response(Backup, 201)
+@errors(409)
 async def create_backup() -> Response:
     """Make a backup now and answer when it is written (201 with its entry)."""
     body = await parse_body(BackupRequest) if await _has_body() else BackupRequest()
@@ -76,6 +112,9 @@ async def create_backup() -> Response:
 
 
 @blueprint.post("/restore")
+@document_request(RestoreRequest)
+@document_response(RestoreReport)
+@errors(404, 409)
 async def restore() -> Response:
     """Restore an archive from the backup dir into the running daemon."""
     state = runtime()

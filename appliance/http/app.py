@@ -12,6 +12,7 @@ from typing import Any, Final
 import quart_cors
 from quart import Quart, Response, current_app, g, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
 from appliance.auth.apikeys import ApiKey, KeyStore
 from appliance.auth.budgets import Budgets
@@ -93,7 +94,8 @@ def request_id_from(header: str | None) -> str:
     return f"req-{uuid.uuid4().hex}"
 
 
-def create_app(state: Runtime) -> Quart:
+def register_blueprints(app: Quart) -> None:
+    """Every route of the API (the OpenAPI document is built from these)."""
     from appliance.http.admin import blueprint as admin
     from appliance.http.chat import blueprint as chat
     from appliance.http.health import blueprint as health
@@ -102,6 +104,11 @@ def create_app(state: Runtime) -> Quart:
     from appliance.http.privacy import blueprint as privacy
     from appliance.http.usage import blueprint as usage
 
+    for blueprint in (health, chat, models, openai, privacy, admin, usage):
+        app.register_blueprint(blueprint)
+
+
+def create_app(state: Runtime) -> Quart:
     app: Quart = QuartTrio("appliance")
     app.extensions["appliance"] = state
     app.config["MAX_CONTENT_LENGTH"] = state.settings.max_body_bytes
@@ -109,8 +116,7 @@ def create_app(state: Runtime) -> Quart:
     # Quart cuts any response after 60 s; a long stream is bounded by our own deadline
     # (APPLIANCE_REQUEST_TIMEOUT) instead, plus time for a slow client to read the rest.
     app.config["RESPONSE_TIMEOUT"] = state.settings.request_timeout + 60
-    for blueprint in (health, chat, models, openai, privacy, admin, usage):
-        app.register_blueprint(blueprint)
+    register_blueprints(app)
     register_error_handlers(app)
     _install_request_hooks(app, state)
     origins = state.settings.allowed_origins
@@ -161,6 +167,15 @@ def _install_request_hooks(app: Quart, state: Runtime) -> None:
 
     @app.after_request
     async def _finish(response: Response) -> Response:
+        if response.status_code != 413:
+            # An answer given before the request's body has all arrived (a refused key, a
+            # 405, an OPTIONS) leaves hypercorn's keep-alive connection stuck: the client's
+            # next request on it is never answered. Take the rest of the body in first
+            # (bounded by MAX_CONTENT_LENGTH; a handler that read it already costs nothing).
+            try:
+                await request.get_data(cache=False)
+            except HTTPException:
+                response.headers["Connection"] = "close"
         request_id = g.get("request_id") or request_id_from(None)
         response.headers[REQUEST_ID_HEADER] = request_id
         state.requests.record(response.status_code)

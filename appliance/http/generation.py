@@ -6,7 +6,7 @@ import contextlib
 import datetime
 import math
 from collections.abc import AsyncGenerator, Callable
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 import trio
@@ -76,7 +76,7 @@ def max_tokens_for(state: Runtime, requested: int | None, param: str = "max_toke
 
 
 def as_api_error(exc: InferenceError) -> ApiError:
-    retry = isinstance(exc, QueueFull | WorkerCrashed)
+    retry = isinstance(exc, QueueFull | WorkerCrashed) or exc.code == "context_full"
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if retry else {}
     return ApiError(exc.status, exc.code, str(exc), headers=headers)
 
@@ -430,5 +430,33 @@ def sse_error(error: ApiError, request_id: str) -> bytes:
     return sse(body, event="error")
 
 
-def finish_reason(done: Done) -> str:
+FinishReason = Literal["stop", "length"]
+
+
+def finish_reason(done: Done) -> FinishReason:
     return "length" if done.finish_reason == "length" else "stop"
+
+
+class TokenUsage(msgspec.Struct):
+    """Tokens of the prompt and of the answer."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def token_usage(done: Done) -> TokenUsage:
+    return TokenUsage(
+        done.prompt_tokens, done.completion_tokens, done.prompt_tokens + done.completion_tokens
+    )
+
+
+# What a request may ask for as `max_tokens` (documented; the checks are max_tokens_for's,
+# whose upper bound is the setting APPLIANCE_MAX_TOKENS).
+MaxTokens = Annotated[
+    int,
+    msgspec.Meta(
+        description="1 to APPLIANCE_MAX_TOKENS (4096 by default)",
+        extra_json_schema={"minimum": 1},
+    ),
+]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Final, Literal
 
 import coredis
 import msgspec
@@ -15,14 +15,135 @@ from quart import Blueprint, Response, request
 from appliance import __version__
 from appliance.http.app import Runtime, runtime
 from appliance.http.errors import ApiError
+from appliance.http.openapi_doc import (
+    document_querystring,
+    document_response,
+    errors,
+    plain_text,
+)
 from appliance.llm.registry import RegistryError
 from appliance.metrics import count_models, system_metrics, to_prometheus, uptime_since
 from appliance.privacy.rotation import key_usage, old_key_count
 from appliance.store.client import StoreUnavailable
+from appliance.supervisor import ServiceState
 
 blueprint = Blueprint("health", __name__, url_prefix="/api/v1/health")
 
 READY_PROBE_TIMEOUT = 1.0
+MAX_SAMPLE_SECONDS: Final = 10.0
+
+
+class Live(msgspec.Struct):
+    """The process runs."""
+
+    status: Literal["alive"]
+    version: str
+    uptime_seconds: float
+
+
+class Check(msgspec.Struct):
+    """One readiness check and what it found."""
+
+    name: Literal["redis", "disk", "models", "services"]
+    state: Literal["ok", "fail"]
+    detail: str
+
+
+class Readiness(msgspec.Struct):
+    """Ready (200) when every check is ok, else not ready (503)."""
+
+    status: Literal["ready", "not_ready"]
+    checks: list[Check]
+
+
+class RedisMetrics(msgspec.Struct):
+    healthy: bool
+    used_memory_bytes: int | msgspec.UnsetType = msgspec.UNSET
+    maxmemory_bytes: int | msgspec.UnsetType = msgspec.UNSET
+    # With noeviction, writes are refused once this reaches 100.
+    memory_percent: float | msgspec.UnsetType = msgspec.UNSET
+
+
+class ModelCount(msgspec.Struct):
+    count: int
+
+
+class ServiceMetrics(msgspec.Struct):
+    redis: RedisMetrics
+    models: ModelCount
+    supervised: list[ServiceState]
+
+
+class HttpMetrics(msgspec.Struct):
+    by_status: dict[str, int]
+    in_flight: int
+
+
+class TimeToFirstToken(msgspec.Struct):
+    last: float
+    p50: float | None
+    p99: float | None
+
+
+class LlmMetrics(msgspec.Struct):
+    loaded_model: str | None
+    busy: bool
+    running: int
+    parallel: int
+    queue_depth: int
+    max_queue: int
+    completed: int
+    failed: int
+    rejected: int
+    worker_crashes: int
+    tokens_generated: int
+    last_tokens_per_second: float
+    last_queue_wait_seconds: float
+    time_to_first_token_seconds: TimeToFirstToken
+    # llama.cpp backends built in and in use.
+    backend: dict[str, Any]
+
+
+class PrivacyMetrics(msgspec.Struct):
+    encrypt_at_rest: bool
+    current_key_id: str | None
+    redaction: str
+    retention_days: int
+    retention_last_sweep: float | None
+    retention_last_removed: int
+    retention_removed_total: int
+    conversations_by_key: dict[str, int] | None
+    conversations_under_old_keys: int | None
+
+
+class Metrics(msgspec.Struct):
+    """System, process and service metrics (the JSON form)."""
+
+    version: str
+    uptime_seconds: float
+    system: dict[str, Any]
+    process: dict[str, Any] | None
+    processes: dict[str, dict[str, Any] | None]
+    services: ServiceMetrics
+    http: HttpMetrics
+    llm: LlmMetrics
+    privacy: PrivacyMetrics
+    backups: dict[str, Any]
+
+
+class MetricsQuery(msgspec.Struct):
+    # `prometheus` (or `Accept: text/plain`) answers in Prometheus' text format.
+    format: Literal["json", "prometheus"] | msgspec.UnsetType = msgspec.UNSET
+    # CPU figures cover the next N seconds.
+    sample_seconds: (
+        Annotated[float, msgspec.Meta(ge=0, le=MAX_SAMPLE_SECONDS)] | msgspec.UnsetType
+    ) = msgspec.UNSET
+
+
+class Services(msgspec.Struct):
+    """Each supervised service: state, health, pid, restarts, last error, since when."""
+
+    services: list[ServiceState]
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -30,69 +151,74 @@ def _json(body: Any, status: int = 200) -> Response:
 
 
 @blueprint.get("/live")
+@document_response(Live)
 async def live() -> Response:
+    """Alive whenever the process runs, with the version and uptime."""
     state = runtime()
     return _json(
-        {"status": "alive", "version": __version__, "uptime_seconds": uptime_since(state.started)}
+        Live(status="alive", version=__version__, uptime_seconds=uptime_since(state.started))
     )
 
 
-async def _redis_check(state: Runtime) -> dict[str, Any]:
+async def _redis_check(state: Runtime) -> Check:
     try:
         seconds = await state.store.ping(timeout=READY_PROBE_TIMEOUT)
     except StoreUnavailable as exc:
-        return {"name": "redis", "state": "fail", "detail": str(exc)}
-    return {"name": "redis", "state": "ok", "detail": f"answered in {seconds * 1000:.1f} ms"}
+        return Check("redis", "fail", str(exc))
+    return Check("redis", "ok", f"answered in {seconds * 1000:.1f} ms")
 
 
-def _disk_check(state: Runtime) -> dict[str, Any]:
+def _disk_check(state: Runtime) -> Check:
     settings = state.settings
     try:
         free = shutil.disk_usage(settings.state_dir).free
     except OSError:
-        return {"name": "disk", "state": "fail", "detail": "the state directory is not readable"}
+        return Check("disk", "fail", "the state directory is not readable")
     needed = settings.min_free_disk_mb * 1024 * 1024
     free_mb = free // (1024 * 1024)
     if free < needed:
-        return {
-            "name": "disk",
-            "state": "fail",
-            "detail": f"{free_mb} MB free in the state directory; "
+        return Check(
+            "disk",
+            "fail",
+            f"{free_mb} MB free in the state directory; "
             f"{settings.min_free_disk_mb} MB needed (APPLIANCE_MIN_FREE_DISK_MB)",
-        }
-    return {"name": "disk", "state": "ok", "detail": f"{free_mb} MB free"}
+        )
+    return Check("disk", "ok", f"{free_mb} MB free")
 
 
-async def _models_check(state: Runtime) -> dict[str, Any]:
+async def _models_check(state: Runtime) -> Check:
     try:
         default = await trio.to_thread.run_sync(
             state.registry.default_name, state.settings.default_model or None
         )
     except RegistryError as exc:
-        return {"name": "models", "state": "fail", "detail": str(exc)}
+        return Check("models", "fail", str(exc))
     if default is None:
-        return {
-            "name": "models",
-            "state": "fail",
-            "detail": "no usable model is installed; import one with: appliance models import PATH",
-        }
+        return Check(
+            "models",
+            "fail",
+            "no usable model is installed; import one with: appliance models import PATH",
+        )
     loaded = state.engine.loaded_model
     if loaded is not None:
-        return {"name": "models", "state": "ok", "detail": f"{loaded} loaded"}
+        return Check("models", "ok", f"{loaded} loaded")
     if state.settings.preload:
-        return {"name": "models", "state": "fail", "detail": f"{default} is not loaded yet"}
-    return {"name": "models", "state": "ok", "detail": f"{default} loads on first use"}
+        return Check("models", "fail", f"{default} is not loaded yet")
+    return Check("models", "ok", f"{default} loads on first use")
 
 
-def _services_check(state: Runtime) -> dict[str, Any]:
+def _services_check(state: Runtime) -> Check:
     failing = state.supervisor.unhealthy_critical()
     if failing:
-        return {"name": "services", "state": "fail", "detail": "not running: " + ", ".join(failing)}
-    return {"name": "services", "state": "ok", "detail": "all critical services running"}
+        return Check("services", "fail", "not running: " + ", ".join(failing))
+    return Check("services", "ok", "all critical services running")
 
 
 @blueprint.get("/ready")
+@document_response(Readiness)
+@document_response(Readiness, 503)
 async def ready() -> Response:
+    """Ready when Redis, disk space, models and services are; lists each check."""
     state = runtime()
     checks = [
         await _redis_check(state),
@@ -100,14 +226,14 @@ async def ready() -> Response:
         await _models_check(state),
         _services_check(state),
     ]
-    is_ready = all(check["state"] == "ok" for check in checks)
+    is_ready = all(check.state == "ok" for check in checks)
     return _json(
-        {"status": "ready" if is_ready else "not_ready", "checks": checks},
+        Readiness(status="ready" if is_ready else "not_ready", checks=checks),
         status=200 if is_ready else 503,
     )
 
 
-async def metrics_snapshot(state: Runtime) -> dict[str, Any]:
+async def metrics_snapshot(state: Runtime) -> Metrics:
     services = state.supervisor.snapshot()
     pids = {"appliance": os.getpid()}
     pids.update({s.name: s.pid for s in services if s.pid is not None})
@@ -120,98 +246,95 @@ async def metrics_snapshot(state: Runtime) -> dict[str, Any]:
         }
 
     sampled = await trio.to_thread.run_sync(sample)
-    redis: dict[str, Any] = {"healthy": state.store.healthy()}
+    redis = RedisMetrics(healthy=state.store.healthy())
     try:
         with trio.fail_after(READY_PROBE_TIMEOUT):
             memory = await state.store.memory()
-        redis["used_memory_bytes"] = memory["used_memory"]
-        redis["maxmemory_bytes"] = memory["maxmemory"]
+        redis.used_memory_bytes = memory["used_memory"]
+        redis.maxmemory_bytes = memory["maxmemory"]
         if memory["maxmemory"]:
-            # With noeviction, writes are refused once this reaches 100.
-            redis["memory_percent"] = round(100 * memory["used_memory"] / memory["maxmemory"], 1)
+            redis.memory_percent = round(100 * memory["used_memory"] / memory["maxmemory"], 1)
     except (StoreUnavailable, trio.TooSlowError):
-        redis["healthy"] = False
-    return {
-        "version": __version__,
-        "uptime_seconds": uptime_since(state.started),
-        "system": sampled["system"],
-        "process": sampled["processes"]["appliance"],
-        "processes": sampled["processes"],
-        "services": {
-            "redis": redis,
-            "models": {"count": sampled["models"]},
-            "supervised": [msgspec.to_builtins(s) for s in services],
-        },
-        "http": {
-            "by_status": dict(state.requests.by_status),
-            "in_flight": state.requests.in_flight,
-        },
-        "llm": {**llm_metrics(state), "backend": state.backend},
-        "privacy": await privacy_metrics(state),
-        "backups": state.backups.metrics(),
-    }
+        redis.healthy = False
+    return Metrics(
+        version=__version__,
+        uptime_seconds=uptime_since(state.started),
+        system=sampled["system"],
+        process=sampled["processes"]["appliance"],
+        processes=sampled["processes"],
+        services=ServiceMetrics(
+            redis=redis, models=ModelCount(sampled["models"]), supervised=services
+        ),
+        http=HttpMetrics(
+            by_status=dict(state.requests.by_status), in_flight=state.requests.in_flight
+        ),
+        llm=llm_metrics(state),
+        privacy=await privacy_metrics(state),
+        backups=state.backups.metrics(),
+    )
 
 
-async def privacy_metrics(state: Runtime) -> dict[str, Any]:
+async def privacy_metrics(state: Runtime) -> PrivacyMetrics:
     settings = state.settings
     retention = state.retention
-    body: dict[str, Any] = {
-        "encrypt_at_rest": settings.privacy_encrypt_at_rest,
-        "current_key_id": state.keys.current_id if settings.privacy_encrypt_at_rest else None,
-        "redaction": settings.privacy_redact_aggressiveness,
-        "retention_days": settings.privacy_retention_days,
-        "retention_last_sweep": retention.last_sweep,
-        "retention_last_removed": retention.last_removed,
-        "retention_removed_total": retention.total_removed,
-    }
+    usage: dict[str, int] | None
     try:
         with trio.fail_after(READY_PROBE_TIMEOUT):
             usage = await key_usage(state.store.client)
     except (StoreUnavailable, trio.TooSlowError, coredis.exceptions.RedisError):
         usage = None
-    body["conversations_by_key"] = usage
-    body["conversations_under_old_keys"] = (
-        old_key_count(usage, state.keys.codec) if usage is not None else None
+    return PrivacyMetrics(
+        encrypt_at_rest=settings.privacy_encrypt_at_rest,
+        current_key_id=state.keys.current_id if settings.privacy_encrypt_at_rest else None,
+        redaction=settings.privacy_redact_aggressiveness,
+        retention_days=settings.privacy_retention_days,
+        retention_last_sweep=retention.last_sweep,
+        retention_last_removed=retention.last_removed,
+        retention_removed_total=retention.total_removed,
+        conversations_by_key=usage,
+        conversations_under_old_keys=(
+            old_key_count(usage, state.keys.codec) if usage is not None else None
+        ),
     )
-    return body
 
 
-def llm_metrics(state: Runtime) -> dict[str, Any]:
+def llm_metrics(state: Runtime) -> LlmMetrics:
     engine = state.engine
     stats = engine.stats
     recent = sorted(stats.recent_ttft)
-    return {
-        "loaded_model": engine.loaded_model,
-        "busy": engine.busy,
-        "running": engine.running,
-        "parallel": state.settings.parallel,
-        "queue_depth": engine.waiting,
-        "max_queue": state.settings.max_queue,
-        "completed": stats.completed,
-        "failed": stats.failed,
-        "rejected": stats.rejected,
-        "worker_crashes": stats.crashes,
-        "tokens_generated": stats.tokens,
-        "last_tokens_per_second": round(stats.last_tokens_per_second, 2),
-        "last_queue_wait_seconds": round(stats.last_queue_wait, 4),
-        "time_to_first_token_seconds": {
-            "last": round(stats.last_time_to_first_token, 4),
-            "p50": round(recent[len(recent) // 2], 4) if recent else None,
-            "p99": round(recent[min(len(recent) - 1, int(len(recent) * 0.99))], 4)
-            if recent
-            else None,
-        },
-    }
+    return LlmMetrics(
+        loaded_model=engine.loaded_model,
+        busy=engine.busy,
+        running=engine.running,
+        parallel=state.settings.parallel,
+        queue_depth=engine.waiting,
+        max_queue=state.settings.max_queue,
+        completed=stats.completed,
+        failed=stats.failed,
+        rejected=stats.rejected,
+        worker_crashes=stats.crashes,
+        tokens_generated=stats.tokens,
+        last_tokens_per_second=round(stats.last_tokens_per_second, 2),
+        last_queue_wait_seconds=round(stats.last_queue_wait, 4),
+        time_to_first_token_seconds=TimeToFirstToken(
+            last=round(stats.last_time_to_first_token, 4),
+            p50=round(recent[len(recent) // 2], 4) if recent else None,
+            p99=round(recent[min(len(recent) - 1, int(len(recent) * 0.99))], 4) if recent else None,
+        ),
+        backend=state.backend,
+    )
 
 
 def _wants_prometheus() -> bool:
-    if request.args.get("format") == "prometheus":
-        return True
+    answer_format = request.args.get("format")
+    if answer_format is not None and answer_format not in ("json", "prometheus"):
+        raise ApiError(
+            400, "invalid_parameter", "format must be json or prometheus", param="format"
+        )
+    if answer_format is not None:
+        return answer_format == "prometheus"
     accept = request.headers.get("Accept", "")
     return "text/plain" in accept and "application/json" not in accept
-
-
-MAX_SAMPLE_SECONDS = 10.0
 
 
 def _sample_seconds() -> float:
@@ -231,21 +354,33 @@ def _sample_seconds() -> float:
 
 
 @blueprint.get("/metrics")
+@document_querystring(MetricsQuery)
+@document_response(Metrics)
+@plain_text("Prometheus text format 0.0.4 (`?format=prometheus` or `Accept: text/plain`)")
+@errors(400)
 async def metrics() -> Response:
-    """Metrics now; with `?sample_seconds=N`, CPU figures cover the next N seconds."""
+    """Metrics now; with `?sample_seconds=N`, CPU figures cover the next N seconds.
+
+    System (CPU, memory, disk), process and service metrics, as JSON or as Prometheus text.
+    """
     state = runtime()
     sample_seconds = _sample_seconds()
+    prometheus = _wants_prometheus()
     if sample_seconds:
         # The first reading only starts the CPU counters; the snapshot closes the window.
         await metrics_snapshot(state)
         await trio.sleep(sample_seconds)
     snapshot = await metrics_snapshot(state)
-    if _wants_prometheus():
-        return Response(to_prometheus(snapshot), mimetype="text/plain; version=0.0.4")
+    if prometheus:
+        return Response(
+            to_prometheus(msgspec.to_builtins(snapshot)), mimetype="text/plain; version=0.0.4"
+        )
     return _json(snapshot)
 
 
 @blueprint.get("/services")
+@document_response(Services)
 async def services() -> Response:
+    """Each supervised service: state, healthy, pid, restarts, last error, since."""
     state = runtime()
-    return _json({"services": [msgspec.to_builtins(s) for s in state.supervisor.snapshot()]})
+    return _json(Services(services=state.supervisor.snapshot()))

@@ -21,7 +21,10 @@ from appliance.http.bodies import parse_body
 from appliance.http.errors import ApiError
 from appliance.http.generation import (
     Events,
+    FinishReason,
+    MaxTokens,
     StreamBody,
+    TokenUsage,
     collect,
     finish_reason,
     generate,
@@ -30,9 +33,17 @@ from appliance.http.generation import (
     sse,
     sse_error,
     sse_template,
+    token_usage,
+)
+from appliance.http.openapi_doc import (
+    ErrorBody,
+    document_request,
+    document_response,
+    errors,
+    event_stream,
 )
 from appliance.http.remote_generation import REMOTE_PREFIX
-from appliance.llm.protocol import ChatMessage, Done, Token
+from appliance.llm.protocol import ChatMessage, Token
 
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -41,7 +52,8 @@ OPENAI_DEFAULT_COMPLETION_TOKENS: Final = 16
 
 
 class TextPart(msgspec.Struct):
-    type: str
+    # Checked by the handler (422 naming the part's type); documented as what it takes.
+    type: Annotated[str, msgspec.Meta(extra_json_schema={"enum": ["text"]})]
     text: str = ""
 
 
@@ -55,12 +67,21 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
+_Stop = Annotated[str, msgspec.Meta(extra_json_schema={"minLength": 1})]
+
+
 class _Sampling(msgspec.Struct, kw_only=True):
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-    max_tokens: int | None = None
+    max_tokens: MaxTokens | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 1.0
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
-    stop: str | list[str] | None = None
+    stop: (
+        _Stop
+        | Annotated[
+            list[_Stop], msgspec.Meta(extra_json_schema={"minItems": 1, "maxItems": MAX_STOP})
+        ]
+        | None
+    ) = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -72,13 +93,98 @@ class _Sampling(msgspec.Struct, kw_only=True):
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
+    """OpenAI's chat completion request; `n` must be 1, tools are not supported."""
+
     messages: Annotated[list[OpenAIMessage], msgspec.Meta(min_length=1)]
-    max_completion_tokens: int | None = None
-    tools: list[Any] | None = None
+    max_completion_tokens: MaxTokens | None = None
+    # Not supported (422 unless empty).
+    tools: Annotated[list[Any], msgspec.Meta(extra_json_schema={"maxItems": 0})] | None = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):
-    prompt: str | list[str]
+    """OpenAI's completion request, for one prompt."""
+
+    prompt: (
+        str | Annotated[list[str], msgspec.Meta(extra_json_schema={"minItems": 1, "maxItems": 1})]
+    )
+
+
+class ChatCompletionMessage(msgspec.Struct):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(msgspec.Struct):
+    index: int
+    message: ChatCompletionMessage
+    finish_reason: FinishReason
+
+
+class ChatCompletion(msgspec.Struct):
+    """OpenAI's chat completion."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: TokenUsage
+
+
+class ChunkDelta(msgspec.Struct):
+    role: Literal["assistant"] | msgspec.UnsetType = msgspec.UNSET
+    content: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class ChunkChoice(msgspec.Struct):
+    index: int
+    delta: ChunkDelta
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(msgspec.Struct):
+    """One SSE `data:` line of a streamed chat completion (`[DONE]` ends the stream)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    # Only in the last chunk, with `stream_options: {"include_usage": true}`.
+    usage: TokenUsage | msgspec.UnsetType = msgspec.UNSET
+
+
+class TextChoice(msgspec.Struct):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class TextCompletion(msgspec.Struct):
+    """OpenAI's text completion; streamed, each SSE `data:` line is one without `usage`
+    (`[DONE]` ends the stream)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: TokenUsage | msgspec.UnsetType = msgspec.UNSET
+
+
+class OpenAIModel(msgspec.Struct):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: Literal["appliance", "remote"]
+
+
+class ModelList(msgspec.Struct):
+    """The usable models (local, and the remote one when it is on)."""
+
+    object: Literal["list"]
+    data: list[OpenAIModel]
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -112,27 +218,22 @@ def _text_of(message: OpenAIMessage) -> str:
     return "".join(part.text for part in message.content)
 
 
-def _usage(done: Done) -> dict[str, int]:
-    return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
-    }
-
-
 def _stream_response(chunks: StreamBody) -> Response:
     return Response(chunks, mimetype="text/event-stream", headers={"Cache-Control": "no-store"})
 
 
 async def _events(state: Runtime, body: _Sampling, **source: Any) -> tuple[str, Events]:
     model = await resolve_model(state, body.model)
-    requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    requested, param = body.max_tokens, "max_tokens"
+    newer = getattr(body, "max_completion_tokens", None)
+    if newer is not None:
+        requested, param = newer, "max_completion_tokens"
     if isinstance(body, CompletionRequest) and requested is None:
         requested = OPENAI_DEFAULT_COMPLETION_TOKENS
     events = await generate(
         state,
         model,
-        max_tokens=max_tokens_for(state, requested),
+        max_tokens=max_tokens_for(state, requested, param),
         temperature=body.temperature,
         top_p=body.top_p,
         stop=_stop_list(body.stop),
@@ -145,8 +246,24 @@ async def _events(state: Runtime, body: _Sampling, **source: Any) -> tuple[str, 
     return model, events
 
 
+_GENERATION_ERRORS = errors(403, 404, 502, 504)
+
+
 @blueprint.post("/chat/completions")
+@document_request(ChatCompletionRequest)
+@document_response(ChatCompletion)
+@event_stream(
+    "with `stream: true`: chunks, then `[DONE]` (or an `error` event)",
+    {"message": ChatCompletionChunk, "error": ErrorBody},
+    done="[DONE]",
+)
+@_GENERATION_ERRORS
 async def chat_completions() -> Response:
+    """OpenAI's chat completions (streamed or not).
+
+    400 for a prompt longer than the model's context; 403 for a `remote:` model while the
+    remote LLM is off; 404 for an unknown model; 502/504 from the remote LLM.
+    """
     state = runtime()
     body = await parse_body(ChatCompletionRequest)
     if body.tools:
@@ -161,54 +278,55 @@ async def chat_completions() -> Response:
     if not body.stream:
         text, done = await collect(events)
         return _json(
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": finish_reason(done),
-                    }
+            ChatCompletion(
+                id=completion_id,
+                object="chat.completion",
+                created=created,
+                model=model,
+                choices=[
+                    ChatChoice(
+                        index=0,
+                        message=ChatCompletionMessage(role="assistant", content=text),
+                        finish_reason=finish_reason(done),
+                    )
                 ],
-                "usage": _usage(done),
-            }
+                usage=token_usage(done),
+            )
         )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk_body(delta: dict[str, str], reason: str | None) -> dict[str, Any]:
-        return {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
-        }
+    def chunk_body(
+        delta: ChunkDelta,
+        reason: FinishReason | None,
+        usage: TokenUsage | msgspec.UnsetType = msgspec.UNSET,
+    ) -> ChatCompletionChunk:
+        choices = (
+            []
+            if isinstance(usage, TokenUsage)
+            else [ChunkChoice(index=0, delta=delta, finish_reason=reason)]
+        )
+        return ChatCompletionChunk(
+            id=completion_id,
+            object="chat.completion.chunk",
+            created=created,
+            model=model,
+            choices=choices,
+            usage=usage,
+        )
 
-    token_chunk = sse_template(lambda text: chunk_body({"content": text}, None))
+    token_chunk = sse_template(lambda text: chunk_body(ChunkDelta(content=text), None))
     request_id = g.request_id
 
     async def stream() -> AsyncGenerator[bytes, None]:
         try:
-            yield sse(chunk_body({"role": "assistant", "content": ""}, None))
+            yield sse(chunk_body(ChunkDelta(role="assistant", content=""), None))
             async for event in events:
                 if isinstance(event, Token):
                     yield token_chunk(event.text)
                 else:
-                    yield sse(chunk_body({}, finish_reason(event)))
+                    yield sse(chunk_body(ChunkDelta(), finish_reason(event)))
                     if include_usage:
-                        yield sse(
-                            {
-                                "id": completion_id,
-                                "object": "chat.completion.chunk",
-                                "created": created,
-                                "model": model,
-                                "choices": [],
-                                "usage": _usage(event),
-                            }
-                        )
+                        yield sse(chunk_body(ChunkDelta(), None, token_usage(event)))
             yield sse(b"[DONE]")
         except ApiError as error:
             yield sse_error(error, request_id)
@@ -219,7 +337,20 @@ async def chat_completions() -> Response:
 
 
 @blueprint.post("/completions")
+@document_request(CompletionRequest)
+@document_response(TextCompletion)
+@event_stream(
+    "with `stream: true`: chunks, then `[DONE]` (or an `error` event)",
+    {"message": TextCompletion, "error": ErrorBody},
+    done="[DONE]",
+)
+@_GENERATION_ERRORS
 async def completions() -> Response:
+    """OpenAI's completions for one prompt (always local).
+
+    400 for a prompt longer than the model's context; 403 for a `remote:` model while the
+    remote LLM is off; 404 for an unknown model; 422 for the remote model.
+    """
     state = runtime()
     body = await parse_body(CompletionRequest)
     prompt = body.prompt
@@ -231,18 +362,23 @@ async def completions() -> Response:
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
-    def body_of(text: str, reason: str | None) -> dict[str, Any]:
-        return {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
-        }
+    def body_of(
+        text: str,
+        reason: FinishReason | None,
+        usage: TokenUsage | msgspec.UnsetType = msgspec.UNSET,
+    ) -> TextCompletion:
+        return TextCompletion(
+            id=completion_id,
+            object="text_completion",
+            created=created,
+            model=model,
+            choices=[TextChoice(index=0, text=text, logprobs=None, finish_reason=reason)],
+            usage=usage,
+        )
 
     if not body.stream:
         text, done = await collect(events)
-        return _json({**body_of(text, finish_reason(done)), "usage": _usage(done)})
+        return _json(body_of(text, finish_reason(done), token_usage(done)))
 
     token_chunk = sse_template(lambda text: body_of(text, None))
     request_id = g.request_id
@@ -264,26 +400,25 @@ async def completions() -> Response:
 
 
 @blueprint.get("/models")
+@document_response(ModelList)
 async def models() -> Response:
+    """Usable models, in OpenAI's list shape."""
     state = runtime()
     records = await trio.to_thread.run_sync(state.registry.list)
     listed = [
-        {
-            "id": record.name,
-            "object": "model",
-            "created": int(record.checked_at),
-            "owned_by": "appliance",
-        }
+        OpenAIModel(
+            id=record.name, object="model", created=int(record.checked_at), owned_by="appliance"
+        )
         for record in records
         if record.ok
     ]
     if state.remote is not None:
         listed.append(
-            {
-                "id": REMOTE_PREFIX + state.remote.model,
-                "object": "model",
-                "created": int(time.time()),
-                "owned_by": "remote",
-            }
+            OpenAIModel(
+                id=REMOTE_PREFIX + state.remote.model,
+                object="model",
+                created=int(time.time()),
+                owned_by="remote",
+            )
         )
-    return _json({"object": "list", "data": listed})
+    return _json(ModelList(object="list", data=listed))

@@ -64,8 +64,9 @@ CRASH_SIGNALS: Final = frozenset(
 LOAD_DEATHS_TO_FAIL: Final = 2
 
 
-# Worker error codes that are the client's to fix.
-_CLIENT_ERRORS: Final = {"context_length_exceeded": 400, "template_error": 422}
+# Worker error codes and their HTTP status: the client's to fix (4xx), or a busy KV cache
+# that frees as other generations end (503, retry). Any other code is a 500.
+_ERROR_STATUS: Final = {"context_length_exceeded": 400, "template_error": 422, "context_full": 503}
 
 
 def worker_command() -> list[str]:
@@ -358,9 +359,7 @@ class InferenceService(Service):
                 if isinstance(event, Error):
                     finished = True
                     self.stats.failed += 1
-                    raise ModelFailed(
-                        _CLIENT_ERRORS.get(event.code, 500), event.code, event.message
-                    )
+                    raise ModelFailed(_ERROR_STATUS.get(event.code, 500), event.code, event.message)
                 if isinstance(event, Token):
                     self.stats.tokens += 1
                     if first_token is None:
