@@ -82,7 +82,8 @@ typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
 # docs/openapi.json is generated from the code (tests/test_openapi.py fails when it is stale).
-# `make fuzz` runs schemathesis against a live daemon with many more examples than `make test`.
+# `make fuzz` runs schemathesis against a live daemon with many more examples than `make test`,
+# then the property tests of the parsers with hypothesis' `fuzz` profile (50x the examples).
 .PHONY: openapi fuzz
 FUZZ_EXAMPLES ?= 200
 
@@ -91,6 +92,7 @@ openapi: $(VENV)/.installed
 
 fuzz: $(VENV)/.installed
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_properties_*.py $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/run.py
