@@ -97,6 +97,27 @@ fuzz: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/run.py
 
+# llama.cpp's own server, built from the llama.cpp that llama-cpp-python $(LLAMA_VERSION)
+# vendors, with the same flags: the peer that `make bench` (batching) measures when it is
+# there. About 10 minutes on 2 cores; needs cmake (taken from PyPI when missing).
+LLAMA_SERVER_DIR := build/llama-server
+.PHONY: llama-server
+llama-server: $(LLAMA_SERVER_DIR)/bin/llama-server
+
+$(LLAMA_SERVER_DIR)/bin/llama-server: | $(VENV)/.installed
+	rm -rf "$(LLAMA_SERVER_DIR)/src" && mkdir -p "$(LLAMA_SERVER_DIR)/src"
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: \
+		--dest "$(LLAMA_SERVER_DIR)/src" "llama-cpp-python==$(LLAMA_VERSION)"
+	tar xzf "$(LLAMA_SERVER_DIR)/src/llama_cpp_python-$(LLAMA_VERSION).tar.gz" \
+		-C "$(LLAMA_SERVER_DIR)/src"
+	command -v cmake >/dev/null || $(BIN)/python -m pip install --quiet cmake
+	PATH="$(CURDIR)/$(BIN):$$PATH" cmake -S "$(LLAMA_SERVER_DIR)/src/llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp" \
+		-B "$(LLAMA_SERVER_DIR)/build" -DCMAKE_BUILD_TYPE=Release $(LLAMA_CMAKE_ARGS) \
+		-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF
+	PATH="$(CURDIR)/$(BIN):$$PATH" cmake --build "$(LLAMA_SERVER_DIR)/build" --target llama-server -j2
+	mkdir -p "$(dir $@)" && cp "$(LLAMA_SERVER_DIR)/build/bin/llama-server" "$@"
+
 $(BUILD_VENV)/.installed: pyproject.toml $(VENV)/.installed
 	test -x $(BUILD_BIN)/python || $(PYTHON) -m venv $(BUILD_VENV)
 	$(BIN)/python -m pip freeze --exclude-editable > $(BUILD_VENV)/constraints.txt

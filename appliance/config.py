@@ -210,7 +210,7 @@ def parse_cors_origins(raw: str) -> tuple[str, ...]:
     if text.startswith("["):
         try:
             items = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, a number over 4300 digits, deep nesting
             raise ValueError("BACKEND_CORS_ORIGINS") from None
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise ValueError("BACKEND_CORS_ORIGINS")

@@ -4,15 +4,24 @@ and time to first token of the 10th turn of a conversation against the 1st (pref
 
 Same model, prompt and sampling as bench_llm (Gemma 3 270M Q4_K_M, greedy, every usable
 core). The daemon runs as shipped: APPLIANCE_PARALLEL=4, so with 8 streams four wait.
+
+When llama.cpp's own server is built (`make llama-server`: the llama.cpp that
+llama-cpp-python vendors, with the same build flags; or LLAMA_SERVER=/path/to/llama-server)
+the same streams are measured against it too (`-np 4`, continuous batching), so the
+appliance's ratios sit beside the peer's, measured in the same run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Final
 
 import httpx
@@ -21,13 +30,24 @@ from bench_llm import (
     DAEMON_ENV,
     DAEMON_LOG_LEVEL,
     MODEL,
+    N_CTX,
     READY_TIMEOUT,
     REQUEST_TIMEOUT,
+    THREADS,
     DirectBaseline,
     Stream,
     http_stream,
 )
-from harness import Daemon, install_gemma, note, result, short_tempdir
+from harness import (
+    LOOPBACK,
+    Daemon,
+    free_port,
+    install_gemma,
+    note,
+    result,
+    short_tempdir,
+    stop,
+)
 
 NAME: Final = "batching"
 STREAMS: Final = (1, 2, 4, 8)
@@ -35,6 +55,8 @@ GOAL_AT_4: Final = 1.9
 TURNS: Final = 10
 TURN_GOAL: Final = 1.5
 TURN_MESSAGE: Final = "Tell me one more fact about the Roman Empire, in two sentences."
+PARALLEL: Final = 4
+LLAMA_SERVER: Final = Path(__file__).resolve().parent.parent / "build/llama-server/bin/llama-server"
 
 
 def run(quick: bool) -> Iterator[dict[str, Any]]:
@@ -71,10 +93,58 @@ def run(quick: bool) -> Iterator[dict[str, Any]]:
                     rounds=[round(rate, 2) for rate, _ in rates],
                     errors=errors,
                     max_tokens=CONCURRENT_MAX_TOKENS,
-                    parallel=4,
+                    parallel=PARALLEL,
                     **extra,
                 )
             yield from _turns(daemon, key)
+        yield from _peer(model, state / "llama-server.log", rounds, direct_tps)
+
+
+def _peer(model: Path, log_path: Path, rounds: int, direct_tps: float) -> Iterator[dict[str, Any]]:
+    """The same streams against llama.cpp's own server, when it is built."""
+    binary = Path(os.environ.get("LLAMA_SERVER", LLAMA_SERVER))
+    if not binary.is_file():
+        note(f"llama.cpp's server not measured: {binary} is missing (make llama-server)")
+        return
+    port = free_port()
+    argv = [str(binary), "-m", str(model), "--host", LOOPBACK, "--port", str(port)]
+    argv += ["-t", str(THREADS), "-tb", str(THREADS), "-np", str(PARALLEL), "-c", str(N_CTX)]
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(port, server)
+        http_stream(port, 16)  # warm
+        for count in STREAMS:
+            rates = [_aggregate(port, "", count) for _ in range(rounds)]
+            aggregate = statistics.median(rate for rate, _ in rates)
+            ratio = aggregate / direct_tps
+            note(f"llama.cpp server, {count} streams: {aggregate:.1f} tok/s, {ratio:.2f}x direct")
+            yield result(
+                NAME,
+                f"llama_server_aggregate_tps_{count}_streams",
+                round(aggregate, 2),
+                "tok/s",
+                ratio_vs_direct_single=round(ratio, 3),
+                direct_single_tps=round(direct_tps, 2),
+                rounds=[round(rate, 2) for rate, _ in rates],
+                errors=sum(failed for _, failed in rates),
+                parallel=PARALLEL,
+            )
+    finally:
+        stop(server)
+
+
+def _wait_healthy(port: int, server: subprocess.Popen[bytes]) -> None:
+    """llama-server listens at once and answers /health 503 until its model is loaded."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"llama-server exited with {server.returncode} while starting")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://{LOOPBACK}:{port}/health", timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"llama-server not healthy after {READY_TIMEOUT} s")
 
 
 def _aggregate(port: int, key: str, count: int) -> tuple[float, int]:

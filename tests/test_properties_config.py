@@ -62,6 +62,7 @@ CORNERS = [
     '["*"]',
     "[1, 2]",
     "[" * 5000,
+    "[" + "1" * 5000 + "]",  # json.loads refuses ints of over 4300 digits with a ValueError
     '{"a": 1}',
     "https://a.example",
 ]
@@ -289,3 +290,10 @@ def test_a_directory_as_env_file_is_refused_by_name(tmp_path: Path) -> None:
         parse_env_file(tmp_path)
     with pytest.raises(ConfigError, match="cannot be read"):
         load_settings({}, tmp_path)
+
+
+def test_a_json_number_too_long_for_python_is_refused_by_name(empty_env_file: Path) -> None:
+    """Found by the fuzz profile: json.loads raised ValueError (not JSONDecodeError) for an
+    integer of over 4300 digits inside BACKEND_CORS_ORIGINS."""
+    with pytest.raises(ConfigError, match=r"^BACKEND_CORS_ORIGINS="):
+        load_settings({"BACKEND_CORS_ORIGINS": "[" + "1" * 5000 + "]"}, empty_env_file)
