@@ -24,7 +24,7 @@ Settings (environment):
     SOAK_MODEL=tiny          tiny (generated test model) or gemma (var/models/, `make model`)
     SOAK_SKIP=               traffic kinds to leave out, comma-separated (to find what grows)
     SOAK_SLOPE_LIMIT_MB=5    growth allowed after warm-up, MiB per 10 minutes
-    SOAK_KEEP_STATE=0        1 keeps the temp state dir (daemon.log, redis, backups)
+    SOAK_KEEP_STATE=0        1 keeps the temp state dir (redis, backups) and its .log beside it
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ REPO: Final = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.harness import Daemon, running_daemon, short_tempdir  # noqa: E402
+from tests.harness import Daemon, daemon_log, running_daemon, short_tempdir  # noqa: E402
 
 GEMMA_FILE: Final = REPO / "var" / "models" / "gemma-3-270m-q4_k_m.gguf"
 PROCESSES: Final = ("daemon", "redis", "worker")
@@ -194,11 +194,9 @@ class Plan:
 
 def daemon_env(plan: Plan, state_dir: Path) -> dict[str, str]:
     env = {
-        # The harness keeps its own files (daemon.log, the notify socket, the admin key) in
-        # the folder it is given; the daemon's state dir is a folder inside it, as on a box
-        # where logs go to the journal: a backup archives the whole state dir, and a log
-        # that grows while it is archived would fail the backup ("changed while it was
-        # being backed up").
+        # The harness keeps its own files (the notify socket, the admin key, an env file)
+        # in the folder it is given; the daemon's state dir is a folder inside it, so that
+        # the backups this run makes archive only what the daemon keeps.
         "APPLIANCE_STATE_DIR": str(state_dir),
         # Budgets, rate and stream limits are on (their bookkeeping runs on every request,
         # which is what a soak must cover) but far above what this traffic reaches. Each
@@ -690,6 +688,7 @@ async def soak(plan: Plan) -> int:
     finally:
         if not plan.keep_state:
             shutil.rmtree(work_dir, ignore_errors=True)
+            daemon_log(work_dir).unlink(missing_ok=True)
     reasons: list[str] = summary.pop("reasons")
     summary["daemon_exit_code"] = exit_code
     if exit_code != 0:

@@ -68,6 +68,12 @@ class NotifySocket:
         self._socket.close()
 
 
+def daemon_log(state_dir: Path) -> Path:
+    """Beside the state dir, not in it: a backup refuses a file that changes while it is
+    archived (under systemd the log goes to the journal, not to the state dir)."""
+    return state_dir.with_name(state_dir.name + ".log")
+
+
 @dataclass
 class Daemon:
     process: trio.Process
@@ -203,7 +209,7 @@ async def start_daemon(
         notifier = NotifySocket(state_dir)
         await notifier.bind()
         env["NOTIFY_SOCKET"] = str(notifier.path)
-    log_path = state_dir / "daemon.log"
+    log_path = daemon_log(state_dir)
     with log_path.open("ab") as log:
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "appliance", "serve"],
