@@ -82,7 +82,10 @@ _WHY: Final = {
     401: "the API key is missing, wrong or revoked (`invalid_api_key`)",
     403: "the endpoint needs a key with scope admin (`admin_scope_required`)",
     404: "no such resource",
-    409: "another backup or restore is running (`busy`)",
+    409: (
+        "another backup or restore is running (`busy`), or the store is an external Redis "
+        "that Redis' own persistence backs up (`external_store`)"
+    ),
     413: "the body is larger than APPLIANCE_MAX_BODY_BYTES (`request_too_large`)",
     422: "a field is out of range or unknown; `param` names it",
     429: (
@@ -91,9 +94,15 @@ _WHY: Final = {
     ),
     500: "an internal error; the log has details under the request id",
     502: "the remote LLM cannot be reached, refused or broke off",
-    503: "storage, the model or its worker is unavailable; retry shortly",
+    503: (
+        "storage, the model or its worker is unavailable, or the KV cache is full "
+        "(`context_full`); retry shortly"
+    ),
     504: "the generation passed APPLIANCE_REQUEST_TIMEOUT (or the remote LLM's timeout)",
-    507: "storage is full (APPLIANCE_REDIS_MAXMEMORY); nothing was written",
+    507: (
+        "storage is full (APPLIANCE_REDIS_MAXMEMORY reached, or no space left on the state "
+        "dir's disk); nothing was written"
+    ),
 }
 
 
