@@ -74,28 +74,7 @@ def run(quick: bool) -> Iterator[dict[str, Any]]:
             daemon.wait_ready(READY_TIMEOUT)
             key = daemon.api_key()
             http_stream(daemon.port, 16, key=key)  # warm, and the prompt is cached
-            for count in STREAMS:
-                rates = [_aggregate(daemon.port, key, count) for _ in range(rounds)]
-                aggregate = statistics.median(rate for rate, _ in rates)
-                errors = sum(failed for _, failed in rates)
-                ratio = aggregate / direct_tps
-                note(f"{count} streams: {aggregate:.1f} tok/s, {ratio:.2f}x direct")
-                extra: dict[str, Any] = {}
-                if count == 4:
-                    extra = {"goal": f">= {GOAL_AT_4}", "meets_goal": ratio >= GOAL_AT_4}
-                yield result(
-                    NAME,
-                    f"aggregate_tps_{count}_streams",
-                    round(aggregate, 2),
-                    "tok/s",
-                    ratio_vs_direct_single=round(ratio, 3),
-                    direct_single_tps=round(direct_tps, 2),
-                    rounds=[round(rate, 2) for rate, _ in rates],
-                    errors=errors,
-                    max_tokens=CONCURRENT_MAX_TOKENS,
-                    parallel=PARALLEL,
-                    **extra,
-                )
+            yield from _streams("", daemon.port, key, rounds, direct_tps)
             yield from _turns(daemon, key)
         yield from _peer(model, state / "llama-server.log", rounds, direct_tps)
 
@@ -114,24 +93,38 @@ def _peer(model: Path, log_path: Path, rounds: int, direct_tps: float) -> Iterat
     try:
         _wait_healthy(port, server)
         http_stream(port, 16)  # warm
-        for count in STREAMS:
-            rates = [_aggregate(port, "", count) for _ in range(rounds)]
-            aggregate = statistics.median(rate for rate, _ in rates)
-            ratio = aggregate / direct_tps
-            note(f"llama.cpp server, {count} streams: {aggregate:.1f} tok/s, {ratio:.2f}x direct")
-            yield result(
-                NAME,
-                f"llama_server_aggregate_tps_{count}_streams",
-                round(aggregate, 2),
-                "tok/s",
-                ratio_vs_direct_single=round(ratio, 3),
-                direct_single_tps=round(direct_tps, 2),
-                rounds=[round(rate, 2) for rate, _ in rates],
-                errors=sum(failed for _, failed in rates),
-                parallel=PARALLEL,
-            )
+        yield from _streams("llama_server_", port, "", rounds, direct_tps)
     finally:
         stop(server)
+
+
+def _streams(
+    prefix: str, port: int, key: str, rounds: int, direct_tps: float
+) -> Iterator[dict[str, Any]]:
+    """Aggregate rate of 1, 2, 4 and 8 concurrent streams against the server at `port`
+    (the appliance with `key`, or llama.cpp's server), each against the direct rate."""
+    who = "llama.cpp server, " if prefix else ""
+    for count in STREAMS:
+        rates = [_aggregate(port, key, count) for _ in range(rounds)]
+        aggregate = statistics.median(rate for rate, _ in rates)
+        ratio = aggregate / direct_tps
+        note(f"{who}{count} streams: {aggregate:.1f} tok/s, {ratio:.2f}x direct")
+        extra: dict[str, Any] = {}
+        if count == 4 and not prefix:
+            extra = {"goal": f">= {GOAL_AT_4}", "meets_goal": ratio >= GOAL_AT_4}
+        yield result(
+            NAME,
+            f"{prefix}aggregate_tps_{count}_streams",
+            round(aggregate, 2),
+            "tok/s",
+            ratio_vs_direct_single=round(ratio, 3),
+            direct_single_tps=round(direct_tps, 2),
+            rounds=[round(rate, 2) for rate, _ in rates],
+            errors=sum(failed for _, failed in rates),
+            max_tokens=CONCURRENT_MAX_TOKENS,
+            parallel=PARALLEL,
+            **extra,
+        )
 
 
 def _wait_healthy(port: int, server: subprocess.Popen[bytes]) -> None:

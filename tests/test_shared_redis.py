@@ -199,7 +199,8 @@ async def test_with_remote_and_search_off_nothing_connects_outside_the_box() -> 
 # --- retention turns and backups with a shared Redis ---------------------------------------
 
 
-def _sweep_times(daemon: Daemon) -> list[float]:
+def sweep_times(daemon: Daemon) -> list[float]:
+    """When this appliance's retention sweeps ran (from its log lines)."""
     times = []
     for line in daemon.log_lines():
         if str(line.get("message", "")).startswith("retention sweep deleted"):
@@ -208,8 +209,9 @@ def _sweep_times(daemon: Daemon) -> list[float]:
     return times
 
 
-async def _write_expired(url: str, count: int) -> list[str]:
-    """Conversations last active eight days ago, written by the product's store code."""
+async def write_conversations(url: str, count: int, days_ago: float) -> list[str]:
+    """Conversations last active `days_ago` days ago, written by the product's store code
+    (retention is 7 days)."""
     codec = await trio.to_thread.run_sync(
         KeyRing, SHARED_SECRETS["SECRET_KEY"], SHARED_SECRETS["PRIVACY_SALT"]
     )
@@ -221,7 +223,7 @@ async def _write_expired(url: str, count: int) -> list[str]:
             store,
             codec,
             retention_seconds=7 * DAY_SECONDS,
-            clock=lambda: time.time() - 8 * DAY_SECONDS,
+            clock=lambda: time.time() - days_ago * DAY_SECONDS,
         )
         for n in range(count):
             conversation_id = os.urandom(16).hex()
@@ -262,7 +264,7 @@ async def test_appliances_on_one_redis_take_turns_at_retention_and_refuse_backup
                         await trio.sleep(0.01)
                     await client.delete([DONE_KEY])
                     held_from = time.time()
-                    expired = await _write_expired(url, 10)
+                    expired = await write_conversations(url, 10, days_ago=8)
                     await trio.sleep(2 * period)
                     # Nobody sweeps, and nobody but its holder removes the lock.
                     assert await client.get(LOCK_KEY) == b"dead-holder"
@@ -291,7 +293,7 @@ async def test_appliances_on_one_redis_take_turns_at_retention_and_refuse_backup
                 )
                 assert command.returncode == 1
                 assert b"RDB" in command.stderr and b"BGSAVE" in command.stderr
-        sweeps = sorted(_sweep_times(first) + _sweep_times(second))
+        sweeps = sorted(sweep_times(first) + sweep_times(second))
         # One sweep per period between the two; none while the dead holder's lock lasted.
         gaps = [later - earlier for earlier, later in itertools.pairwise(sweeps)]
         assert all(gap >= period for gap in gaps), gaps
