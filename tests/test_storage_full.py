@@ -238,7 +238,9 @@ async def test_redis_maxmemory_refuses_writes_with_507_and_never_evicts() -> Non
             assert refusals == 3, "the store never filled"
             assert len(written.exchanges) > 10
             first = next(iter(written.exchanges))
-            assert_storage_full(await send(client, "one more turn", first))
+            # A follow-up of a few hundred bytes (a few bytes may come free near the cap,
+            # so a tiny one could still fit; a large one would not fit the context).
+            assert_storage_full(await send(client, f"{WORDS * 4} one more turn", first))
 
             # Nothing was evicted to make room: every acknowledged conversation is there.
             await written.check(client)
