@@ -16,8 +16,28 @@ import trio
 LOGGER = logging.getLogger("appliance.children")
 
 _PR_SET_PDEATHSIG: Final = 1
+# Signals that say a child crashed on its own (not killed from outside).
+_CRASH_SIGNALS: Final = frozenset(
+    {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
+)
 # Variables a child must not inherit: it is not the unit's main process.
 _PRIVATE_ENV: Final = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+
+
+def describe_exit(code: int) -> str:
+    """A child's exit status (Popen's returncode) in words."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def crashed_by_itself(code: int) -> bool:
+    """An error exit or a crash signal; a SIGKILL or SIGTERM may have come from outside (the
+    operator, the OOM killer)."""
+    return code > 0 or (code < 0 and -code in _CRASH_SIGNALS)
 
 
 def _die_with_parent() -> None:

@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +34,7 @@ from bench_llm import (
     REQUEST_TIMEOUT,
     THREADS,
     DirectBaseline,
-    Stream,
+    concurrent_streams,
     http_stream,
 )
 from harness import (
@@ -143,18 +142,8 @@ def _wait_healthy(port: int, server: subprocess.Popen[bytes]) -> None:
 def _aggregate(port: int, key: str, count: int) -> tuple[float, int]:
     """Tokens of `count` streams started together over the time from the first request to
     the last token, and how many streams failed."""
-    barrier = threading.Barrier(count)
-    streams: list[Stream | None] = [None] * count
-
-    def client(index: int) -> None:
-        streams[index] = http_stream(port, CONCURRENT_MAX_TOKENS, barrier=barrier, key=key)
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(REQUEST_TIMEOUT * 2)
-    done = [s for s in streams if s is not None and s.ok]
+    streams = concurrent_streams(port, key, count)
+    done = [s for s in streams if s.ok]
     if not done:
         return 0.0, count
     start = min(s.sent_at for s in done)

@@ -859,13 +859,19 @@ def concurrent(rounds: int, single_stream_tps: float, quiet: Quiet) -> Iterator[
 
 
 def _concurrent_round(port: int, key: str) -> list[Stream]:
-    barrier = threading.Barrier(CLIENTS)
-    results: list[Stream | None] = [None] * CLIENTS
+    return concurrent_streams(port, key, CLIENTS)
+
+
+def concurrent_streams(port: int, key: str, count: int) -> list[Stream]:
+    """`count` streams of CONCURRENT_MAX_TOKENS started together (one thread each); a
+    client that did not finish in time is a failed Stream."""
+    barrier = threading.Barrier(count)
+    results: list[Stream | None] = [None] * count
 
     def client(index: int) -> None:
         results[index] = http_stream(port, CONCURRENT_MAX_TOKENS, barrier=barrier, key=key)
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(CLIENTS)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(count)]
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + REQUEST_TIMEOUT * 2

@@ -26,7 +26,13 @@ from typing import Any, Final
 import psutil
 import trio
 
-from appliance.children import forward_output, spawn, terminate
+from appliance.children import (
+    crashed_by_itself,
+    describe_exit,
+    forward_output,
+    spawn,
+    terminate,
+)
 from appliance.config import Settings
 from appliance.llm.errors import (
     DeadlineExceeded,
@@ -56,10 +62,6 @@ STOP_GRACE: Final = 5.0
 CANCEL_GRACE: Final = 5.0
 RETRY_AFTER_SECONDS: Final = 2
 PRELOAD_TRIES: Final = 3
-# Signals that say the worker crashed on its own (not killed from outside).
-CRASH_SIGNALS: Final = frozenset(
-    {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
-)
 # Deaths of any kind in a row while loading one model that mark it failed.
 LOAD_DEATHS_TO_FAIL: Final = 2
 
@@ -183,7 +185,7 @@ class InferenceService(Service):
             self.stats.crashes += 1
             if loading is not None:
                 await self._died_loading(loading, code)
-            raise WorkerCrashed(_describe_exit(code))
+            raise WorkerCrashed(describe_exit(code))
 
     async def _watch_exit(
         self,
@@ -194,8 +196,8 @@ class InferenceService(Service):
     ) -> None:
         code = await process.wait()
         exit_.append((code, self._loading))
-        LOGGER.error("the inference worker %s", _describe_exit(code))
-        link.fail(WorkerCrashed(_describe_exit(code)))
+        LOGGER.error("the inference worker %s", describe_exit(code))
+        link.fail(WorkerCrashed(describe_exit(code)))
         scope.cancel()
 
     async def _load_at_start(self) -> None:
@@ -227,18 +229,17 @@ class InferenceService(Service):
 
     async def _died_loading(self, model: str, code: int) -> None:
         deaths = self._load_deaths[model] = self._load_deaths.get(model, 0) + 1
-        crashed = code > 0 or (code < 0 and -code in CRASH_SIGNALS)
-        if not crashed and deaths < LOAD_DEATHS_TO_FAIL:
+        if not crashed_by_itself(code) and deaths < LOAD_DEATHS_TO_FAIL:
             LOGGER.warning(
                 "the worker died while loading %s (%s); loading it again",
                 model,
-                _describe_exit(code),
+                describe_exit(code),
             )
             return
         del self._load_deaths[model]
         times = "" if deaths == 1 else f", {deaths} times in a row"
         await self._mark_failed(
-            model, f"the worker died while loading it ({_describe_exit(code)}{times})"
+            model, f"the worker died while loading it ({describe_exit(code)}{times})"
         )
 
     async def _mark_failed(self, model: str, reason: str) -> None:
@@ -475,15 +476,6 @@ class InferenceService(Service):
             LOGGER.info("worker RSS is %d MB (APPLIANCE_WORKER_MAX_RSS_MB)", rss // 2**20)
             return True
         return False
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
 
 
 async def _cancel(link: WorkerLink, request_id: int, pending: Pending) -> None:
