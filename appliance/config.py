@@ -140,6 +140,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         default=0.0, name="APPLIANCE_REMOTE_BUDGET_MONTHLY"
     )
     npu_force_enable: bool = msgspec.field(default=False, name="NPU_FORCE_ENABLE")
+    stream_stall_seconds: PositiveFloat = msgspec.field(
+        default=30.0, name="APPLIANCE_STREAM_STALL_SECONDS"
+    )
+    parallel_per_key: Annotated[int, msgspec.Meta(ge=0, le=64)] = msgspec.field(
+        default=0, name="APPLIANCE_PARALLEL_PER_KEY"
+    )
 
     def __post_init__(self) -> None:
         bind = _BIND.match(self.bind)

@@ -144,4 +144,13 @@ DOCS: Final[dict[str, SettingDoc]] = {
         "money, 0 = no limit", "remote spending of the whole appliance per calendar month"
     ),
     "NPU_FORCE_ENABLE": SettingDoc("true | false", "ask for an NPU backend"),
+    "APPLIANCE_STREAM_STALL_SECONDS": SettingDoc(
+        "seconds, above 0",
+        "a streamed answer whose client takes no data for this long is cancelled and its "
+        "connection closed",
+    ),
+    "APPLIANCE_PARALLEL_PER_KEY": SettingDoc(
+        "whole number, 0 to 64; 0 = APPLIANCE_PARALLEL - 1 (at least 1)",
+        "generations one API key may run at once (the rest wait, fairly across keys)",
+    ),
 }
