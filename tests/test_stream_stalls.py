@@ -1,0 +1,127 @@
+"""Clients that stop reading their streams, on the real daemon with the tiny model.
+
+A stream's client that takes no bytes (a small receive buffer it never reads) must lose the
+stream after APPLIANCE_STREAM_STALL_SECONDS: its generation cancelled, its slot and budget
+reservation freed, the log saying why. Meanwhile another key is served: one key's share of
+the slots leaves room for others.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any, Final
+
+import httpx
+import trio
+
+from tests.harness import Daemon, running_daemon
+
+STALL_SECONDS: Final = 3
+# Each stream asks for this many tokens: far more bytes than the socket buffers hold.
+STREAM_TOKENS: Final = 400
+RECEIVE_BUFFER: Final = 2048
+
+
+async def _non_reading_stream(daemon: Daemon, key: str) -> trio.socket.SocketType:
+    """A streamed chat completion whose client never reads a byte of the answer."""
+    host, port = daemon.url.removeprefix("http://").rsplit(":", 1)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+    await sock.connect((host, int(port)))
+    body = json.dumps(
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "tell me a long story"}],
+            "max_tokens": STREAM_TOKENS,
+            "temperature": 0,
+            "stream": True,
+        }
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    await sock.send(head + body)
+    return sock
+
+
+async def _llm(client: httpx.AsyncClient) -> dict[str, Any]:
+    metrics: dict[str, Any] = (await client.get("/api/v1/health/metrics")).json()["llm"]
+    return metrics
+
+
+async def _ended(sock: trio.socket.SocketType) -> bool:
+    """Whether the server ended the connection: what it had sent, then EOF or a reset."""
+    try:
+        while await sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+async def test_streams_that_are_not_read_lose_their_slots_and_others_are_served() -> None:
+    env = {"APPLIANCE_STREAM_STALL_SECONDS": str(STALL_SECONDS)}
+    with trio.fail_after(120):
+        async with running_daemon(env) as daemon, daemon.client(timeout=30) as admin:
+            greedy = await daemon.create_key("greedy", tokens_per_day=100_000)
+            other = await daemon.create_key("other")
+            sockets = [await _non_reading_stream(daemon, greedy) for _ in range(4)]
+            # The default share of APPLIANCE_PARALLEL=4 is 3: the fourth stream waits.
+            while (llm := await _llm(admin))["running"] < 3 or llm["queue_depth"] < 1:
+                await trio.sleep(0.05)
+            async with daemon.client(key=greedy) as client:
+                reserved = (await client.get("/api/v1/usage")).json()["local"]["day"]
+            assert reserved >= 4 * STREAM_TOKENS
+
+            # Another key is served while the four streams hold what they may.
+            started = trio.current_time()
+            async with daemon.client(key=other, timeout=None) as client:
+                with trio.fail_after(STALL_SECONDS + 15):
+                    answer = await client.post(
+                        "/api/v1/chat/send", json={"message": "hello", "max_tokens": 4}
+                    )
+            assert answer.status_code == 200, answer.text
+            assert trio.current_time() - started < STALL_SECONDS + 15
+
+            # Each stream stalls in turn (the fourth once it got a slot): the generations
+            # are cancelled, the slots free, the connections closed. (Reading a socket
+            # before would take data from it: that client would not be stalled.)
+            with trio.fail_after(4 * STALL_SECONDS + 30):
+                while (llm := await _llm(admin))["running"] or llm["queue_depth"]:
+                    await trio.sleep(0.05)
+            with trio.fail_after(30):
+                for sock in sockets:
+                    assert await _ended(sock)
+                    sock.close()
+
+            # The reservations were given back: what is charged is what was sent.
+            async with daemon.client(key=greedy) as client:
+                charged = (await client.get("/api/v1/usage")).json()["local"]["day"]
+                assert charged < reserved / 2, (charged, reserved)
+                # The key itself is served again (its slots are free).
+                again = await client.post(
+                    "/api/v1/chat/send", json={"message": "again", "max_tokens": 4}
+                )
+                assert again.status_code == 200, again.text
+
+    stalls = [
+        line
+        for line in daemon.log_lines()
+        if line.get("level") == "WARNING" and "stream stalled" in line.get("message", "")
+    ]
+    assert len(stalls) == 4, stalls
+    assert all("APPLIANCE_STREAM_STALL_SECONDS" in line["message"] for line in stalls)
+    # Each names the request it ended.
+    assert len({line.get("request_id") for line in stalls}) == 4
+    access = [
+        line
+        for line in daemon.log_lines()
+        if line.get("logger") == "appliance.access"
+        and line.get("endpoint") == "/v1/chat/completions"
+    ]
+    # A stalled stream's access line comes when it ends: after the stall time.
+    assert len(access) == 4
+    assert all(line["duration_ms"] >= STALL_SECONDS * 1000 for line in access), access
