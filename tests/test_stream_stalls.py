@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from typing import Any, Final
 
 import httpx
@@ -47,9 +48,11 @@ async def _non_reading_stream(daemon: Daemon, key: str) -> trio.socket.SocketTyp
     return sock
 
 
-async def _llm(client: httpx.AsyncClient) -> dict[str, Any]:
-    metrics: dict[str, Any] = (await client.get("/api/v1/health/metrics")).json()["llm"]
-    return metrics
+async def _wait_for_llm(
+    client: httpx.AsyncClient, predicate: Callable[[dict[str, Any]], bool]
+) -> None:
+    while not predicate((await client.get("/api/v1/health/metrics")).json()["llm"]):  # noqa: ASYNC110 - another process
+        await trio.sleep(0.05)
 
 
 async def _ended(sock: trio.socket.SocketType) -> bool:
@@ -70,8 +73,7 @@ async def test_streams_that_are_not_read_lose_their_slots_and_others_are_served(
             other = await daemon.create_key("other")
             sockets = [await _non_reading_stream(daemon, greedy) for _ in range(4)]
             # The default share of APPLIANCE_PARALLEL=4 is 3: the fourth stream waits.
-            while (llm := await _llm(admin))["running"] < 3 or llm["queue_depth"] < 1:
-                await trio.sleep(0.05)
+            await _wait_for_llm(admin, lambda llm: llm["running"] == 3 and llm["queue_depth"])
             async with daemon.client(key=greedy) as client:
                 reserved = (await client.get("/api/v1/usage")).json()["local"]["day"]
             assert reserved >= 4 * STREAM_TOKENS
@@ -90,8 +92,7 @@ async def test_streams_that_are_not_read_lose_their_slots_and_others_are_served(
             # are cancelled, the slots free, the connections closed. (Reading a socket
             # before would take data from it: that client would not be stalled.)
             with trio.fail_after(4 * STALL_SECONDS + 30):
-                while (llm := await _llm(admin))["running"] or llm["queue_depth"]:
-                    await trio.sleep(0.05)
+                await _wait_for_llm(admin, lambda llm: not llm["running"] + llm["queue_depth"])
             with trio.fail_after(30):
                 for sock in sockets:
                     assert await _ended(sock)
