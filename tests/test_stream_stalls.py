@@ -14,9 +14,10 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import httpx
+import pytest
 import trio
 
-from tests.harness import Daemon, running_daemon
+from tests.harness import Daemon, install_tiny_model, running_daemon, short_tempdir
 
 STALL_SECONDS: Final = 3
 # Each stream asks for this many tokens: far more bytes than the socket buffers hold.
@@ -65,20 +66,38 @@ async def _ended(sock: trio.socket.SocketType) -> bool:
     return True
 
 
-async def test_streams_that_are_not_read_lose_their_slots_and_others_are_served() -> None:
-    env = {"APPLIANCE_STREAM_STALL_SECONDS": str(STALL_SECONDS)}
+@pytest.mark.parametrize(
+    "share",
+    [
+        "0",  # the default: a key may run APPLIANCE_PARALLEL - 1 generations at once
+        "4",  # one key may take every slot: the stall limit alone frees them
+    ],
+)
+async def test_streams_that_are_not_read_lose_their_slots_and_others_are_served(
+    share: str,
+) -> None:
+    env = {
+        "APPLIANCE_STREAM_STALL_SECONDS": str(STALL_SECONDS),
+        "APPLIANCE_PARALLEL_PER_KEY": share,
+    }
+    state = short_tempdir()
+    # Room in the context for four whole answers: none is cut short for lack of it.
+    install_tiny_model(state / "models", context_length=4096)
     with trio.fail_after(120):
-        async with running_daemon(env) as daemon, daemon.client(timeout=30) as admin:
+        async with (
+            running_daemon(env, state_dir=state) as daemon,
+            daemon.client(timeout=30) as admin,
+        ):
             greedy = await daemon.create_key("greedy", tokens_per_day=100_000)
             other = await daemon.create_key("other")
             sockets = [await _non_reading_stream(daemon, greedy) for _ in range(4)]
-            # The default share of APPLIANCE_PARALLEL=4 is 3: the fourth stream waits.
-            await _wait_for_llm(admin, lambda llm: llm["running"] == 3 and llm["queue_depth"])
+            # All four are in (with the default share of 3 of the 4 slots, one waits).
+            await _wait_for_llm(admin, lambda llm: llm["running"] + llm["queue_depth"] == 4)
             async with daemon.client(key=greedy) as client:
                 reserved = (await client.get("/api/v1/usage")).json()["local"]["day"]
             assert reserved >= 4 * STREAM_TOKENS
 
-            # Another key is served while the four streams hold what they may.
+            # Another key is served: at once, or once the stall limit freed a slot.
             started = trio.current_time()
             async with daemon.client(key=other, timeout=None) as client:
                 with trio.fail_after(STALL_SECONDS + 15):
