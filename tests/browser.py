@@ -97,13 +97,16 @@ def off_loopback(urls: list[str]) -> list[str]:
     return outside
 
 
-def wait_until(driver: Any, condition: Callable[[Any], Any], timeout: float = 30) -> Any:
-    """`condition`'s first true value; on a timeout the failure shows what the page said."""
+def wait_until(
+    driver: Any, condition: Callable[[Any], Any], timeout: float = 30, every: float = 0.02
+) -> Any:
+    """`condition`'s first true value; on a timeout the failure shows what the page said.
+    A condition that calls the API should poll slower (`every`): keys are rate limited."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.02).until(condition)
+        return WebDriverWait(driver, timeout, poll_frequency=every).until(condition)
     except TimeoutException:
         shown = driver.execute_script("return document.body.innerText")
         raise AssertionError(f"timed out after {timeout} s; the page shows:\n{shown}") from None

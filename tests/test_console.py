@@ -160,6 +160,7 @@ def _chat_scenario(base: str, user_key: str, admin_key: str, tight_key: str) -> 
             driver,
             lambda d: admin.get("/api/v1/health/metrics").json()["llm"]["running"] == 0,
             timeout=20,
+            every=0.25,
         )
         # The stopped exchange was not stored; the conversation is as it was.
         assert api.get(f"/api/v1/conversations/{first}").json()["message_count"] == 2
@@ -181,6 +182,7 @@ def _chat_scenario(base: str, user_key: str, admin_key: str, tight_key: str) -> 
             driver,
             lambda d: api.get(f"/api/v1/conversations/{first}").json()["message_count"] == 4,
             timeout=120,
+            every=0.5,
         )
         browser.wait_until(driver, lambda d: find(By.ID, "send").is_displayed(), timeout=60)
         browser.screenshot(driver, "chat-desktop")
