@@ -140,6 +140,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         default=0.0, name="APPLIANCE_REMOTE_BUDGET_MONTHLY"
     )
     npu_force_enable: bool = msgspec.field(default=False, name="NPU_FORCE_ENABLE")
+    console: bool = msgspec.field(default=True, name="APPLIANCE_CONSOLE")
 
     def __post_init__(self) -> None:
         bind = _BIND.match(self.bind)

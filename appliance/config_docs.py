@@ -144,4 +144,7 @@ DOCS: Final[dict[str, SettingDoc]] = {
         "money, 0 = no limit", "remote spending of the whole appliance per calendar month"
     ),
     "NPU_FORCE_ENABLE": SettingDoc("true | false", "ask for an NPU backend"),
+    "APPLIANCE_CONSOLE": SettingDoc(
+        "true | false", "serve the web console (chat page at /, operator page at /operator)"
+    ),
 }

@@ -18,6 +18,8 @@ from appliance.store.client import RedisClient, refuses_writes
 # of what was stored before keys existed.
 LOCAL_ADMIN: Final = ApiKey(id="local", name="local", scope="admin", created=0.0)
 PUBLIC_PATHS: Final = frozenset({"/api/v1/health/live", "/api/v1/health/ready"})
+# The web console's pages and files hold no data (they call the API with the person's key).
+OPEN_BLUEPRINTS: Final = frozenset({"console"})
 # Blueprints whose routes need scope admin: administration, backups, keys, the model
 # registry's details and the service/metrics internals. Chat, conversations, privacy and
 # the OpenAI API take any key.
@@ -80,7 +82,7 @@ class Gate:
         self, path: str, method: str, blueprint: str | None, header: str | None, address: str
     ) -> ApiKey | None:
         """The caller's key (None for open routes); Refused otherwise."""
-        if method == "OPTIONS" or path in PUBLIC_PATHS:
+        if method == "OPTIONS" or path in PUBLIC_PATHS or blueprint in OPEN_BLUEPRINTS:
             return None
         if not self.enabled:
             return LOCAL_ADMIN

@@ -19,6 +19,7 @@ from appliance.auth.budgets import Budgets
 from appliance.auth.gate import Gate, Refused
 from appliance.backup.service import Backups
 from appliance.config import Settings
+from appliance.http.console import install_console
 from appliance.http.errors import ApiError, register_error_handlers
 from appliance.llm.engine import InferenceService
 from appliance.llm.registry import ModelRegistry
@@ -99,12 +100,13 @@ def register_blueprints(app: Quart) -> None:
     from appliance.http.admin import blueprint as admin
     from appliance.http.chat import blueprint as chat
     from appliance.http.health import blueprint as health
+    from appliance.http.keys import blueprint as keys
     from appliance.http.models import blueprint as models
     from appliance.http.openai import blueprint as openai
     from appliance.http.privacy import blueprint as privacy
     from appliance.http.usage import blueprint as usage
 
-    for blueprint in (health, chat, models, openai, privacy, admin, usage):
+    for blueprint in (health, chat, models, openai, privacy, admin, usage, keys):
         app.register_blueprint(blueprint)
 
 
@@ -117,6 +119,7 @@ def create_app(state: Runtime) -> Quart:
     # (APPLIANCE_REQUEST_TIMEOUT) instead, plus time for a slow client to read the rest.
     app.config["RESPONSE_TIMEOUT"] = state.settings.request_timeout + 60
     register_blueprints(app)
+    install_console(app, state.settings.console)
     register_error_handlers(app)
     _install_request_hooks(app, state)
     origins = state.settings.allowed_origins
