@@ -11,6 +11,7 @@ from typing import Any, Final
 
 import h11
 import msgspec
+import trio
 from hypercorn.protocol.events import Body, EndBody, Response
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
@@ -18,6 +19,8 @@ from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from appliance.http.errors import error_body
 
 REQUEST_ID_HEADER: Final = b"x-request-id"
+# How long a refused request's body is read before the answer (see RejectAmbiguousFraming).
+DRAIN_SECONDS: Final = 5.0
 # hypercorn's status for each protocol error (h11's hint), and what the client should do.
 _PROTOCOL_ERRORS: Final = {
     400: (
@@ -87,6 +90,16 @@ def use_json_protocol_errors() -> None:
     HTTPStream._send_error_response = _stream_error_response  # type: ignore[method-assign]
 
 
+async def _drain(receive: Any, limit: int) -> None:
+    taken = 0
+    with trio.move_on_after(DRAIN_SECONDS):
+        while taken <= limit:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
+            taken += len(message.get("body", b""))
+
+
 def ambiguous_framing(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """Content-Length together with Transfer-Encoding: two answers to where the body ends,
     the shape of request smuggling (RFC 9112 section 6.3 says reject, and close)."""
@@ -95,16 +108,21 @@ def ambiguous_framing(headers: Iterable[tuple[bytes, bytes]]) -> bool:
 
 
 class RejectAmbiguousFraming:
-    """ASGI middleware: 400 and close for a request framed both ways, before any of its
-    body is read, so nothing after it on the connection is taken as another request."""
+    """ASGI middleware: 400 and close for a request framed both ways. Nothing after it on
+    the connection is taken as another request: the answer closes the connection."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, body_limit: int) -> None:
         self.app = app
+        self.body_limit = body_limit
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not ambiguous_framing(scope["headers"]):
             await self.app(scope, receive, send)
             return
+        # Let hypercorn finish reading this request first (bounded): answering while it
+        # still parses the rest of the bytes races its close of the connection against
+        # the answer, and the client may get nothing at all.
+        await _drain(receive, self.body_limit)
         request_id = _request_id()
         body = msgspec.json.encode(
             error_body(

@@ -103,7 +103,8 @@ class HttpService(Service):
         use_json_protocol_errors()
         # Outermost first: refuse ambiguous framing, then find the client behind proxies.
         self._asgi = RejectAmbiguousFraming(
-            ClientAddress(self._count_requests, settings.trusted_networks, settings.proxy_header)
+            ClientAddress(self._count_requests, settings.trusted_networks, settings.proxy_header),
+            settings.max_body_bytes,
         )
         # The self-probe checks that the port answers; it talks to itself, so it does not
         # verify the certificate (its name may not be the loopback address). Made once.
