@@ -14,12 +14,16 @@ import pytest
 import trio
 
 from tests.certs import self_signed, trusting
-from tests.harness import daemon_environment, running_daemon, short_tempdir
+from tests.harness import daemon_environment, free_port, running_daemon, short_tempdir
 
 
 async def test_https_with_httpx_and_the_openai_client() -> None:
     cert, key = self_signed(short_tempdir("tc"))
-    env = {"APPLIANCE_TLS_CERT": str(cert), "APPLIANCE_TLS_KEY": str(key)}
+    env = {
+        "APPLIANCE_TLS_CERT": str(cert),
+        "APPLIANCE_TLS_KEY": str(key),
+        "APPLIANCE_BIND": f"127.0.0.1:{free_port()}",
+    }
     with trio.fail_after(120):
         async with running_daemon(env) as daemon:
             # READY came, so the daemon's own probe got through TLS too.
@@ -46,6 +50,16 @@ async def test_https_with_httpx_and_the_openai_client() -> None:
                     await openai.AsyncOpenAI(
                         base_url=f"{daemon.url}/v1", api_key="ak-wrong", http_client=http
                     ).models.list()
+            # `appliance status` reaches the daemon over HTTPS too (pinned to the certificate).
+            status = await trio.run_process(
+                [sys.executable, "-m", "appliance", "status", "--json"],
+                env=daemon.env,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert status.returncode == 0, status.stderr
+            assert json.loads(status.stdout)["ready"] is True
             # A client that does not trust the certificate is refused by TLS itself...
             async with httpx.AsyncClient(timeout=10) as untrusting:
                 with pytest.raises(httpx.ConnectError):
