@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterator
 from typing import Final
 
 import coredis
+import trio
 from coredis.tokens import PureToken
 
 from appliance.auth.apikeys import ApiKey, KeyStore
-from appliance.store.client import RedisClient, refuses_writes
+from appliance.store.client import RedisClient, StoreUnavailable, refuses_writes
 
 # Who every request is with APPLIANCE_AUTH=off (development on loopback only): the owner
 # of what was stored before keys existed.
@@ -38,6 +39,8 @@ FAILURE_WINDOW: Final = 60
 FAILURES_ALLOWED: Final = 10
 LOOPBACK_BUCKET: Final = "loopback"
 IPV6_BUCKET_PREFIX: Final = 64
+# How long an open route waits for its optional key to be looked up.
+OPTIONAL_KEY_TIMEOUT: Final = 1.0
 RATE_WINDOW: Final = 60
 
 
@@ -124,8 +127,7 @@ class Gate:
             return LOCAL_ADMIN
         token = bearer_token(header)
         if path in PUBLIC_PATHS:
-            # Open to all; a valid key only lets its handler say more (details to admins).
-            return await self.keys.authenticate(token) if token else None
+            return await self._optional_key(token)
         key = await self.keys.authenticate(token) if token else None
         if key is None:
             await self._count_failure(address)
@@ -144,6 +146,19 @@ class Gate:
             with _unless_store_full():
                 await self._count_request(key)
         return key
+
+    async def _optional_key(self, token: str) -> ApiKey | None:
+        """The key on an open route, where it only lets the handler say more (readiness
+        details for admins). Open routes must answer while Redis does not (readiness says
+        so), so a slow or failing lookup, or a wrong key, is just no key; not a failure."""
+        if not token:
+            return None
+        with trio.move_on_after(OPTIONAL_KEY_TIMEOUT):
+            try:
+                return await self.keys.authenticate(token)
+            except (coredis.exceptions.RedisError, StoreUnavailable):
+                return None
+        return None
 
     async def _count_failure(self, address: str) -> None:
         """Count one failed attempt of the address's bucket; Refused(429) past the limit.
