@@ -4,6 +4,7 @@ over its limit, an app that never answered), which it sends with an empty body."
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterable
@@ -17,6 +18,8 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 
 from appliance.http.errors import error_body
+
+LOGGER = logging.getLogger("appliance.http")
 
 REQUEST_ID_HEADER: Final = b"x-request-id"
 # How long a refused request's body is read before the answer (see RejectAmbiguousFraming).
@@ -124,6 +127,12 @@ class RejectAmbiguousFraming:
         # the answer, and the client may get nothing at all.
         await _drain(receive, self.body_limit)
         request_id = _request_id()
+        LOGGER.warning(
+            "refused %s %r: both Content-Length and Transfer-Encoding (request smuggling shape)",
+            scope["method"],
+            scope["path"][:200],
+            extra={"request_id": request_id, "status": 400},
+        )
         body = msgspec.json.encode(
             error_body(
                 400,
