@@ -270,19 +270,18 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from appliance.ops.local_api import api_base, api_verify
+
     settings = _settings(args)
-    host = settings.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    base = f"http://{host}:{settings.port}/api/v1/health"
+    base = f"{api_base(settings)}/api/v1/health"
     with handing_back(settings):
         token = _operator_token(settings)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         # Loopback HTTP: no proxy, .netrc or CA bundle from the environment applies.
-        with httpx.Client(timeout=args.timeout, headers=headers, trust_env=False) as client:
+        with httpx.Client(
+            timeout=args.timeout, headers=headers, trust_env=False, verify=api_verify(settings)
+        ) as client:
             answer = client.get(f"{base}/services")
             # Without the store (so without a key) the services list stays empty.
             services = answer.json() if answer.status_code == 200 else {}

@@ -147,4 +147,24 @@ DOCS: Final[dict[str, SettingDoc]] = {
     "APPLIANCE_CONSOLE": SettingDoc(
         "true | false", "serve the web console (chat page at /, operator page at /operator)"
     ),
+    "APPLIANCE_TRUSTED_PROXIES": SettingDoc(
+        "comma-separated addresses or networks, e.g. 127.0.0.1, 10.0.0.0/8",
+        "reverse proxies whose forwarded client address is believed (APPLIANCE_PROXY_HEADER)",
+    ),
+    "APPLIANCE_PROXY_HEADER": SettingDoc(
+        "x-forwarded-for | forwarded", "the header the trusted proxies write the client into"
+    ),
+    "APPLIANCE_TLS_CERT": SettingDoc(
+        "absolute path of a PEM certificate chain", "serve HTTPS (with APPLIANCE_TLS_KEY)"
+    ),
+    "APPLIANCE_TLS_KEY": SettingDoc(
+        "absolute path of the PEM private key, no passphrase, mode 0600",
+        "serve HTTPS (with APPLIANCE_TLS_CERT)",
+    ),
+    "APPLIANCE_REMOTE_LLM_ALLOW_PLAINTEXT": SettingDoc(
+        "true | false", "production accepts a plain http:// remote LLM on another machine"
+    ),
+    "APPLIANCE_ENV_FILE": SettingDoc(
+        "absolute path", "the env file read; production refuses one that others may read"
+    ),
 }

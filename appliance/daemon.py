@@ -17,7 +17,7 @@ from appliance.backup.restore import recover_before_start
 from appliance.backup.service import Backups, BackupService
 from appliance.config import Settings, remote_config
 from appliance.http.app import Runtime, create_app
-from appliance.http.service import HttpService
+from appliance.http.service import HttpService, check_bind
 from appliance.llm.backends import backend_report
 from appliance.llm.engine import InferenceService
 from appliance.llm.registry import ModelRegistry
@@ -82,6 +82,7 @@ def _prepare_directories(settings: Settings) -> None:
 async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
     """Run until SIGTERM/SIGINT; return the exit code. ServiceFailed propagates."""
     notifier = notifier or Notifier()
+    await trio.to_thread.run_sync(check_bind, settings)  # a taken port stops the start at once
     await trio.to_thread.run_sync(_prepare_directories, settings)
     LOGGER.info("appliance %s starting (%s)", __version__, settings.env)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -339,6 +339,9 @@ def _operator_scenario(base: str, admin_key: str, user_key: str) -> None:
 
         sign_in(driver, base, admin_key, "/operator")
         browser.wait_until(driver, lambda d: find(By.ID, "ready-state").text == "ready")
+        # The page loads its parts side by side: wait for the last ones.
+        for part in ("figures", "processes", "service-rows", "model-rows", "key-rows"):
+            browser.wait_until(driver, lambda d, part=part: find(By.ID, part).text.strip())
         checks = {
             row.text.split()[0] for row in driver.find_elements(By.CSS_SELECTOR, "#checks tr")
         }

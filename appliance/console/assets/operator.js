@@ -166,8 +166,8 @@
     $("backup-status").textContent = `Verifying ${name}…`;
     try {
       await A.request("/api/v1/admin/backups/verify", { method: "POST", body: { archive: name } });
-      $("backup-status").textContent = `${name} is good.`;
       await backups();
+      $("backup-status").textContent = `${name} is good.`;
     } catch (failure) {
       $("backup-status").textContent = "";
       failed(failure);
@@ -182,8 +182,8 @@
     try {
       const response = await A.request("/api/v1/admin/backups", { method: "POST", body: {} });
       const made = await response.json();
-      $("backup-status").textContent = `Made ${made.name} (${A.bytes(made.size)}).`;
       await backups();
+      $("backup-status").textContent = `Made ${made.name} (${A.bytes(made.size)}).`;
     } catch (failure) {
       $("backup-status").textContent = "";
       failed(failure);
