@@ -81,26 +81,30 @@ def render_config(
     )
 
 
-def stop_orphan(pidfile: Path, config_path: Path) -> None:
-    """Stop a redis-server left running on our data by a supervisor that was killed.
+def stop_orphans(data_dir: Path) -> None:
+    """Stop redis-server processes left running on our data by a supervisor that was killed.
 
-    Two servers appending to one AOF would corrupt it. Only a process that really is
-    redis-server started with our config file is touched.
+    Its parent's death sends one SIGTERM, but it may still be saving (or be stopped):
+    started beside it, a new server would share its AOF, and its exit would remove the new
+    one's socket and pid file. Only redis-server processes working in our data dir are
+    touched (redis-server rewrites its command line, but works in its `dir`).
     """
-    try:
-        pid = int(pidfile.read_text().strip())
-        process = psutil.Process(pid)
-        if str(config_path) not in process.cmdline():
-            return
-    except (OSError, ValueError, psutil.Error):
-        return
-    LOGGER.warning("stopping redis-server %d left over from an earlier run", pid)
-    process.terminate()
-    try:
-        process.wait(timeout=STOP_GRACE)
-    except psutil.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=STOP_GRACE)
+    here = data_dir.resolve()
+    for process in psutil.process_iter(["name"]):
+        try:
+            if "redis-server" not in (process.info["name"] or ""):
+                continue
+            if Path(process.cwd()) != here:
+                continue
+            LOGGER.warning("stopping redis-server %d left over from an earlier run", process.pid)
+            process.terminate()
+            try:
+                process.wait(timeout=STOP_GRACE)
+            except psutil.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=STOP_GRACE)
+        except psutil.Error:
+            continue
 
 
 class EmbeddedRedis(Service):
@@ -152,7 +156,7 @@ class EmbeddedRedis(Service):
     def _prepare(self) -> bool:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        stop_orphan(self.data_dir / PIDFILE, self.config_path)
+        stop_orphans(self.data_dir)
         if self.socket_path.exists():
             # A socket left by a killed server would make clients connect to nothing.
             self.socket_path.unlink()
