@@ -373,7 +373,7 @@ def _other_store(settings: Settings, live: dict[str, Any]) -> str | None:
     try:
         ours = trio.run(our_store_id, settings)
     except Exception:
-        ours = None
+        return None  # not ours to read (a state dir of another user, say): cannot tell
     if ours == theirs:
         return None
     mine = (

@@ -30,7 +30,8 @@ _WORD: Final = re.compile(r"[a-z]{2,16}")
 
 
 class StateDirBusy(RuntimeError):
-    """Another process holds the state dir; the message names it and says what to do."""
+    """Another process holds the state dir (or this one may not take it); the message names
+    it and says what to do."""
 
 
 class StoreElsewhere(RuntimeError):
@@ -78,7 +79,13 @@ class StateLock:
         return self._fd is not None
 
     def _open(self) -> int:
-        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except PermissionError:
+            raise StateDirBusy(
+                f"cannot open {self.path}: permission denied (run the command as root or as "
+                "the user the daemon runs as)"
+            ) from None
 
     def try_acquire(self, holder: Holder) -> bool:
         """Take the lock without waiting and write `holder` into it; False when it is held
@@ -116,7 +123,7 @@ class StateLock:
         process that has not written its name yet (ask again)."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
             return None
         try:
             try:
@@ -149,7 +156,7 @@ class StateLock:
         """Whether some process (or another StateLock of this one) holds the lock now."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
