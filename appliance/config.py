@@ -166,7 +166,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         if not _MEMORY.match(self.redis_maxmemory):
             raise ValueError("APPLIANCE_REDIS_MAXMEMORY")
         if self.admin_key_hash and not re.fullmatch(
-            r"[0-9a-f]{16}:[0-9a-f]{64}", self.admin_key_hash
+            r"[0-9a-f]{16}:(v2:)?[0-9a-f]{64}", self.admin_key_hash
         ):
             raise ValueError("APPLIANCE_ADMIN_KEY_HASH")
         if not _DURATION.match(self.backup_interval):

@@ -27,7 +27,7 @@ DOCS: Final[dict[str, SettingDoc]] = {
     "APPLIANCE_MODELS_DIR": SettingDoc("absolute path", "GGUF models; default <state>/models"),
     "APPLIANCE_BACKUP_DIR": SettingDoc("absolute path", "backups; default <state>/backups"),
     "APPLIANCE_ADMIN_KEY_HASH": SettingDoc(
-        "written by appliance init", "the first admin key (id and keyed hash; never the key)"
+        "written by appliance init", "the first admin key (id and hash; never the key)"
     ),
     "APPLIANCE_TOKENS_PER_DAY": SettingDoc(
         "tokens, 0 = no limit", "default daily token budget of a key (keys may override)"

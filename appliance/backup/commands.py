@@ -35,7 +35,7 @@ from appliance.backup.jobs import make_backup, require_embedded_store
 from appliance.backup.restore import RestoreReport, recover_before_start, restore_offline
 from appliance.backup.sealed import unseal_to_file
 from appliance.config import Settings
-from appliance.ops.local_api import api_base, api_verify
+from appliance.local_api import api_base, api_verify
 from appliance.privacy.keys import load_keys
 from appliance.privacy.rotation import KeyMismatch
 from appliance.progress import ProgressBar

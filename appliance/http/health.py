@@ -39,6 +39,8 @@ class Live(msgspec.Struct):
     status: Literal["alive"]
     version: str
     uptime_seconds: float
+    # A random id of the store this daemon serves: CLI commands compare it with their own.
+    store_id: str
 
 
 class Check(msgspec.Struct):
@@ -156,7 +158,12 @@ async def live() -> Response:
     """Alive whenever the process runs, with the version and uptime."""
     state = runtime()
     return _json(
-        Live(status="alive", version=__version__, uptime_seconds=uptime_since(state.started))
+        Live(
+            status="alive",
+            version=__version__,
+            uptime_seconds=uptime_since(state.started),
+            store_id=state.store.identity,
+        )
     )
 
 

@@ -17,7 +17,7 @@ from typing import Final
 import httpx
 
 from appliance.config import Settings
-from appliance.ops.local_api import api_base, api_verify
+from appliance.local_api import api_base, api_verify
 
 UNIT: Final = "appliance.service"
 SYSTEMD_RUNNING_MARKER: Final = Path("/run/systemd/system")
