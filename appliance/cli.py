@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ from appliance.ops.install import add_install_parser, run_install
 from appliance.ops.logs import add_logs_parser
 from appliance.ops.owner import handing_back
 from appliance.ops.update import add_update_parser
+from appliance.store.lock import StateDirBusy, StoreElsewhere
 
 LOGGER = logging.getLogger("appliance.cli")
 
@@ -31,6 +34,8 @@ EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_NOT_RUNNING: Final = 3
+# 128 + SIGPIPE: what a shell reports for a tool whose output pipe was closed.
+EXIT_BROKEN_PIPE: Final = 141
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,6 +120,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _dispatch(argv)
+        finally:
+            # Output to a pipe is written at exit: a reader that has gone shows here.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return _reader_gone()
+    except BaseExceptionGroup as group:
+        if _only(group, BrokenPipeError):
+            return _reader_gone()
+        raise
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
         "serve": _serve,
@@ -136,11 +156,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         code: int = handlers[args.command](args)
-    except ConfigError as exc:
-        # Every command reads the settings first; a bad one is one line and exit 1.
+    except (ConfigError, StateDirBusy, StoreElsewhere) as exc:
+        # Every command reads the settings first; a bad one is one line and exit 1. So is a
+        # state dir another process holds, or settings that lead to another store.
         _error(str(exc))
         return EXIT_ERROR
     return code
+
+
+def _reader_gone() -> int:
+    """The reader of our output went away (`appliance status | head -1`): stop quietly,
+    with the status a shell shows for a tool stopped by a closed pipe."""
+    with contextlib.suppress(OSError):
+        # Python flushes stdout again at exit, and would complain there.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
+
+
+def _only(group: BaseExceptionGroup[BaseException], kind: type[BaseException]) -> bool:
+    return all(
+        _only(exc, kind) if isinstance(exc, BaseExceptionGroup) else isinstance(exc, kind)
+        for exc in group.exceptions
+    )
 
 
 def _error(message: str) -> None:
@@ -176,12 +213,25 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         return trio.run(serve, settings)
-    except (ServiceFailed, OSError, KeyMismatch, SealError, BackupError, ExceptionGroup) as exc:
+    except (
+        ServiceFailed,
+        OSError,
+        KeyMismatch,
+        SealError,
+        BackupError,
+        StateDirBusy,
+        ExceptionGroup,
+    ) as exc:
         failed = _find(exc, ServiceFailed)
         if failed is not None:
             LOGGER.error("%s; exiting so that systemd restarts the unit", failed)
             return EXIT_ERROR
-        for refusal in (_find(exc, KeyMismatch), _find(exc, SealError), _find(exc, BackupError)):
+        for refusal in (
+            _find(exc, StateDirBusy),
+            _find(exc, KeyMismatch),
+            _find(exc, SealError),
+            _find(exc, BackupError),
+        ):
             if refusal is not None:
                 LOGGER.error("cannot start: %s", refusal)
                 _error(str(refusal))
@@ -270,26 +320,31 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from appliance.local_api import api_base, api_verify
+
     settings = _settings(args)
-    host = settings.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    base = f"http://{host}:{settings.port}/api/v1/health"
-    with handing_back(settings):
-        token = _operator_token(settings)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    base = f"{api_base(settings)}/api/v1/health"
     try:
-        # Loopback HTTP: no proxy, .netrc or CA bundle from the environment applies.
-        with httpx.Client(timeout=args.timeout, headers=headers, trust_env=False) as client:
+        # Loopback: no proxy, .netrc or CA bundle from the environment applies.
+        with httpx.Client(
+            timeout=args.timeout, trust_env=False, verify=api_verify(settings)
+        ) as client:
+            live = client.get(f"{base}/live").json()
+            other = _other_store(settings, live)
+            if other is not None:
+                _error(other)
+                return EXIT_ERROR
+            with handing_back(settings):
+                token = _operator_token(settings)
+            if token:
+                client.headers["Authorization"] = f"Bearer {token}"
             answer = client.get(f"{base}/services")
             # Without the store (so without a key) the services list stays empty.
             services = answer.json() if answer.status_code == 200 else {}
             ready_response = client.get(f"{base}/ready")
-            live = client.get(f"{base}/live").json()
     except httpx.TransportError:
-        _error(f"the daemon is not running (nothing answers on {settings.bind})")
+        where = _elsewhere(settings)
+        _error(f"the daemon is not running (nothing answers on {settings.bind}){where}")
         return EXIT_NOT_RUNNING
     except ValueError:
         _error(f"something on {settings.bind} answered, but not the appliance")
@@ -307,6 +362,42 @@ def _status(args: argparse.Namespace) -> int:
     else:
         print(_status_table(report, settings.bind))
     return EXIT_OK if report["ready"] else EXIT_ERROR
+
+
+def _other_store(settings: Settings, live: dict[str, Any]) -> str | None:
+    """Why the appliance answering on APPLIANCE_BIND is not the one of these settings, or
+    None when it is (or is too old to say which store it serves)."""
+    from appliance.store.identity import our_store_id
+
+    theirs = live.get("store_id")
+    if not theirs:
+        return None
+    try:
+        ours = trio.run(our_store_id, settings)
+    except Exception:
+        return None  # not ours to read (a state dir of another user, say): cannot tell
+    if ours == theirs:
+        return None
+    mine = (
+        f"the state dir {settings.state_dir}"
+        if settings.embedded_redis
+        else "the Redis at APPLIANCE_REDIS_URL"
+    )
+    return (
+        f"the appliance answering on {settings.bind} (APPLIANCE_BIND) serves another store "
+        f"than these settings name ({mine}): give the command that daemon's settings "
+        "(--env-file FILE or APPLIANCE_ENV_FILE)"
+    )
+
+
+def _elsewhere(settings: Settings) -> str:
+    """Where the daemon of these settings' state dir listens, when that is not here."""
+    from appliance.store.lock import StateLock
+
+    holder = StateLock(Path(settings.state_dir)).wait_for_holder()
+    if holder is None or not holder.is_daemon or holder.bind == settings.bind:
+        return ""
+    return f"; {holder.describe()} uses this state dir: set APPLIANCE_BIND={holder.bind}"
 
 
 def _operator_token(settings: Settings) -> str | None:
@@ -372,19 +463,13 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _env_text_with_admin_key(production: bool) -> tuple[str, str]:
-    """The env file's text with the first admin key's id and keyed hash; and the key."""
-    import re
-
+    """The env file's text with the first admin key's id and hash; and the key."""
     from appliance.auth.apikeys import hash_token, new_token
-    from appliance.privacy.keys import hash_key_from_salt
 
     text = generate_env_file_text(production=production)
-    salt = re.search(r"^PRIVACY_SALT=(.*)$", text, re.MULTILINE)
-    assert salt is not None  # generate_env_file_text always writes one
     key_id, token = new_token()
-    hashed = hash_token(token, hash_key_from_salt(salt[1]))
-    text += "# The first admin API key, as id:keyed hash (the key was shown once by init).\n"
-    text += f"APPLIANCE_ADMIN_KEY_HASH={key_id}:{hashed}\n"
+    text += "# The first admin API key, as id:hash (the key was shown once by init).\n"
+    text += f"APPLIANCE_ADMIN_KEY_HASH={key_id}:{hash_token(token)}\n"
     return text, token
 
 

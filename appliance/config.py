@@ -7,9 +7,11 @@ name the key and the form it expects.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
@@ -18,9 +20,11 @@ import msgspec
 
 from appliance.config_docs import DOCS
 from appliance.envfile import DEFAULT_ENV_FILE, EnvFileError, parse_env_file
-from appliance.llm.remote_config import RemoteConfig, RemoteConfigError
+from appliance.llm.remote_config import RemoteConfig, RemoteConfigError, plaintext_problem
+from appliance.tls_files import tls_problems
 
 PREFIX: Final = "APPLIANCE_"
+ENV_FILE_NAME: Final = "APPLIANCE_ENV_FILE"
 # Names read from the environment that are not settings themselves.
 CONTROL_NAMES: Final = frozenset({"APPLIANCE_ENV_FILE", "APPLIANCE_SYSTEMCTL"})
 SECRET_NAMES: Final = frozenset(
@@ -33,6 +37,7 @@ SYSTEM_RUNTIME_DIR: Final = "/run/appliance"
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(ValueError):
@@ -140,6 +145,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         default=0.0, name="APPLIANCE_REMOTE_BUDGET_MONTHLY"
     )
     npu_force_enable: bool = msgspec.field(default=False, name="NPU_FORCE_ENABLE")
+    console: bool = msgspec.field(default=True, name="APPLIANCE_CONSOLE")
+    # The request edge: proxies, TLS, production refusals (docs/security.md).
+    trusted_proxies: str = msgspec.field(default="", name="APPLIANCE_TRUSTED_PROXIES")
+    proxy_header: Literal["x-forwarded-for", "forwarded"] = msgspec.field(
+        default="x-forwarded-for", name="APPLIANCE_PROXY_HEADER"
+    )
+    tls_cert: str = msgspec.field(default="", name="APPLIANCE_TLS_CERT")
+    tls_key: str = msgspec.field(default="", name="APPLIANCE_TLS_KEY")
+    remote_llm_allow_plaintext: bool = msgspec.field(
+        default=False, name="APPLIANCE_REMOTE_LLM_ALLOW_PLAINTEXT"
+    )
+    # Where these settings were read from (set by load_settings, never by the env file).
+    env_file: str = msgspec.field(default="", name="APPLIANCE_ENV_FILE")
+    # Generation under pressure (docs/generation.md).
     stream_stall_seconds: PositiveFloat = msgspec.field(
         default=30.0, name="APPLIANCE_STREAM_STALL_SECONDS"
     )
@@ -154,7 +173,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         if not _MEMORY.match(self.redis_maxmemory):
             raise ValueError("APPLIANCE_REDIS_MAXMEMORY")
         if self.admin_key_hash and not re.fullmatch(
-            r"[0-9a-f]{16}:[0-9a-f]{64}", self.admin_key_hash
+            r"[0-9a-f]{16}:(v2:)?[0-9a-f]{64}", self.admin_key_hash
         ):
             raise ValueError("APPLIANCE_ADMIN_KEY_HASH")
         if not _DURATION.match(self.backup_interval):
@@ -167,6 +186,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             if not os.path.isabs(getattr(self, name)):
                 raise ValueError(_field_env_name(name))
         parse_cors_origins(self.cors_origins)
+        parse_networks(self.trusted_proxies)
+        for name in ("tls_cert", "tls_key"):
+            if getattr(self, name) and not os.path.isabs(getattr(self, name)):
+                raise ValueError(_field_env_name(name))
 
     @property
     def backup_interval_seconds(self) -> int:
@@ -186,6 +209,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     @property
     def allowed_origins(self) -> tuple[str, ...]:
         return parse_cors_origins(self.cors_origins)
+
+    @property
+    def trusted_networks(self) -> tuple[Network, ...]:
+        return parse_networks(self.trusted_proxies)
+
+    @property
+    def tls(self) -> bool:
+        """Whether the API is served over HTTPS (both files set; checked at start)."""
+        return bool(self.tls_cert and self.tls_key)
 
     @property
     def redis_socket(self) -> Path:
@@ -229,6 +261,21 @@ def parse_cors_origins(raw: str) -> tuple[str, ...]:
     return origins
 
 
+def parse_networks(raw: str) -> tuple[Network, ...]:
+    """Addresses and networks, comma-separated (`127.0.0.1, 10.0.0.0/8, ::1`); a bare
+    address is a network of one. Host bits set in a network are refused (a typo)."""
+    networks = []
+    for item in raw.split(","):
+        text = item.strip()
+        if not text:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(text, strict=True))
+        except ValueError:
+            raise ValueError("APPLIANCE_TRUSTED_PROXIES") from None
+    return tuple(networks)
+
+
 def _normalise(name: str, value: str) -> Any:
     value = value.strip()
     kind = msgspec.structs.fields(Settings)
@@ -243,7 +290,7 @@ def _normalise(name: str, value: str) -> Any:
                 return False
         if name == "APPLIANCE_LOG_LEVEL":
             return value.upper()
-        if name == "APPLIANCE_ENV" or name == "PRIVACY_REDACT_AGGRESSIVENESS":
+        if name in ("APPLIANCE_ENV", "PRIVACY_REDACT_AGGRESSIVENESS", "APPLIANCE_PROXY_HEADER"):
             return value.lower()
     return value
 
@@ -266,6 +313,7 @@ def load_settings(
     if env_file is None and environ.get("APPLIANCE_ENV_FILE"):
         env_file = Path(environ["APPLIANCE_ENV_FILE"])
     raw: dict[str, str] = {}
+    path: Path | None = None
     if env_file is not None or DEFAULT_ENV_FILE.exists():
         path = env_file if env_file is not None else DEFAULT_ENV_FILE
         try:
@@ -275,8 +323,14 @@ def load_settings(
         for key in from_file:
             if key not in ENV_NAMES:
                 raise ConfigError(f"unknown setting {key} in env file {path}")
+            if key == ENV_FILE_NAME:
+                raise ConfigError(
+                    f"{ENV_FILE_NAME} in env file {path}: an env file cannot name another; "
+                    "remove the line"
+                )
         raw.update(from_file)
     raw.update({k: v for k, v in environ.items() if k in ENV_NAMES})
+    raw[ENV_FILE_NAME] = str(path) if path is not None else ""
     _apply_directory_defaults(raw, environ)
     for name, value in raw.items():
         if not _is_utf8(value):
@@ -354,12 +408,40 @@ def production_problems(settings: Settings) -> list[str]:
         problems.append(
             "BACKEND_CORS_ORIGINS allows '*'; production needs the exact origins of your sites"
         )
+    if not settings.privacy_encrypt_at_rest:
+        problems.append(
+            "PRIVACY_ENCRYPT_AT_REST=false is refused in production: conversations would lie "
+            "readable in Redis, its files and every backup; remove the line (default true)"
+        )
+    if settings.remote_llm_enabled and not settings.remote_llm_allow_plaintext:
+        plaintext = plaintext_problem(settings.remote_llm_url)
+        if plaintext:
+            problems.append(plaintext)
     return problems
+
+
+def env_file_problems(settings: Settings) -> list[str]:
+    """Production refuses an env file that others than its owner may read or change (it
+    holds SECRET_KEY and PRIVACY_SALT, which open every stored conversation)."""
+    if settings.env != "production" or not settings.env_file:
+        return []
+    try:
+        mode = stat.S_IMODE(os.stat(settings.env_file).st_mode)
+    except OSError:
+        return []  # it was read a moment ago; a file gone since is not this check's business
+    if not mode & 0o077:
+        return []
+    return [
+        f"env file {settings.env_file} has mode {mode:04o}: group or others may read its "
+        f"secrets; production needs 0600 (run: chmod 600 {settings.env_file})"
+    ]
 
 
 def startup_problems(settings: Settings) -> list[str]:
     """Everything that stops the daemon from starting with these settings."""
     problems = production_problems(settings)
+    problems.extend(env_file_problems(settings))
+    problems.extend(tls_problems(settings.tls_cert, settings.tls_key, settings.env))
     # The switches must be honest: a feature this version cannot provide is refused.
     if settings.search_enabled:
         problems.append(

@@ -27,7 +27,7 @@ DOCS: Final[dict[str, SettingDoc]] = {
     "APPLIANCE_MODELS_DIR": SettingDoc("absolute path", "GGUF models; default <state>/models"),
     "APPLIANCE_BACKUP_DIR": SettingDoc("absolute path", "backups; default <state>/backups"),
     "APPLIANCE_ADMIN_KEY_HASH": SettingDoc(
-        "written by appliance init", "the first admin key (id and keyed hash; never the key)"
+        "written by appliance init", "the first admin key (id and hash; never the key)"
     ),
     "APPLIANCE_TOKENS_PER_DAY": SettingDoc(
         "tokens, 0 = no limit", "default daily token budget of a key (keys may override)"
@@ -144,6 +144,29 @@ DOCS: Final[dict[str, SettingDoc]] = {
         "money, 0 = no limit", "remote spending of the whole appliance per calendar month"
     ),
     "NPU_FORCE_ENABLE": SettingDoc("true | false", "ask for an NPU backend"),
+    "APPLIANCE_CONSOLE": SettingDoc(
+        "true | false", "serve the web console (chat page at /, operator page at /operator)"
+    ),
+    "APPLIANCE_TRUSTED_PROXIES": SettingDoc(
+        "comma-separated addresses or networks, e.g. 127.0.0.1, 10.0.0.0/8",
+        "reverse proxies whose forwarded client address is believed (APPLIANCE_PROXY_HEADER)",
+    ),
+    "APPLIANCE_PROXY_HEADER": SettingDoc(
+        "x-forwarded-for | forwarded", "the header the trusted proxies write the client into"
+    ),
+    "APPLIANCE_TLS_CERT": SettingDoc(
+        "absolute path of a PEM certificate chain", "serve HTTPS (with APPLIANCE_TLS_KEY)"
+    ),
+    "APPLIANCE_TLS_KEY": SettingDoc(
+        "absolute path of the PEM private key, no passphrase, mode 0600",
+        "serve HTTPS (with APPLIANCE_TLS_CERT)",
+    ),
+    "APPLIANCE_REMOTE_LLM_ALLOW_PLAINTEXT": SettingDoc(
+        "true | false", "production accepts a plain http:// remote LLM on another machine"
+    ),
+    "APPLIANCE_ENV_FILE": SettingDoc(
+        "absolute path", "the env file read; production refuses one that others may read"
+    ),
     "APPLIANCE_STREAM_STALL_SECONDS": SettingDoc(
         "seconds, above 0",
         "a streamed answer whose client takes no data for this long is cancelled and its "

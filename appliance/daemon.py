@@ -17,7 +17,7 @@ from appliance.backup.restore import recover_before_start
 from appliance.backup.service import Backups, BackupService
 from appliance.config import Settings, remote_config
 from appliance.http.app import Runtime, create_app
-from appliance.http.service import HttpService
+from appliance.http.service import HttpService, check_bind
 from appliance.llm.backends import backend_report
 from appliance.llm.engine import InferenceService
 from appliance.llm.registry import ModelRegistry
@@ -27,8 +27,11 @@ from appliance.privacy.keys import load_keys
 from appliance.privacy.redaction import Redactor
 from appliance.privacy.retention import DAY_SECONDS, RetentionService
 from appliance.privacy.rotation import check_keys
+from appliance.store.access import daemon_lock
 from appliance.store.client import Store, is_cluster_url
 from appliance.store.conversations import Conversations
+from appliance.store.identity import embedded_identity, external_identity
+from appliance.store.lock import StateLock
 from appliance.store.server import EmbeddedRedis
 from appliance.supervisor import Supervisor
 from appliance.systemd import Notifier, watchdog_loop
@@ -82,7 +85,18 @@ def _prepare_directories(settings: Settings) -> None:
 async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
     """Run until SIGTERM/SIGINT; return the exit code. ServiceFailed propagates."""
     notifier = notifier or Notifier()
+    await trio.to_thread.run_sync(check_bind, settings)  # a taken port stops the start at once
     await trio.to_thread.run_sync(_prepare_directories, settings)
+    # Before anything touches the state dir: one daemon per state dir (StateDirBusy).
+    lock = await daemon_lock(settings)
+    try:
+        return await _serve_locked(settings, notifier, lock)
+    finally:
+        # Only once every child (redis-server above all) has stopped.
+        lock.release()
+
+
+async def _serve_locked(settings: Settings, notifier: Notifier, lock: StateLock) -> int:
     LOGGER.info("appliance %s starting (%s)", __version__, settings.env)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -103,7 +117,7 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
             reporting = trio.CancelScope()
             with trio.CancelScope() as startup:
                 nursery.start_soon(wait_for_signal, startup)
-                state = await _start_services(supervisor, settings)
+                state = await _start_services(supervisor, settings, lock)
                 notifier.ready(status_line(supervisor, settings, state.urls, state.backups))
                 LOGGER.info("ready on %s", ", ".join(state.urls))
                 nursery.start_soon(_report, reporting, notifier, supervisor, state)
@@ -116,6 +130,15 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
     return 0
 
 
+async def _store_identity(settings: Settings, store: Store) -> str:
+    if settings.embedded_redis:
+        found = await trio.to_thread.run_sync(
+            lambda: embedded_identity(Path(settings.state_dir), create=True)
+        )
+        return found or ""
+    return await external_identity(store.client)
+
+
 def _log_backend(settings: Settings, backend: dict[str, Any]) -> None:
     LOGGER.info("inference backend: %s (%s)", backend["in_use"], backend["detail"])
     if settings.gpu_layers != 0 and backend["in_use"] == "cpu":
@@ -124,11 +147,14 @@ def _log_backend(settings: Settings, backend: dict[str, Any]) -> None:
         LOGGER.warning("NPU_FORCE_ENABLE=true, but %s", backend["npu"]["detail"])
 
 
-async def _start_services(supervisor: Supervisor, settings: Settings) -> Runtime:
+async def _start_services(supervisor: Supervisor, settings: Settings, lock: StateLock) -> Runtime:
     if settings.embedded_redis:
         await trio.to_thread.run_sync(recover_before_start, settings)
         redis = EmbeddedRedis(
-            Path(settings.state_dir), Path(settings.runtime_dir), settings.redis_maxmemory
+            Path(settings.state_dir),
+            Path(settings.runtime_dir),
+            settings.redis_maxmemory,
+            lock=lock,
         )
         await supervisor.start(redis)
         url = f"unix://{redis.socket_path}"
@@ -141,6 +167,7 @@ async def _start_services(supervisor: Supervisor, settings: Settings) -> Runtime
         )
     store = Store(url)
     await supervisor.start(store)
+    store.identity = await _store_identity(settings, store)
     keys = await trio.to_thread.run_sync(load_keys, settings)
     # Data sealed under a key we do not have must stop the start, not turn into 500s.
     await check_keys(store.client, keys.codec)
@@ -151,7 +178,7 @@ async def _start_services(supervisor: Supervisor, settings: Settings) -> Runtime
         conversations, settings.privacy_retention_days, settings.retention_sweep_seconds
     )
     await supervisor.start(retention)
-    apikeys = KeyStore(lambda: store.client, keys.hash_key)
+    apikeys = KeyStore(lambda: store.client, keys.hash_key, keys.previous_hash_key)
     if settings.admin_key_hash and await apikeys.ensure_first_admin(settings.admin_key_hash):
         LOGGER.info("recorded the first admin key (made by appliance init)")
     gate = Gate(

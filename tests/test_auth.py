@@ -19,6 +19,8 @@ from tests.harness import Daemon, daemon_environment, running_daemon
 # Every route of the app and who may call it. A route missing here fails the walk: decide
 # its scope when you add it.
 PUBLIC = {("GET", "/api/v1/health/live"), ("GET", "/api/v1/health/ready")}
+# The web console's pages and files hold no data: open, like any web page.
+CONSOLE = {("GET", "/"), ("GET", "/operator"), ("GET", "/assets/" + "0" * 32)}
 ADMIN_PREFIXES = (
     "/api/v1/admin/",
     "/api/v1/health/",
@@ -53,6 +55,8 @@ def _routes() -> list[tuple[str, str]]:
 def _scope(method: str, path: str) -> str:
     if (method, path) in PUBLIC:
         return "public"
+    if (method, path) in CONSOLE:
+        return "console"
     if path.startswith(ADMIN_PREFIXES):
         return "admin"
     if path.startswith(USER_PREFIXES):
@@ -86,6 +90,11 @@ async def test_every_route_refuses_missing_wrong_revoked_and_underprivileged_key
                     if scope == "public":
                         answer = await anonymous.request(method, path)
                         assert answer.status_code == 200, (method, path)
+                        continue
+                    if scope == "console":
+                        # No key needed; an unknown console file is a plain 404.
+                        answer = await anonymous.request(method, path)
+                        assert answer.status_code in (200, 404), (method, path)
                         continue
                     for token in ("", "not-a-key", wrong, revoked):
                         headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -199,7 +200,13 @@ async def test_binary_serves_chats_and_stops_cleanly_without_the_venv(
                     reply = await client.post(
                         "/api/v1/chat/send", json={"message": "hi", "max_tokens": 3}
                     )
-                assert reply.status_code == 200, reply.text
+                    assert reply.status_code == 200, reply.text
+                    # The web console's files are inside the bundle.
+                    page = await client.get("/")
+                    assert page.status_code == 200, page.text
+                    asset = re.search(r'src="(/assets/chat\.[0-9a-f]+\.js)"', page.text)
+                    assert asset is not None, page.text
+                    assert (await client.get(asset[1])).status_code == 200
 
                 services = await _services(url, key)
                 worker = int(services["worker"]["pid"])

@@ -181,8 +181,9 @@ async def test_logs_finds_a_request_in_the_journal(journald: None) -> None:  # n
             done = await trio.to_thread.run_sync(
                 lambda: _run(env, "logs", "--request-id", request_id, "--json")
             )
-            assert done.returncode == 0, done.stderr
             entries = [json.loads(line) for line in done.stdout.splitlines()]
+            # Nothing found (yet) is exit 1 with a line that says where the logs are.
+            assert done.returncode == (0 if entries else 1), done.stderr
             if entries:
                 break
             await trio.sleep(0.2)
@@ -200,3 +201,4 @@ async def test_logs_finds_a_request_in_the_journal(journald: None) -> None:  # n
             lambda: _run(env, "logs", "--request-id", request_id, "--level", "ERROR", "--json")
         )
         assert errors_only.stdout.strip() == ""
+        assert errors_only.returncode == 1 and "no matching entries" in errors_only.stderr

@@ -1,10 +1,16 @@
-"""API keys: created once and shown once, stored only as a keyed hash.
+"""API keys: created once and shown once, stored only as a hash.
 
 A key reads `ak-<id>.<secret>`: the id finds the record in one Redis lookup
-(`apikey:{<id>}`), the secret is checked against a keyed BLAKE2b hash of the whole key
-(keyed with the daemon's hash key, derived from PRIVACY_SALT), in constant time. Records
-live in Redis, so a key created or revoked by the CLI, on this box or another appliance on
-the same Redis, counts at the next request.
+(`apikey:{<id>}`), the whole key is checked against the record's hash in constant time.
+Records live in Redis, so a key created or revoked by the CLI, on this box or another
+appliance on the same Redis, counts at the next request.
+
+The hash (`v2:` + BLAKE2b-256 of the key) needs no secret: a key's secret part is 256
+random bits, which no one can guess from its hash, so a leaked store gives nothing away,
+and rotating PRIVACY_SALT leaves every key working. Records made before (a BLAKE2b keyed
+with a key derived from PRIVACY_SALT, as are APPLIANCE_ADMIN_KEY_HASH values written by
+an older `appliance init`) are checked under PRIVACY_SALT and PRIVACY_SALT_PREVIOUS and
+re-hashed the first time their key is seen; `appliance keys rotate` names those left.
 
 On a Redis Cluster a record and the name index (`apikey:names`) are in different slots, so
 no write spans both in one transaction: a record is written before its name points at it
@@ -32,6 +38,14 @@ from appliance.store.client import RedisClient, refuses_writes
 Scope = Literal["admin", "user"]
 RECORD_PREFIX: Final = "apikey:"
 NAMES_KEY: Final = "apikey:names"
+# KEYS: a record. ARGV: the hash it had when read, the new one. Replaces only that hash of
+# a record that still exists (a revoke or an expiry in between wins).
+_REHASH: Final = """
+if redis.call('HGET', KEYS[1], 'hash') == ARGV[1] then
+  return redis.call('HSET', KEYS[1], 'hash', ARGV[2])
+end
+return -1
+"""
 # KEYS: the name index. ARGV: name, key id. Deletes the name only if it names that key.
 _FREE_NAME: Final = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
@@ -66,10 +80,26 @@ def record_key(key_id: str) -> str:
     return f"{RECORD_PREFIX}{{{key_id}}}"
 
 
-def hash_token(token: str, hash_key: bytes) -> str:
+HASH_SCHEME: Final = "v2:"
+
+
+def hash_token(token: str) -> str:
+    """The stored form of a key: independent of every secret setting (see above)."""
+    return (
+        HASH_SCHEME
+        + hashlib.blake2b(token.encode(), digest_size=32, person=b"appliance-key-v2").hexdigest()
+    )
+
+
+def salted_hash(token: str, hash_key: bytes) -> str:
+    """The stored form before `v2`: keyed with a key derived from PRIVACY_SALT."""
     return hashlib.blake2b(
         token.encode(), key=hash_key, digest_size=32, person=b"appliance-apikey"
     ).hexdigest()
+
+
+def is_salted(stored: str) -> bool:
+    return not stored.startswith(HASH_SCHEME)
 
 
 def new_token() -> tuple[str, str]:
@@ -111,10 +141,17 @@ def _decode(key_id: str, fields: dict[bytes, bytes]) -> tuple[ApiKey, str]:
 class KeyStore:
     """API key records in Redis."""
 
-    def __init__(self, client: Callable[[], RedisClient], hash_key: bytes) -> None:
+    def __init__(
+        self,
+        client: Callable[[], RedisClient],
+        hash_key: bytes | None = None,
+        previous_hash_key: bytes | None = None,
+    ) -> None:
         # A getter: the daemon's client is replaced when its store restarts.
         self._client = client
-        self.hash_key = hash_key
+        # Keys derived from PRIVACY_SALT and PRIVACY_SALT_PREVIOUS: they check the records
+        # hashed before `v2` (new records need none).
+        self.salted_keys = tuple(key for key in (hash_key, previous_hash_key) if key)
         self._last_used_written: dict[str, float] = {}
 
     async def create(
@@ -138,7 +175,7 @@ class KeyStore:
             "name": name,
             "scope": scope,
             "created": repr(time.time()),
-            "hash": hash_token(token, self.hash_key),
+            "hash": hash_token(token),
         }
         if tokens_per_day is not None:
             fields["tokens_per_day"] = str(tokens_per_day)
@@ -192,7 +229,7 @@ class KeyStore:
                     "name": name,
                     "scope": "admin",
                     "created": repr(time.time()),
-                    "hash": hash_token(token, self.hash_key),
+                    "hash": hash_token(token),
                 },
             )
             pipe.expire(record, ttl)
@@ -208,10 +245,10 @@ class KeyStore:
         if not fields or b"name" not in fields:
             return None
         key, stored = _decode(key_id, fields)
-        if key.revoked is not None or not hmac.compare_digest(
-            stored, hash_token(token, self.hash_key)
-        ):
+        if key.revoked is not None or not self._matches(token, stored):
             return None
+        if is_salted(stored):
+            await self._rehash(key_id, stored, token)
         now = time.time()
         if now - self._last_used_written.get(key_id, 0.0) >= LAST_USED_EVERY:
             self._last_used_written[key_id] = now
@@ -221,6 +258,34 @@ class KeyStore:
                 if not refuses_writes(exc):  # a full store: the key still works
                     raise
         return key
+
+    def _matches(self, token: str, stored: str) -> bool:
+        if not is_salted(stored):
+            return hmac.compare_digest(stored, hash_token(token))
+        # Every candidate is computed, so the time taken does not say which one matched.
+        found = [hmac.compare_digest(stored, salted_hash(token, key)) for key in self.salted_keys]
+        return any(found)
+
+    async def _rehash(self, key_id: str, stored: str, token: str) -> None:
+        """Move a record made before `v2` to the salt-independent hash."""
+        try:
+            await self._client().eval(
+                _REHASH, keys=[record_key(key_id)], args=[stored, hash_token(token)]
+            )
+        except coredis.exceptions.RedisError as exc:
+            if not refuses_writes(exc):  # a full store: it is re-hashed at a later use
+                raise
+
+    async def salted(self) -> list[ApiKey]:
+        """Listed keys whose records still have a hash from before `v2` (see above)."""
+        found: list[ApiKey] = []
+        for key_id in (await self._client().hgetall(NAMES_KEY)).values():
+            fields = await self._client().hgetall(record_key(key_id.decode()))
+            if fields and b"name" in fields:
+                key, stored = _decode(key_id.decode(), fields)
+                if is_salted(stored):
+                    found.append(key)
+        return sorted(found, key=lambda key: key.created)
 
     async def by_name(self, name: str) -> ApiKey | None:
         key_id = await self._client().hget(NAMES_KEY, name)

@@ -1,7 +1,7 @@
 """`appliance keys create|list|revoke|usage`: API keys, in the store the daemon uses (its
-redis-server when it runs, so a change counts at the next request; else one started for the
-duration; or the external Redis or Redis Cluster of APPLIANCE_REDIS_URL, shared by every
-appliance on it)."""
+redis-server when it runs, found through the state dir's lock, so a change counts at the
+next request; else one started for the duration; or the external Redis or Redis Cluster of
+APPLIANCE_REDIS_URL, shared by every appliance on it)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import trio
 from appliance.auth.apikeys import ApiKey, ApiKeyError, KeyStore
 from appliance.auth.budgets import Budgets, key_limits
 from appliance.config import Settings
-from appliance.privacy.keys import hash_key_for
 from appliance.store.access import redis_client
 from appliance.store.client import StoreMisconfigured
 
@@ -27,7 +26,7 @@ def _when(stamp: float | None) -> str:
     return datetime.datetime.fromtimestamp(stamp, datetime.UTC).strftime("%Y-%m-%d %H:%M")
 
 
-def _entry(key: ApiKey) -> dict[str, object]:
+def _entry(key: ApiKey, salted: bool) -> dict[str, object]:
     return {
         "id": key.id,
         "name": key.name,
@@ -36,15 +35,16 @@ def _entry(key: ApiKey) -> dict[str, object]:
         "last_used": key.last_used,
         "tokens_per_day": key.tokens_per_day,
         "tokens_per_month": key.tokens_per_month,
+        # Hashed with a PRIVACY_SALT (made before `v2`); re-hashed when next used.
+        "salted_hash": salted,
     }
 
 
 async def create_key(
     settings: Settings, name: str, scope: str, per_day: int | None, per_month: int | None
 ) -> tuple[ApiKey, str]:
-    hash_key = await trio.to_thread.run_sync(hash_key_for, settings)
-    async with redis_client(settings) as client:
-        store = KeyStore(lambda: client, hash_key)
+    async with redis_client(settings, "keys create") as client:
+        store = KeyStore(lambda: client)
         return await store.create(name, scope, tokens_per_day=per_day, tokens_per_month=per_month)
 
 
@@ -60,20 +60,20 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 0
-    hash_key = await trio.to_thread.run_sync(hash_key_for, settings)
-    async with redis_client(settings) as client:
-        store = KeyStore(lambda: client, hash_key)
+    async with redis_client(settings, f"keys {args.keys_command}") as client:
+        store = KeyStore(lambda: client)
         if args.keys_command == "revoke":
             revoked = await store.revoke(args.name)
             print(f"revoked key {revoked.name!r} (id {revoked.id}); it is refused from now on")
             return 0
         keys = await store.list()
+        salted = {key.id for key in await store.salted()}
         if args.keys_command == "usage":
             return await _usage(
                 settings, Budgets(lambda: client, settings.budget_enforce), keys, args
             )
     if args.json:
-        print(json.dumps([_entry(key) for key in keys], indent=2))
+        print(json.dumps([_entry(key, key.id in salted) for key in keys], indent=2))
         return 0
     print(f"{'NAME':<24} {'SCOPE':<6} {'ID':<17} {'CREATED':<17} LAST USED")
     for key in keys:

@@ -7,16 +7,16 @@ from typing import Final
 
 from appliance.auth.apikeys import KeyStore
 from appliance.config import Settings
-from appliance.privacy.keys import hash_key_for
-from appliance.store.access import store_url
+from appliance.store.access import daemon_store_url
 from appliance.store.client import connect
 
 OPERATOR_KEY_TTL: Final = 3600
 
 
 async def operator_key(settings: Settings) -> str:
-    """An admin key valid for an hour, made in the store the daemon uses."""
-    client = connect(store_url(settings))
+    """An admin key valid for an hour, made in the store the daemon uses (never a store of
+    the command's own: the key would be unknown to the daemon)."""
+    client = connect(await daemon_store_url(settings), connect_timeout=5)
     async with client:
-        store = KeyStore(lambda: client, hash_key_for(settings))
+        store = KeyStore(lambda: client)
         return await store.create_ephemeral(f"operator-cli-{os.getpid()}", OPERATOR_KEY_TTL)

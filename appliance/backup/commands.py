@@ -35,6 +35,7 @@ from appliance.backup.jobs import make_backup, require_embedded_store
 from appliance.backup.restore import RestoreReport, recover_before_start, restore_offline
 from appliance.backup.sealed import unseal_to_file
 from appliance.config import Settings
+from appliance.local_api import api_base, api_verify
 from appliance.privacy.keys import load_keys
 from appliance.privacy.rotation import KeyMismatch
 from appliance.progress import ProgressBar
@@ -198,15 +199,13 @@ def _restore_through_daemon(
 
 
 def _ask_daemon(settings: Settings, name: str, token: str) -> RestoreReport:
-    host = settings.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    url = f"http://{host}:{settings.port}/api/v1/admin/restore"
+    url = f"{api_base(settings)}/api/v1/admin/restore"
     headers = {"Authorization": f"Bearer {token}"}
+    verify = api_verify(settings)
     try:
-        with httpx.Client(timeout=RESTORE_HTTP_TIMEOUT, headers=headers, trust_env=False) as client:
+        with httpx.Client(
+            timeout=RESTORE_HTTP_TIMEOUT, headers=headers, trust_env=False, verify=verify
+        ) as client:
             response = client.post(url, json={"archive": name})
     except httpx.TransportError:
         raise BackupError(

@@ -11,7 +11,7 @@ import msgspec
 import trio
 from quart import Blueprint, Response, request
 
-from appliance.backup.archive import BackupError, BackupInfo
+from appliance.backup.archive import BackupError, BackupInfo, verify_archive
 from appliance.backup.jobs import BUSY_MESSAGE, ExternalStore
 from appliance.backup.restore import RestoreReport
 from appliance.http.app import runtime
@@ -111,6 +111,46 @@ async def create_backup() -> Response:
     return _json(describe(info), status=201)
 
 
+class VerifyRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """The file name of a backup in APPLIANCE_BACKUP_DIR (never a path)."""
+
+    archive: Annotated[str, msgspec.Meta(extra_json_schema={"pattern": RESTORABLE.pattern})]
+
+
+@blueprint.post("/backups/verify")
+@document_request(VerifyRequest)
+@document_response(Backup)
+@errors(404)
+async def verify_backup() -> Response:
+    """Read a backup through and check every member against its manifest; touches no live
+    data. 200 with its entry (`verified_at` set) or 422 saying what is wrong with it."""
+    state = runtime()
+    body = await parse_body(VerifyRequest)
+    path = _archive_path(body.archive)
+    if not await trio.to_thread.run_sync(path.is_file):
+        raise ApiError(404, "not_found", f"there is no backup named {body.archive}")
+    try:
+        await trio.to_thread.run_sync(verify_archive, path)
+    except BackupError as exc:
+        raise ApiError(422, "archive_refused", str(exc)) from None
+    for info in await trio.to_thread.run_sync(state.backups.listing):
+        if info.name == body.archive:
+            return _json(describe(info))
+    raise ApiError(404, "not_found", f"there is no backup named {body.archive}")
+
+
+def _archive_path(archive: str) -> Path:
+    if not RESTORABLE.fullmatch(archive):
+        raise ApiError(
+            422,
+            "invalid_field",
+            "archive must be the file name of a backup in APPLIANCE_BACKUP_DIR "
+            "(data-backup-YYYYMMDD-HHMMSS.tar.gz), not a path",
+            param="archive",
+        )
+    return Path(runtime().settings.backup_dir) / archive
+
+
 @blueprint.post("/restore")
 @document_request(RestoreRequest)
 @document_response(RestoreReport)
@@ -119,15 +159,7 @@ async def restore() -> Response:
     """Restore an archive from the backup dir into the running daemon."""
     state = runtime()
     body = await parse_body(RestoreRequest)
-    if not RESTORABLE.fullmatch(body.archive):
-        raise ApiError(
-            422,
-            "invalid_field",
-            "archive must be the file name of a backup in APPLIANCE_BACKUP_DIR "
-            "(data-backup-YYYYMMDD-HHMMSS.tar.gz), not a path",
-            param="archive",
-        )
-    path = Path(state.settings.backup_dir) / body.archive
+    path = _archive_path(body.archive)
     if not await trio.to_thread.run_sync(path.is_file):
         raise ApiError(404, "not_found", f"there is no backup named {body.archive}")
     try:

@@ -16,9 +16,10 @@ from werkzeug.exceptions import HTTPException
 
 from appliance.auth.apikeys import ApiKey, KeyStore
 from appliance.auth.budgets import Budgets
-from appliance.auth.gate import Gate, Refused
+from appliance.auth.gate import FAILURE_WINDOW, FAILURES_ALLOWED, Gate, Refused
 from appliance.backup.service import Backups
 from appliance.config import Settings
+from appliance.http.console import install_console
 from appliance.http.errors import ApiError, register_error_handlers
 from appliance.llm.engine import InferenceService
 from appliance.llm.registry import ModelRegistry
@@ -33,6 +34,7 @@ from appliance.store.conversations import Conversations
 from appliance.supervisor import Supervisor
 
 ACCESS_LOGGER = logging.getLogger("appliance.access")
+SECURITY_LOGGER = logging.getLogger("appliance.auth")
 
 REQUEST_ID_HEADER: Final = "X-Request-ID"
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
@@ -99,17 +101,22 @@ def register_blueprints(app: Quart) -> None:
     from appliance.http.admin import blueprint as admin
     from appliance.http.chat import blueprint as chat
     from appliance.http.health import blueprint as health
+    from appliance.http.keys import blueprint as keys
     from appliance.http.models import blueprint as models
     from appliance.http.openai import blueprint as openai
     from appliance.http.privacy import blueprint as privacy
     from appliance.http.usage import blueprint as usage
 
-    for blueprint in (health, chat, models, openai, privacy, admin, usage):
+    for blueprint in (health, chat, models, openai, privacy, admin, usage, keys):
         app.register_blueprint(blueprint)
 
 
 def create_app(state: Runtime) -> Quart:
     app: Quart = QuartTrio("appliance")
+    # `/api/v1//admin/backups` is a 404 like any unknown path, not a 308 redirect with an
+    # HTML page (Werkzeug merges slashes by redirecting; routing redirects bypass the
+    # JSON error handlers). Set before any rule is added: rules read it when bound.
+    app.url_map.merge_slashes = False
     app.extensions["appliance"] = state
     app.config["MAX_CONTENT_LENGTH"] = state.settings.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
@@ -117,6 +124,7 @@ def create_app(state: Runtime) -> Quart:
     # (APPLIANCE_REQUEST_TIMEOUT) instead, plus time for a slow client to read the rest.
     app.config["RESPONSE_TIMEOUT"] = state.settings.request_timeout + 60
     register_blueprints(app)
+    install_console(app, state.settings.console)
     register_error_handlers(app)
     _install_request_hooks(app, state)
     origins = state.settings.allowed_origins
@@ -161,6 +169,17 @@ def _install_request_hooks(app: Quart, state: Runtime) -> None:
                 request.remote_addr or "unknown",
             )
         except Refused as refused:
+            if refused.limit_reached:
+                client = state.keys.client_hash(request.remote_addr or "unknown")
+                SECURITY_LOGGER.warning(
+                    "failed-attempt limit reached: over %d requests with a wrong or missing API "
+                    "key from client %s within %d s; its further ones get 429 until the window "
+                    "ends (valid keys are still served)",
+                    FAILURES_ALLOWED,
+                    client,
+                    FAILURE_WINDOW,
+                    extra={"client": client},
+                )
             raise ApiError(
                 refused.status, refused.code, refused.message, headers=refused.headers
             ) from None

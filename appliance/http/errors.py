@@ -26,7 +26,10 @@ _TYPES = {
     415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
     500: "server_error",
+    # An unsupported Transfer-Encoding: the client's to change.
+    501: "invalid_request_error",
     503: "service_unavailable",
     507: "insufficient_storage",
 }
@@ -101,6 +104,13 @@ def register_error_handlers(app: Quart) -> None:
         status = error.code or 500
         code = (error.name or "error").lower().replace(" ", "_")
         message = _MESSAGES.get(status) or error.description or error.name
+        if status == 413:
+            # A chunked body that grew past the limit while it was read.
+            code = "request_too_large"
+            message = (
+                f"request body is over the limit of {app.config['MAX_CONTENT_LENGTH']} bytes "
+                "(APPLIANCE_MAX_BODY_BYTES)"
+            )
         response, status = error_response(status, code, message)
         # A 405 names the methods the endpoint takes (RFC 9110).
         allowed = getattr(error, "valid_methods", None)

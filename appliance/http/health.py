@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, NamedTuple
 
 import coredis
 import msgspec
 import trio
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response, g, request
 
 from appliance import __version__
 from appliance.http.app import Runtime, runtime
@@ -39,6 +39,8 @@ class Live(msgspec.Struct):
     status: Literal["alive"]
     version: str
     uptime_seconds: float
+    # A random id of the store this daemon serves: CLI commands compare it with their own.
+    store_id: str
 
 
 class Check(msgspec.Struct):
@@ -156,79 +158,123 @@ async def live() -> Response:
     """Alive whenever the process runs, with the version and uptime."""
     state = runtime()
     return _json(
-        Live(status="alive", version=__version__, uptime_seconds=uptime_since(state.started))
+        Live(
+            status="alive",
+            version=__version__,
+            uptime_seconds=uptime_since(state.started),
+            store_id=state.store.identity,
+        )
     )
 
 
-async def _redis_check(state: Runtime) -> Check:
+class Finding(NamedTuple):
+    """A check as an admin sees it, and the same in general terms for anyone else (no
+    model names, paths, settings or service names: readiness is open to all)."""
+
+    check: Check
+    general: str
+
+    def shown(self, detailed: bool) -> Check:
+        if detailed:
+            return self.check
+        return Check(self.check.name, self.check.state, self.general)
+
+
+async def _redis_check(state: Runtime) -> Finding:
     try:
         seconds = await state.store.ping(timeout=READY_PROBE_TIMEOUT)
     except StoreUnavailable as exc:
-        return Check("redis", "fail", str(exc))
-    return Check("redis", "ok", f"answered in {seconds * 1000:.1f} ms")
+        return Finding(Check("redis", "fail", str(exc)), "storage does not answer")
+    return Finding(Check("redis", "ok", f"answered in {seconds * 1000:.1f} ms"), "answering")
 
 
-def _disk_check(state: Runtime) -> Check:
+def _disk_check(state: Runtime) -> Finding:
     settings = state.settings
     try:
         free = shutil.disk_usage(settings.state_dir).free
     except OSError:
-        return Check("disk", "fail", "the state directory is not readable")
+        return Finding(
+            Check("disk", "fail", "the state directory is not readable"), "storage is unusable"
+        )
     needed = settings.min_free_disk_mb * 1024 * 1024
     free_mb = free // (1024 * 1024)
     if free < needed:
-        return Check(
-            "disk",
-            "fail",
-            f"{free_mb} MB free in the state directory; "
-            f"{settings.min_free_disk_mb} MB needed (APPLIANCE_MIN_FREE_DISK_MB)",
+        return Finding(
+            Check(
+                "disk",
+                "fail",
+                f"{free_mb} MB free in the state directory; "
+                f"{settings.min_free_disk_mb} MB needed (APPLIANCE_MIN_FREE_DISK_MB)",
+            ),
+            "too little free disk space",
         )
-    return Check("disk", "ok", f"{free_mb} MB free")
+    return Finding(Check("disk", "ok", f"{free_mb} MB free"), "enough free space")
 
 
-async def _models_check(state: Runtime) -> Check:
+async def _models_check(state: Runtime) -> Finding:
     try:
         default = await trio.to_thread.run_sync(
             state.registry.default_name, state.settings.default_model or None
         )
     except RegistryError as exc:
-        return Check("models", "fail", str(exc))
+        return Finding(Check("models", "fail", str(exc)), "the models cannot be used")
     if default is None:
-        return Check(
-            "models",
-            "fail",
-            "no usable model is installed; import one with: appliance models import PATH",
+        return Finding(
+            Check(
+                "models",
+                "fail",
+                "no usable model is installed; import one with: appliance models import PATH",
+            ),
+            "no usable model is installed",
         )
     loaded = state.engine.loaded_model
     if loaded is not None:
-        return Check("models", "ok", f"{loaded} loaded")
+        return Finding(Check("models", "ok", f"{loaded} loaded"), "a model is loaded")
     if state.settings.preload:
-        return Check("models", "fail", f"{default} is not loaded yet")
-    return Check("models", "ok", f"{default} loads on first use")
+        return Finding(
+            Check("models", "fail", f"{default} is not loaded yet"), "the model is still loading"
+        )
+    return Finding(
+        Check("models", "ok", f"{default} loads on first use"), "a model loads on first use"
+    )
 
 
-def _services_check(state: Runtime) -> Check:
+def _services_check(state: Runtime) -> Finding:
     failing = state.supervisor.unhealthy_critical()
     if failing:
-        return Check("services", "fail", "not running: " + ", ".join(failing))
-    return Check("services", "ok", "all critical services running")
+        return Finding(
+            Check("services", "fail", "not running: " + ", ".join(failing)),
+            "a critical service is not running",
+        )
+    return Finding(
+        Check("services", "ok", "all critical services running"), "all critical services running"
+    )
 
 
 @blueprint.get("/ready")
 @document_response(Readiness)
 @document_response(Readiness, 503)
 async def ready() -> Response:
-    """Ready when Redis, disk space, models and services are; lists each check."""
+    """Ready when Redis, disk space, models and services are; lists each check.
+
+    Open to all, in general terms; an admin key gets each check's details (which model,
+    how much disk, which service).
+    """
     state = runtime()
-    checks = [
+    key = g.get("api_key")
+    detailed = key is not None and key.scope == "admin"
+    findings = [
         await _redis_check(state),
         _disk_check(state),
         await _models_check(state),
         _services_check(state),
     ]
-    is_ready = all(check.state == "ok" for check in checks)
+    is_ready = all(finding.check.state == "ok" for finding in findings)
     return _json(
-        Readiness(status="ready" if is_ready else "not_ready", checks=checks),
+        Readiness(
+            status="ready" if is_ready else "not_ready",
+            checks=[finding.shown(detailed) for finding in findings],
+        ),
         status=200 if is_ready else 503,
     )
 

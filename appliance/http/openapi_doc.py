@@ -278,8 +278,13 @@ class _Provider(OpenAPIProvider):
     """quart-schema's provider, completed with what the app applies to every route."""
 
     def generate_rules(self) -> Iterable[Rule]:
-        # Quart's static route serves nothing here (the package has no static folder).
-        return (rule for rule in super().generate_rules() if rule.endpoint != "static")
+        # Quart's static route serves nothing here (the package has no static folder), and
+        # the web console's pages are not API operations.
+        return (
+            rule
+            for rule in super().generate_rules()
+            if rule.endpoint != "static" and not rule.endpoint.startswith("console.")
+        )
 
     def operation_id(self, method: str, path: str, func: Callable[..., Any]) -> str:
         # The handlers' names are unique across the API.

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
+import ssl
 import time
 from typing import Any, Final
 
@@ -13,6 +16,8 @@ from quart import Quart
 
 from appliance.config import Settings
 from appliance.http.app import PROBE_USER_AGENT
+from appliance.http.framing import RejectAmbiguousFraming, use_json_protocol_errors
+from appliance.http.proxies import ClientAddress
 from appliance.metrics import RequestStats
 from appliance.supervisor import Service
 
@@ -24,6 +29,13 @@ PROBE_STALE_AFTER: Final = PROBE_INTERVAL + PROBE_TIMEOUT + 1.0
 PROBE_PATH: Final = "/api/v1/health/live"
 
 
+class BindError(OSError):
+    """APPLIANCE_BIND cannot be listened on; the message names it and the fix."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def hypercorn_config(settings: Settings) -> Config:
     config = Config()
     config.bind = [settings.bind]
@@ -32,7 +44,45 @@ def hypercorn_config(settings: Settings) -> Config:
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
     config.keep_alive_timeout = 5
+    if settings.tls:
+        # Checked at start (appliance.tls_files): readable, a pair, no passphrase.
+        config.certfile = settings.tls_cert
+        config.keyfile = settings.tls_key
+        # HTTP/1.1 only: the one protocol whose edge cases (framing, header limits, error
+        # shapes) are handled and tested here.
+        config.alpn_protocols = ["http/1.1"]
     return config
+
+
+def check_bind(settings: Settings) -> None:
+    """Listen on APPLIANCE_BIND for a moment, the way hypercorn will, so that a taken port
+    stops the start at once with a line that names it (not after Redis and the model, with
+    a bare errno). BindError otherwise."""
+    host, port = settings.host, settings.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+            probe.listen(1)
+    except OSError as exc:
+        raise BindError(exc.errno, _bind_problem(settings.bind, host, port, exc)) from None
+
+
+def _bind_problem(bind: str, host: str, port: int, exc: OSError) -> str:
+    where = f"cannot listen on {bind} (APPLIANCE_BIND)"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"{where}: the port is already in use by another program (see which: "
+            f"ss -ltnp 'sport = :{port}'); stop it or set APPLIANCE_BIND to a free port"
+        )
+    if exc.errno == errno.EACCES:
+        return f"{where}: ports below 1024 need privileges; use a port of 1024 or more"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: {host} is not an address of this machine; use one of its addresses"
+    if isinstance(exc, socket.gaierror):
+        return f"{where}: the host name {host} does not resolve; use an IP address"
+    return f"{where}: {exc.strerror or type(exc).__name__}"
 
 
 class HttpService(Service):
@@ -50,6 +100,19 @@ class HttpService(Service):
         self._shutdown = trio.Event()
         self._drained = trio.Event()
         self._last_ok = 0.0
+        use_json_protocol_errors()
+        # Outermost first: refuse ambiguous framing, then find the client behind proxies.
+        self._asgi = RejectAmbiguousFraming(
+            ClientAddress(self._count_requests, settings.trusted_networks, settings.proxy_header),
+            settings.max_body_bytes,
+        )
+        # The self-probe checks that the port answers; it talks to itself, so it does not
+        # verify the certificate (its name may not be the loopback address). Made once.
+        self._probe_tls: ssl.SSLContext | None = None
+        if settings.tls:
+            self._probe_tls = ssl.create_default_context()
+            self._probe_tls.check_hostname = False
+            self._probe_tls.verify_mode = ssl.CERT_NONE
 
     def healthy(self) -> bool:
         return time.monotonic() - self._last_ok < PROBE_STALE_AFTER
@@ -59,6 +122,8 @@ class HttpService(Service):
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         self._shutdown = trio.Event()
+        # A restart after a failure meets the same port: say so plainly if it is taken.
+        await trio.to_thread.run_sync(check_bind, self.settings)
         async with trio.open_nursery() as nursery:
             urls: list[str] = await nursery.start(self._serve, nursery.cancel_scope)
             self.urls = urls
@@ -78,7 +143,7 @@ class HttpService(Service):
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         await serve(
-            self._count_requests,
+            self._asgi,
             hypercorn_config(self.settings),
             shutdown_trigger=self._shutdown.wait,
             task_status=task_status,
@@ -117,18 +182,20 @@ class HttpService(Service):
     async def _probe(self, url: str) -> bool:
         """One real HTTP request to ourselves over a plain socket (no client library: an
         HTTP client would build a TLS context on every probe, 20 ms of CPU each)."""
-        host, _, port = url.removeprefix("http://").partition("/")[0].rpartition(":")
+        host, _, port = url.partition("://")[2].partition("/")[0].rpartition(":")
         request = (
             f"GET {PROBE_PATH} HTTP/1.1\r\nHost: {host}\r\n"
             f"User-Agent: {PROBE_USER_AGENT}\r\nConnection: close\r\n\r\n"
         ).encode()
         with trio.move_on_after(PROBE_TIMEOUT):
             try:
-                stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+                stream: trio.abc.Stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+                if self._probe_tls is not None:
+                    stream = trio.SSLStream(stream, self._probe_tls, server_hostname=None)
                 async with stream:
                     await stream.send_all(request)
                     reply = await stream.receive_some(64)
-            except OSError:
+            except (OSError, trio.BrokenResourceError):
                 return False
             if reply.startswith(b"HTTP/1.1 200"):
                 self._last_ok = time.monotonic()

@@ -8,6 +8,7 @@ none shows the key.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import stat
@@ -19,6 +20,7 @@ import msgspec
 
 DEFAULT_TIMEOUT_SECONDS: Final = 60.0
 KEY_FILE_SETTING: Final = "APPLIANCE_REMOTE_LLM_KEY_FILE"
+ALLOW_PLAINTEXT_SETTING: Final = "APPLIANCE_REMOTE_LLM_ALLOW_PLAINTEXT"
 MAX_KEY_FILE_BYTES: Final = 4096
 MAX_MODEL_CHARS: Final = 128
 
@@ -110,6 +112,34 @@ def _check_url(url: str) -> None:
             f"{name} is {url!r}; give the base URL (ending in /v1): the appliance adds "
             "/chat/completions itself"
         )
+
+
+def plaintext_problem(url: str) -> str | None:
+    """Why production refuses `url`: plain http:// to another machine carries the prompts
+    and the API key readable over the network. Loopback stays on the box (a local gateway
+    or an encrypting proxy such as stunnel), so it is allowed. None when nothing is wrong
+    (an invalid URL is _check_url's to report)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return None
+    if parts.scheme != "http" or not host or _loopback(host):
+        return None
+    return (
+        f"APPLIANCE_REMOTE_LLM_URL is plain http:// to {host[:100]!r}: prompts and the remote "
+        "API key would cross the network readable; use https://, or accept that risk with "
+        f"{ALLOW_PLAINTEXT_SETTING}=true"
+    )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_key(key: str, what: str) -> None:

@@ -17,6 +17,7 @@ from typing import Final
 import httpx
 
 from appliance.config import Settings
+from appliance.local_api import api_base, api_verify
 
 UNIT: Final = "appliance.service"
 SYSTEMD_RUNNING_MARKER: Final = Path("/run/systemd/system")
@@ -62,20 +63,14 @@ def systemctl(action: str) -> None:
         raise ControlError(f"systemctl {action} {UNIT} failed ({detail}); see: appliance logs")
 
 
-def api_base(settings: Settings) -> str:
-    host = settings.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{settings.port}"
-
-
 def serving_version(settings: Settings, timeout: float = 2.0) -> str | None:
     """The version of the daemon that answers, or None when none does."""
     try:
         response = httpx.get(
-            f"{api_base(settings)}/api/v1/health/live", timeout=timeout, trust_env=False
+            f"{api_base(settings)}/api/v1/health/live",
+            timeout=timeout,
+            trust_env=False,
+            verify=api_verify(settings),
         )
         version = response.json().get("version")
     except (httpx.HTTPError, ValueError, AttributeError):
@@ -86,11 +81,15 @@ def serving_version(settings: Settings, timeout: float = 2.0) -> str | None:
 def wait_until_ready(settings: Settings, version: str | None, timeout: float) -> bool:
     """Whether the daemon (of `version`, when given) answers ready within `timeout`."""
     deadline = time.monotonic() + timeout
-    base = api_base(settings)
+    base, verify = api_base(settings), api_verify(settings)
     while time.monotonic() < deadline:
         try:
-            live = httpx.get(f"{base}/api/v1/health/live", timeout=2.0, trust_env=False).json()
-            ready = httpx.get(f"{base}/api/v1/health/ready", timeout=5.0, trust_env=False)
+            live = httpx.get(
+                f"{base}/api/v1/health/live", timeout=2.0, trust_env=False, verify=verify
+            ).json()
+            ready = httpx.get(
+                f"{base}/api/v1/health/ready", timeout=5.0, trust_env=False, verify=verify
+            )
             if ready.status_code == 200 and (version is None or live.get("version") == version):
                 return True
         except (httpx.HTTPError, ValueError, AttributeError):

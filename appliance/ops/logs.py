@@ -2,6 +2,10 @@
 
 Entries are selected by SYSLOG_IDENTIFIER=appliance, which the daemon sets on everything it
 sends to journald, so this works under systemd and for a daemon started by hand alike.
+`--level error` keeps the journal priorities err and worse (an error log), `--access` the
+access lines (LOGGER=appliance.access: one per request). Without a journal the daemon logs
+JSON lines to its standard output; when nothing is found the command says where to look
+and exits 1.
 """
 
 from __future__ import annotations
@@ -13,9 +17,13 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Final
 
 IDENTIFIER: Final = "appliance"
+ACCESS_LOGGER: Final = "appliance.access"
+JOURNAL_SOCKET: Final = Path("/run/systemd/journal/socket")
+EXIT_NOTHING: Final = 1
 LEVELS: Final = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3}
 _NAMES_BY_PRIORITY: Final = {
     7: "DEBUG",
@@ -34,7 +42,15 @@ def add_logs_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
     logs.add_argument("--since", help='journalctl time, e.g. "1 hour ago" or "2026-11-25 03:00"')
     logs.add_argument("--request-id", help="only the entries of one request (X-Request-ID)")
-    logs.add_argument("--level", choices=sorted(LEVELS), help="this level and more severe")
+    logs.add_argument(
+        "--level",
+        type=str.upper,
+        choices=sorted(LEVELS),
+        help="this level and more severe (journal priority; --level error: errors only)",
+    )
+    logs.add_argument(
+        "--access", action="store_true", help="only the access lines (one per request)"
+    )
     logs.add_argument("-n", "--lines", type=int, default=200, help="how many recent entries")
     logs.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -43,6 +59,8 @@ def journalctl_command(args: argparse.Namespace, journalctl: str) -> list[str]:
     command = [journalctl, "--no-pager", "--output=json", f"SYSLOG_IDENTIFIER={IDENTIFIER}"]
     if args.request_id:
         command.append(f"REQUEST_ID={args.request_id}")
+    if args.access:
+        command.append(f"LOGGER={ACCESS_LOGGER}")
     if args.level:
         command.append(f"--priority={LEVELS[args.level]}")
     if args.since:
@@ -100,7 +118,7 @@ def run_logs(args: argparse.Namespace) -> int:
     if journalctl is None:
         print(
             "appliance: journalctl is not installed; without systemd the daemon logs JSON lines "
-            "to its standard output",
+            "to its standard output (the terminal or file `appliance serve` writes to)",
             file=sys.stderr,
         )
         return 1
@@ -114,12 +132,35 @@ def run_logs(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             process.terminate()
             return 0
+        except BrokenPipeError:
+            # Our reader went away (`appliance logs | head`): journalctl must not outlive us.
+            process.terminate()
+            raise
         problem = process.stderr.read().strip()
     if process.returncode not in (0, None) or (not shown and "No journal files" in problem):
         print(
             f"appliance: journalctl failed ({problem.splitlines()[-1] if problem else 'no output'})"
-            "; is systemd-journald running on this machine?",
+            f"; {_where_logs_are()}",
             file=sys.stderr,
         )
         return 1
+    if not shown:
+        print(
+            f"appliance: no matching entries in the journal; {_where_logs_are()}", file=sys.stderr
+        )
+        return EXIT_NOTHING
     return 0
+
+
+def _where_logs_are() -> str:
+    if not JOURNAL_SOCKET.exists():
+        return (
+            "no systemd-journald runs on this machine, so a daemon started by hand "
+            "(appliance serve, make run) writes its log as JSON lines to its standard output "
+            "(the terminal or file it runs with)"
+        )
+    return (
+        "the daemon under systemd logs to the journal (journalctl -u appliance); one started "
+        "by hand (appliance serve, make run) logs there too, and as JSON lines to its "
+        "standard output"
+    )

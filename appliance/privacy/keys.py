@@ -31,6 +31,9 @@ class Keys:
     codec: Codec
     ring: KeyRing | None
     hash_key: bytes
+    # From PRIVACY_SALT_PREVIOUS during a rotation: API keys hashed before `v2` may be
+    # keyed with it (appliance.auth.apikeys).
+    previous_hash_key: bytes | None = None
 
     def client_hash(self, identifier: str) -> str:
         """A keyed hash, so logs can correlate requests without naming who sent them."""
@@ -67,11 +70,18 @@ def hash_key_from_salt(salt: str) -> bytes:
 
 
 def hash_key_for(settings: Settings) -> bytes:
-    """The key of keyed hashes (client ids in logs, API keys): cheap, no Argon2id."""
+    """The key of keyed hashes (client ids in logs, API keys made before `v2`): cheap, no
+    Argon2id."""
     salt = settings.privacy_salt
     if not salt:
         salt = _development_secrets(Path(settings.state_dir))[1]
     return hash_key_from_salt(salt)
+
+
+def previous_hash_key_for(settings: Settings) -> bytes | None:
+    """The same from PRIVACY_SALT_PREVIOUS, while a rotation has one."""
+    salt = settings.privacy_salt_previous
+    return hash_key_from_salt(salt) if salt else None
 
 
 def load_keys(settings: Settings) -> Keys:
@@ -84,7 +94,8 @@ def load_keys(settings: Settings) -> Keys:
         secret, salt, settings.secret_key_previous, settings.privacy_salt_previous
     )
     hash_key = hash_key_from_salt(salt)
+    previous = previous_hash_key_for(settings)
     if not settings.privacy_encrypt_at_rest:
         LOGGER.warning("PRIVACY_ENCRYPT_AT_REST=false: conversations are stored in clear")
-        return Keys(codec=PlainCodec(ring), ring=ring, hash_key=hash_key)
-    return Keys(codec=ring, ring=ring, hash_key=hash_key)
+        return Keys(PlainCodec(ring), ring, hash_key, previous)
+    return Keys(ring, ring, hash_key, previous)

@@ -153,6 +153,8 @@ class Store(Service):
     def __init__(self, url: str) -> None:
         self.url = url
         self.cluster = is_cluster_url(url)
+        # The store's id (appliance.store.identity), set once the daemon has read it.
+        self.identity = ""
         self._client: RedisClient | None = None
         self._last_ok = 0.0
 

