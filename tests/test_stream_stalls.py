@@ -25,7 +25,9 @@ STREAM_TOKENS: Final = 400
 RECEIVE_BUFFER: Final = 2048
 
 
-async def _non_reading_stream(daemon: Daemon, key: str) -> trio.socket.SocketType:
+async def _non_reading_stream(
+    daemon: Daemon, key: str, extra_headers: str = ""
+) -> trio.socket.SocketType:
     """A streamed chat completion whose client never reads a byte of the answer."""
     host, port = daemon.url.removeprefix("http://").rsplit(":", 1)
     sock = trio.socket.socket()
@@ -43,7 +45,7 @@ async def _non_reading_stream(daemon: Daemon, key: str) -> trio.socket.SocketTyp
     head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
         f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"Content-Length: {len(body)}\r\n{extra_headers}\r\n"
     ).encode()
     await sock.send(head + body)
     return sock
@@ -145,3 +147,25 @@ async def test_streams_that_are_not_read_lose_their_slots_and_others_are_served(
     # A stalled stream's access line comes when it ends: after the stall time.
     assert len(access) == 4
     assert all(line["duration_ms"] >= STALL_SECONDS * 1000 for line in access), access
+
+
+async def test_a_stalled_stream_behind_a_trusted_proxy_is_closed_too() -> None:
+    # The client address the app sees is the one the proxy forwarded; the connection to
+    # reset is the proxy's.
+    env = {
+        "APPLIANCE_STREAM_STALL_SECONDS": str(STALL_SECONDS),
+        "APPLIANCE_TRUSTED_PROXIES": "127.0.0.1",
+    }
+    with trio.fail_after(60):
+        async with running_daemon(env) as daemon, daemon.client() as admin:
+            sock = await _non_reading_stream(
+                daemon, daemon.api_key, "X-Forwarded-For: 203.0.113.7\r\n"
+            )
+            await _wait_for_llm(admin, lambda llm: llm["running"] == 1)
+            await _wait_for_llm(admin, lambda llm: not llm["running"])
+            with trio.fail_after(STALL_SECONDS + 15):
+                assert await _ended(sock)
+            sock.close()
+    [stalled] = [line for line in daemon.log_lines() if "stream stalled" in line.get("message", "")]
+    assert not any("already closed" in line.get("message", "") for line in daemon.log_lines())
+    assert stalled["level"] == "WARNING"

@@ -16,6 +16,7 @@ from appliance.auth.apikeys import ApiKey
 from appliance.auth.budgets import MICROS, BudgetExceeded, Budgets, Kind, Reservation, key_limits
 from appliance.http.app import Runtime, current_key
 from appliance.http.errors import ApiError, error_body
+from appliance.http.proxies import PEER
 from appliance.http.remote_generation import REMOTE_PREFIX, open_remote_stream, remote_model
 from appliance.http.stream_body import StreamBody
 from appliance.llm.engine import RETRY_AFTER_SECONDS
@@ -424,13 +425,14 @@ def stream_response(
     """The SSE response of a generation; a watch beside it ends the stream when its client
     stops reading (APPLIANCE_STREAM_STALL_SECONDS), and the request's access line waits
     for the body's end (`g.stream_body`), so that its duration is the stream's."""
-    scope = request.scope
-    client, server = scope.get("client"), scope.get("server")
+    scope: dict[str, Any] = request.scope  # type: ignore[assignment]
+    # The connection's own ends (behind a trusted proxy "client" is the one behind it).
+    client, server = scope.get(PEER) or scope.get("client"), scope.get("server")
     body = StreamBody(
         chunks,
         events,
         stall_seconds=state.settings.stream_stall_seconds,
-        peer=(client, server) if client and server else None,
+        peer=(tuple(client), tuple(server)) if client and server else None,
     )
     current_app.add_background_task(body.watch)
     g.stream_body = body
