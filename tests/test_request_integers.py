@@ -30,6 +30,8 @@ BODY_FIELDS: Final = [
     ("/v1/completions", COMPLETION, "max_tokens"),
     ("/v1/completions", COMPLETION, "seed"),
     ("/v1/completions", COMPLETION, "n"),
+    ("/api/v1/admin/keys", {"name": "budgeted"}, "tokens_per_day"),
+    ("/api/v1/admin/keys", {"name": "budgeted"}, "tokens_per_month"),
 ]
 QUERY_FIELDS: Final = [
     ("/api/v1/conversations", "offset"),
