@@ -140,6 +140,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         default=0.0, name="APPLIANCE_REMOTE_BUDGET_MONTHLY"
     )
     npu_force_enable: bool = msgspec.field(default=False, name="NPU_FORCE_ENABLE")
+    restore_previous_keep: PositiveInt = msgspec.field(
+        default=3, name="APPLIANCE_RESTORE_PREVIOUS_KEEP"
+    )
+    restore_previous_max_days: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(
+        default=30, name="APPLIANCE_RESTORE_PREVIOUS_MAX_DAYS"
+    )
 
     def __post_init__(self) -> None:
         bind = _BIND.match(self.bind)

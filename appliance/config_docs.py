@@ -144,4 +144,12 @@ DOCS: Final[dict[str, SettingDoc]] = {
         "money, 0 = no limit", "remote spending of the whole appliance per calendar month"
     ),
     "NPU_FORCE_ENABLE": SettingDoc("true | false", "ask for an NPU backend"),
+    "APPLIANCE_RESTORE_PREVIOUS_KEEP": SettingDoc(
+        "whole number, 1 or more",
+        "data dirs a restore moved aside kept at most; a restore refuses when that many exist",
+    ),
+    "APPLIANCE_RESTORE_PREVIOUS_MAX_DAYS": SettingDoc(
+        "whole number of days, 0 = until pruned",
+        "data a restore moved aside is deleted once this old (appliance backups prune-previous)",
+    ),
 }
