@@ -122,14 +122,23 @@ def prune_previous(settings: Settings, keep: int = 0) -> list[PreviousData]:
     return removed
 
 
-def expire_previous(settings: Settings, now: datetime | None = None) -> list[PreviousData]:
-    """Remove the dirs older than APPLIANCE_RESTORE_PREVIOUS_MAX_DAYS (0: never)."""
+def expired(
+    settings: Settings, found: list[PreviousData], now: datetime | None = None
+) -> list[PreviousData]:
+    """Those of `found` older than APPLIANCE_RESTORE_PREVIOUS_MAX_DAYS (0: none ever)."""
     days = settings.restore_previous_max_days
     if days == 0:
         return []
     limit = (now or datetime.now(UTC)) - timedelta(days=days)
-    expired = [item for item in list_previous(settings) if item.created < limit]
-    for item in expired:
+    return [item for item in found if item.created < limit]
+
+
+def expire_previous(settings: Settings, now: datetime | None = None) -> list[PreviousData]:
+    """Remove the dirs older than APPLIANCE_RESTORE_PREVIOUS_MAX_DAYS; the caller holds the
+    backup lock."""
+    days = settings.restore_previous_max_days
+    gone = expired(settings, list_previous(settings), now)
+    for item in gone:
         _remove(item)
         LOGGER.warning(
             "removed %s: data from before a restore, older than "
@@ -137,4 +146,4 @@ def expire_previous(settings: Settings, now: datetime | None = None) -> list[Pre
             item.name,
             days,
         )
-    return expired
+    return gone

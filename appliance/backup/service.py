@@ -21,7 +21,7 @@ import trio
 from appliance.backup import restore as restoring
 from appliance.backup.archive import BackupError, BackupInfo, list_backups
 from appliance.backup.jobs import BUSY_MESSAGE, exclusive, make_backup, require_embedded_store
-from appliance.backup.previous import PreviousData, expire_previous, list_previous
+from appliance.backup.previous import PreviousData, expire_previous, expired, list_previous
 from appliance.config import Settings
 from appliance.privacy.keys import Keys
 from appliance.store.client import Store
@@ -98,6 +98,8 @@ class Backups:
 
     def expire_previous(self) -> None:
         """Remove moved-aside data past its age (blocking: use a thread)."""
+        if not expired(self.settings, self.refresh_previous()):
+            return  # the usual case: no need to take the backup lock
         try:
             with exclusive(self.settings):
                 expire_previous(self.settings)

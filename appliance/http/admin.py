@@ -105,8 +105,7 @@ def _refusal(exc: BackupError) -> ApiError:
 @blueprint.get("/backups")
 @document_response(BackupList)
 async def list_backups() -> Response:
-    """Backups (name, size, created, sealed, verified), the data restores moved aside
-    (name, size, created) and the last success/failure."""
+    """Backups, the data restores moved aside (each with its size) and the last results."""
     backups = runtime().backups
     try:
         found = await trio.to_thread.run_sync(backups.listing)
