@@ -209,12 +209,14 @@ class Box:
     genuine: str
     before: dict[str, Any]
     crafted: dict[str, Path]
+    admin_token: str
 
 
 async def _make_box() -> Box:
     state, work = short_tempdir(), short_tempdir()
     env: dict[str, str] = {}
     async with running_daemon(env, state_dir=state) as daemon, daemon.client() as c:
+        admin_token = daemon.api_key
         await _chat(c, "keep me")
         before = await _everything(c)
         made = await c.post("/api/v1/admin/backups", json={}, timeout=120)
@@ -235,7 +237,7 @@ async def _make_box() -> Box:
         )
         for n, (case, member) in enumerate(PLANTS.items())
     }
-    return Box(state, genuine.name, before, crafted)
+    return Box(state, genuine.name, before, crafted, admin_token)
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +275,11 @@ async def test_a_planted_member_is_refused_and_nothing_moves(box: Box, case: str
         assert tree(state) == live
         restored = await cli(state, {}, "restore", str(state / "backups" / box.genuine))
         assert restored.returncode == 0, restored.stderr
-        async with running_daemon({}, state_dir=state) as daemon, daemon.client() as c:
+        async with (
+            running_daemon({}, state_dir=state) as daemon,
+            daemon.client(box.admin_token) as c,
+        ):
+            assert (await c.get("/api/v1/health/services")).status_code == 200
             assert await _everything(c) == box.before
     assert (state / "development.key").read_bytes() == (box.state / "development.key").read_bytes()
 
@@ -283,7 +289,10 @@ async def test_the_daemon_refuses_planted_members_and_still_restores_its_own(box
     each a 422 naming the member, the daemon serving the same data with the same keys."""
     state = copy_of(box)
     with trio.fail_after(300):
-        async with running_daemon({}, state_dir=state) as daemon, daemon.client() as c:
+        async with (
+            running_daemon({}, state_dir=state) as daemon,
+            daemon.client(box.admin_token) as c,
+        ):
             await _chat(c, "after the backup")
             now = await _everything(c)
             for n, (case, archive) in enumerate(box.crafted.items()):
