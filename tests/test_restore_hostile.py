@@ -37,8 +37,9 @@ from tests.test_backup import _archives, _chat, _everything, cli
 
 THIS_BOX = {"SECRET_KEY": "this-box-secret-" + "t" * 30, "PRIVACY_SALT": "this-box-salt"}
 OTHER_BOX = {"SECRET_KEY": "other-box-secret-" + "o" * 30, "PRIVACY_SALT": "other-box-salt"}
-# Not part of the data: the runtime dir (sockets), the test's env file and admin key file.
-UNWATCHED = ("run/", "test.env", "test-admin.key")
+# Not part of the data: the runtime dir (sockets), the backup lock (an empty file made by
+# the first backup or restore), the test's env file and admin key file.
+UNWATCHED = ("run/", ".backup.lock", "test.env", "test-admin.key")
 
 
 def box_secrets(state: Path, env: dict[str, str]) -> tuple[str, str]:
@@ -179,6 +180,8 @@ async def test_another_appliances_backup_is_refused_unless_brought_over_delibera
         )
         assert brought.returncode == 0, brought.stderr
         assert "1 conversations" in brought.stdout
+        said = f"another box's backup, authenticated under its key id {other_id['current_key_id']}"
+        assert said in brought.stdout
         status = json.loads((await cli(state, THIS_BOX, "keys", "status", "--json")).stdout)
         assert status["by_key"] == {this_id["current_key_id"]: 1}  # re-sealed under this box's
         async with running_daemon(THIS_BOX, state_dir=state) as daemon:

@@ -253,7 +253,7 @@ async def _restore_from_other_box(
     async def prepare(client: RedisClient) -> None:
         await carry_over(client, settings, kept, other)
 
-    return await restore_offline(
+    report = await restore_offline(
         settings,
         args.file,
         keys.codec,
@@ -261,6 +261,13 @@ async def _restore_from_other_box(
         passphrase=passphrase,
         progress=ProgressBar("restoring"),
         prepare=prepare,
+    )
+    return msgspec.structs.replace(
+        report,
+        authenticity=(
+            f"another box's backup, authenticated under its key id {report.key_id}; "
+            "re-sealed under this box's key, this box's API keys kept"
+        ),
     )
 
 

@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import coredis
 import msgspec
@@ -48,7 +48,7 @@ LOGGER = logging.getLogger("appliance.backup")
 
 Progress = Callable[[int, int], None]
 _T = TypeVar("_T")
-MERGED_MODELS_MANIFEST = "models-manifest.merged"  # in the staging dir, never a member name
+MERGED_MODELS_MANIFEST: Final = "models-manifest.merged"  # in the staging dir, never a member name
 
 
 class RestoreReport(msgspec.Struct):
@@ -94,7 +94,7 @@ class Swap:
     moves: list[tuple[Path, Path]] = field(default_factory=list)
 
 
-OTHER_BOX_HINT = (
+OTHER_BOX_HINT: Final = (
     "to bring another box's data here, stop the daemon and run: appliance restore FILE "
     "--from-other-box OTHER_ENV_FILE (that box's SECRET_KEY and PRIVACY_SALT; this box's "
     "API keys are kept)"
