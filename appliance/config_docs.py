@@ -167,4 +167,12 @@ DOCS: Final[dict[str, SettingDoc]] = {
     "APPLIANCE_ENV_FILE": SettingDoc(
         "absolute path", "the env file read; production refuses one that others may read"
     ),
+    "APPLIANCE_RESTORE_PREVIOUS_KEEP": SettingDoc(
+        "whole number, 1 or more",
+        "data dirs a restore moved aside kept at most; a restore refuses when that many exist",
+    ),
+    "APPLIANCE_RESTORE_PREVIOUS_MAX_DAYS": SettingDoc(
+        "whole number of days, 0 = until pruned",
+        "data a restore moved aside is deleted once this old (appliance backups prune-previous)",
+    ),
 }
