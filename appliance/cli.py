@@ -89,12 +89,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     backups = commands.add_parser("backups", help="list backups: size, age, verified")
     backups.add_argument("--json", action="store_true", help="print JSON for scripts")
+    prune = backups.add_subparsers(dest="backups_command", metavar="ACTION").add_parser(
+        "prune-previous", help="remove the data that restores moved aside"
+    )
+    prune.add_argument("--keep", type=int, default=0, help="keep the newest N (default 0)")
     restore = commands.add_parser(
         "restore", help="restore a backup (verified first; the current data is kept aside)"
     )
     restore.add_argument("file", type=Path, help="the backup archive")
     restore.add_argument("--passphrase-file", type=Path, help="passphrase of a sealed archive")
     restore.add_argument("--json", action="store_true", help="print JSON for scripts")
+    restore.add_argument(
+        "--unauthenticated", action="store_true", help="accept a format 1 (unauthenticated) backup"
+    )
+    restore.add_argument(
+        "--from-other-box",
+        type=Path,
+        metavar="ENV_FILE",
+        help="another appliance's backup: ENV_FILE holds its SECRET_KEY and PRIVACY_SALT",
+    )
     for action, text in (
         ("start", "start the appliance service (systemctl)"),
         ("stop", "stop the appliance service (systemctl)"),

@@ -158,6 +158,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     )
     # Where these settings were read from (set by load_settings, never by the env file).
     env_file: str = msgspec.field(default="", name="APPLIANCE_ENV_FILE")
+    restore_previous_keep: PositiveInt = msgspec.field(
+        default=3, name="APPLIANCE_RESTORE_PREVIOUS_KEEP"
+    )
+    restore_previous_max_days: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(
+        default=30, name="APPLIANCE_RESTORE_PREVIOUS_MAX_DAYS"
+    )
     # Generation under pressure (docs/generation.md).
     stream_stall_seconds: PositiveFloat = msgspec.field(
         default=30.0, name="APPLIANCE_STREAM_STALL_SECONDS"

@@ -167,6 +167,14 @@ DOCS: Final[dict[str, SettingDoc]] = {
     "APPLIANCE_ENV_FILE": SettingDoc(
         "absolute path", "the env file read; production refuses one that others may read"
     ),
+    "APPLIANCE_RESTORE_PREVIOUS_KEEP": SettingDoc(
+        "whole number, 1 or more",
+        "data dirs a restore moved aside kept at most; a restore refuses when that many exist",
+    ),
+    "APPLIANCE_RESTORE_PREVIOUS_MAX_DAYS": SettingDoc(
+        "whole number of days, 0 = until pruned",
+        "data a restore moved aside is deleted once this old (appliance backups prune-previous)",
+    ),
     "APPLIANCE_STREAM_STALL_SECONDS": SettingDoc(
         "seconds, above 0",
         "a streamed answer whose client takes no data for this long is cancelled and its "

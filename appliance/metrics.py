@@ -181,6 +181,16 @@ class _SnapshotCollector(Collector):
         for key in ("succeeded", "failed"):
             yield _gauge(f"appliance_backups_{key}", f"backups {key} since start", backups[key])
         yield _gauge("appliance_backup_running", "1 while a backup runs", int(backups["running"]))
+        yield _gauge(
+            "appliance_restore_previous_dirs",
+            "data dirs that restores moved aside (restore-previous-*)",
+            backups["previous_data_count"],
+        )
+        yield _gauge(
+            "appliance_restore_previous_bytes",
+            "bytes in the data dirs that restores moved aside",
+            backups["previous_data_bytes"],
+        )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -29,6 +29,10 @@ def run_models_command(settings: Settings, args: argparse.Namespace) -> int:
         if args.models_command == "list":
             return _list(registry, args.json)
         if args.models_command == "import":
+            if args.path.is_symlink():
+                # Followed on purpose (model caches are symlinks), and said; nothing of the
+                # target is shown unless it imports.
+                print(f"{args.path.name} is a symlink: importing the file it points to")
             record = registry.import_file(
                 args.path, args.name, progress=ProgressBar(f"importing {args.path.name}")
             )

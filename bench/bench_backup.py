@@ -35,6 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from appliance.backup.archive import Source, extract_archive, verify_archive, write_archive
+from appliance.store.sealing import KeyRing
 
 NAME: Final = "backup"
 RATIO_GOAL: Final = 0.8
@@ -67,6 +68,7 @@ def backup_throughput(size_mb: int, rounds: int) -> Iterator[dict[str, Any]]:
             for path in sorted(state.rglob("*"))
             if path.is_file()
         ]
+        keys = KeyRing("bench-secret-" + "b" * 30, "bench-salt")  # authenticates the manifest
         best: dict[str, float] = {}
         sizes: dict[str, int] = {}
         for round_ in range(rounds):
@@ -80,7 +82,8 @@ def backup_throughput(size_mb: int, rounds: int) -> Iterator[dict[str, Any]]:
 
             def our_create(archives: Path = archives, ours: list[Path] = ours) -> None:
                 when = datetime.now(UTC)
-                ours.append(write_archive(archives, sources, {"bench": "backup"}, when=when))
+                meta = {"bench": "backup"}
+                ours.append(write_archive(archives, sources, meta, keys=keys, when=when))
 
             steps: dict[str, Callable[[], None]] = {"tar_czf": tar_create, "write": our_create}
             _timed_steps(steps, round_, best)
@@ -92,7 +95,7 @@ def backup_throughput(size_mb: int, rounds: int) -> Iterator[dict[str, Any]]:
                 subprocess.run(["tar", "-C", str(dest), "-xzf", str(tar_file)], check=True)
 
             def our_extract(work: Path = work, ours: list[Path] = ours) -> None:
-                extract_archive(ours[0], work / "our-out")
+                extract_archive(ours[0], work / "our-out", keys=keys)
 
             steps = {"tar_xzf": tar_extract, "extract": our_extract}
             _timed_steps(steps, round_, best)
@@ -100,7 +103,7 @@ def backup_throughput(size_mb: int, rounds: int) -> Iterator[dict[str, Any]]:
                 _check_same(work / "tar-out", work / "our-out", sources)
                 _sync()
                 started = time.monotonic()
-                verify_archive(ours[0], record=False)
+                verify_archive(ours[0], keys=keys, record=False)
                 best["verify"] = time.monotonic() - started
             for name in ("tar-out", "our-out"):
                 shutil.rmtree(work / name)

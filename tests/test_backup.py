@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import json
@@ -16,6 +17,9 @@ from typing import Any
 import coredis
 import trio
 
+from appliance.backup.archive import Source, write_archive
+from appliance.backup.authenticity import encode_auth
+from appliance.store.sealing import KeyRing
 from appliance.store.server import EmbeddedRedis
 from tests.harness import (
     daemon_environment,
@@ -26,6 +30,7 @@ from tests.harness import (
 )
 
 KEYS = {"SECRET_KEY": "k" * 40, "PRIVACY_SALT": "backup-test-salt"}
+BOX = KeyRing(KEYS["SECRET_KEY"], KEYS["PRIVACY_SALT"])  # the key ring these settings give
 
 
 def _env(port: int | None = None, **extra: str) -> dict[str, str]:
@@ -202,7 +207,7 @@ async def test_kill_9_during_a_backup_leaves_no_complete_looking_file() -> None:
         # The orphaned redis-server the command had started is stopped by the next run.
         assert _archives(state) == []
         listing = await cli(state, _env(), "backups", "--json")
-        assert json.loads(listing.stdout) == []
+        assert json.loads(listing.stdout) == {"backups": [], "previous_data": []}
 
         made = await cli(state, _env(), "backup")
         assert made.returncode == 0, made.stderr
@@ -215,7 +220,7 @@ async def test_kill_9_during_a_backup_leaves_no_complete_looking_file() -> None:
 def _manifest_member(members: list[tuple[str, bytes]]) -> bytes:
     return json.dumps(
         {
-            "format_version": 1,
+            "format_version": 2,
             "appliance_version": "test",
             "created": time.time(),
             "created_utc": "2026-01-01T00:00:00+00:00",
@@ -229,13 +234,17 @@ def _manifest_member(members: list[tuple[str, bytes]]) -> bytes:
                 for name, data in members
             ],
             "meta": {},
+            "key_id": BOX.current_id,
         }
     ).encode()
 
 
 def _crafted(path: Path, members: list[tuple[str, bytes]], link: tuple[str, str] | None) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in [("manifest.json", _manifest_member(members)), *members]:
+    """An archive authenticated under this box's key: only the tar checks can refuse it."""
+    manifest = _manifest_member(members)
+    head = [("manifest.json", manifest), ("manifest.auth", encode_auth(BOX, manifest))]
+    with tarfile.open(path, "w:gz", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in [*head, *members]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -424,9 +433,10 @@ async def test_redis_rebuilds_its_aof_from_a_restored_snapshot() -> None:
 
 
 async def test_a_restore_that_does_not_load_puts_the_previous_data_back() -> None:
-    """A backup sealed under another key cannot be read here: the restore is undone, both
-    through the running daemon and offline, and the command says so."""
-    other, state = short_tempdir(), short_tempdir()
+    """A backup of this box whose store snapshot is sealed under a key this box does not
+    have cannot be read here: the restore is undone, both through the running daemon and
+    offline, and the command says so."""
+    other, state, work = short_tempdir(), short_tempdir(), short_tempdir()
     other_keys = {"SECRET_KEY": "o" * 40, "PRIVACY_SALT": "another-salt"}
     port = free_port()
     with trio.fail_after(240):
@@ -434,7 +444,18 @@ async def test_a_restore_that_does_not_load_puts_the_previous_data_back() -> Non
             await _chat(c, "sealed under another key")
         made = await cli(other, other_keys, "backup")
         assert made.returncode == 0, made.stderr
-        foreign = other / "backups" / _archives(other)[0]
+        with tarfile.open(other / "backups" / _archives(other)[0]) as tar:
+            snapshot = tar.extractfile("redis/dump.rdb")
+            assert snapshot is not None
+            (work / "dump.rdb").write_bytes(snapshot.read())
+        # Authenticated by this box, so only the load check can refuse it.
+        foreign = write_archive(
+            work,
+            [Source("redis/dump.rdb", work / "dump.rdb")],
+            {"with_models": "false"},
+            keys=BOX,
+            when=datetime.datetime.now(datetime.UTC),
+        )
 
         async with running_daemon(_env(port), state_dir=state) as daemon, daemon.client() as c:
             mine = await _chat(c, "mine")
@@ -457,7 +478,7 @@ async def test_a_restore_that_does_not_load_puts_the_previous_data_back() -> Non
 
 
 async def test_a_restore_killed_half_way_is_rolled_back_at_the_next_start() -> None:
-    from appliance.backup.restore import stage, swap_in
+    from appliance.backup.restore import RestoreOptions, stage, swap_in
     from appliance.config import load_settings
 
     state = short_tempdir()
@@ -476,7 +497,9 @@ async def test_a_restore_killed_half_way_is_rolled_back_at_the_next_start() -> N
         env = daemon_environment(state, _env())
         settings = load_settings(env_file=Path(env["APPLIANCE_ENV_FILE"]), environ=env)
         archive = state / "backups" / _archives(state)[0]
-        staged = await trio.to_thread.run_sync(stage, settings, archive, None, None)
+        staged = await trio.to_thread.run_sync(
+            stage, settings, archive, BOX, RestoreOptions(), None, None
+        )
         await trio.to_thread.run_sync(swap_in, settings, staged)
         assert (state / ".restore-journal").exists()
 

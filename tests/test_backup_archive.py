@@ -15,10 +15,12 @@ import textwrap
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 
+from appliance.backup import archive as archives
 from appliance.backup.archive import (
     FORMAT_VERSION,
     BackupError,
@@ -26,15 +28,14 @@ from appliance.backup.archive import (
     MemberEntry,
     Source,
     archive_name,
-    extract_archive,
     list_backups,
     prune_backups,
     read_passphrase_file,
     remove_partials,
-    verify_archive,
-    write_archive,
 )
+from appliance.backup.manifest import UNAUTHENTICATED_VERSION
 from appliance.backup.sealed import CHUNK_BYTES, HEADER_BYTES, unseal_to_file
+from appliance.store.sealing import KeyRing
 
 REPO = Path(__file__).resolve().parent.parent
 WHEN = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
@@ -42,6 +43,21 @@ PASSPHRASE = b"correct horse battery staple"
 DAMAGED = "truncated or damaged"
 # Random bytes big enough for several compression blocks and sealed chunks.
 BIG = 9 * 1024 * 1024 + 123
+# The box whose key authenticates the archives written here (Argon2id: made once).
+KEYS_ARGS = ("archive-test-secret-" + "k" * 20, "archive-test-salt")
+KEYS = KeyRing(*KEYS_ARGS)
+
+
+def write_archive(*args: Any, **kwargs: Any) -> Path:
+    return archives.write_archive(*args, keys=KEYS, **kwargs)
+
+
+def verify_archive(path: Path, **kwargs: Any) -> Manifest:
+    return archives.verify_archive(path, keys=KEYS, **kwargs).manifest
+
+
+def extract_archive(path: Path, dest: Path, **kwargs: Any) -> Manifest:
+    return archives.extract_archive(path, dest, keys=KEYS, **kwargs).manifest
 
 
 def make_state(root: Path) -> list[Source]:
@@ -130,13 +146,14 @@ def test_tar_and_python_read_it(tmp_path: Path, state: list[Source], backup_dir:
     listing = subprocess.run(
         ["tar", "tzf", str(path)], check=True, capture_output=True, text=True
     ).stdout.split()
-    assert listing == ["manifest.json", *(s.arcname for s in state)]
+    assert listing == ["manifest.json", "manifest.auth", *(s.arcname for s in state)]
     dest = tmp_path / "by-tar"
     dest.mkdir()
     subprocess.run(["tar", "xzf", str(path), "-C", str(dest)], check=True)
     manifest = msgspec.json.decode((dest / "manifest.json").read_bytes(), type=Manifest)
     assert len(manifest.members) == len(state)
     (dest / "manifest.json").unlink()
+    (dest / "manifest.auth").unlink()
     assert_restored(dest, state)
     # Several gzip members, one valid stream; ownership normalized.
     assert gzip.decompress(path.read_bytes())[:512].startswith(b"manifest.json")
@@ -243,7 +260,8 @@ def entry(name: str, data: bytes = b"data\n", mode: int = 0o644) -> MemberEntry:
     return MemberEntry(name, len(data), hashlib.sha256(data).hexdigest(), mode)
 
 
-def manifest_bytes(entries: list[MemberEntry], version: int = FORMAT_VERSION) -> bytes:
+def manifest_bytes(entries: list[MemberEntry], version: int = UNAUTHENTICATED_VERSION) -> bytes:
+    # Format 1 (no authentication): these archives test the tar and manifest checks alone.
     manifest = Manifest(version, "0.1.0", WHEN.timestamp(), "2025-03-04T05:06:07Z", entries, {})
     return msgspec.json.encode(manifest)
 
@@ -323,12 +341,12 @@ HOSTILE: dict[str, tuple[Callable[[], tuple[list[Member], bytes, int]], str]] = 
         "listed twice",
     ),
     "newer format": (
-        lambda: ([regular("a")], manifest_bytes([entry("a")], version=2), 0),
-        "made by a newer appliance, format 2; this one reads 1",
+        lambda: ([regular("a")], manifest_bytes([entry("a")], version=3), 0),
+        "made by a newer appliance, format 3; this one reads formats 1 and 2",
     ),
     "older format": (
         lambda: ([regular("a")], manifest_bytes([entry("a")], version=0), 0),
-        "made by a older appliance, format 0; this one reads 1",
+        "made by a older appliance, format 0; this one reads formats 1 and 2",
     ),
     "manifest not first": (
         lambda: ([regular("a")], manifest_bytes([entry("a")]), 1),
@@ -522,13 +540,14 @@ def test_killed_backup_leaves_only_a_partial(tmp_path: Path, backup_dir: Path) -
         from datetime import datetime, UTC
         from pathlib import Path
         from appliance.backup.archive import Source, write_archive
+        from appliance.store.sealing import KeyRing
 
         def die(done, total):
             if done > 12 * 1024 * 1024:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         write_archive(Path({str(backup_dir)!r}), [Source("big.bin", Path({str(source)!r}))],
-                      {{}}, when=datetime.now(UTC), progress=die)
+                      {{}}, keys=KeyRing("k" * 40, "s"), when=datetime.now(UTC), progress=die)
         """
     )
     process = subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=60)
@@ -570,16 +589,18 @@ def test_write_errors_name_the_backup_not_the_source(tmp_path: Path, backup_dir:
         from datetime import datetime, UTC
         from pathlib import Path
         from appliance.backup.archive import BackupError, Source, extract_archive, write_archive
+        from appliance.store.sealing import KeyRing
 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024, 1024 * 1024))
+        keys = KeyRing({KEYS_ARGS[0]!r}, {KEYS_ARGS[1]!r})
         try:
             write_archive(Path({str(backup_dir)!r}), [Source("big.bin", Path({str(source)!r}))],
-                          {{}}, when=datetime.now(UTC))
+                          {{}}, keys=keys, when=datetime.now(UTC))
         except BackupError as exc:
             print(exc)
         try:
-            extract_archive(Path({str(archive)!r}), Path({str(tmp_path / "dest")!r}))
+            extract_archive(Path({str(archive)!r}), Path({str(tmp_path / "dest")!r}), keys=keys)
         except BackupError as exc:
             print(exc)
         """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,33 @@ def test_import_refuses_a_malformed_file_and_leaves_nothing(tmp_path: Path) -> N
     assert not [p for p in (state / "models").iterdir() if p.name.startswith(".bad")]
     invalid_name = _models(state, "import", str(bad), "--name", "../escape")
     assert invalid_name.returncode == 1
+
+
+def test_import_never_echoes_a_file_outside_the_models_dir(tmp_path: Path) -> None:
+    """`models import` of a symlink to another file (/etc/passwd, say) used to print its
+    first bytes (`bad magic b'root'`); names read from a GGUF-looking file were echoed too.
+    The refusal says what is wrong in general terms, and nothing of the file."""
+    state = tmp_path / "state"
+    state.mkdir()
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:SECRET-CONTENT:/root:/bin/bash\n")
+    link = tmp_path / "innocent.gguf"
+    link.symlink_to(secret)
+    # Starts like a GGUF, then a metadata key whose name is someone's secret.
+    named = tmp_path / "named.gguf"
+    key = b"root:SECRET-NAME"
+    named.write_bytes(
+        b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, len(key)) + key + struct.pack("<I", 99) + bytes(64)
+    )
+    for path, secret_words in ((link, ("root", "SECRET-CONTENT")), (named, ("SECRET-NAME",))):
+        done = _models(state, "import", str(path))
+        assert done.returncode == 1, done.stdout
+        assert "Traceback" not in done.stderr
+        for word in secret_words:
+            assert word not in done.stdout + done.stderr, (path.name, done.stdout, done.stderr)
+        assert str(tmp_path) not in done.stdout + done.stderr
+    refused = _models(state, "import", str(link))
+    assert "innocent.gguf is a symlink: importing the file it points to" in refused.stdout
+    assert "not a GGUF file" in refused.stderr
+    assert "a name in the file" in _models(state, "import", str(named)).stderr
+    assert [p.name for p in (state / "models").iterdir() if p.suffix == ".gguf"] == []

@@ -1,6 +1,7 @@
 """Properties of the backup archive's readers: the manifest round-trips, any other bytes or
-JSON give `BackupError`, no accepted member name can leave the restore directory, and the
-tar stream reads the same however it is cut into chunks.
+JSON give `BackupError`, no accepted member name can leave the restore directory, the
+tar stream reads the same however it is cut into chunks, and a single changed byte in a
+member, the manifest or its authentication is refused.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from appliance.backup.authenticity import Authenticity, encode_auth
 from appliance.backup.manifest import (
+    AUTH_NAME,
     FORMAT_VERSION,
     MANIFEST_MODE,
     MANIFEST_NAME,
@@ -30,7 +33,13 @@ from appliance.backup.manifest import (
 )
 from appliance.backup.members import TarReader, end_of_archive, member_header, padding
 from appliance.backup.reader import read_members
+from appliance.backup.restore import RestoreOptions, refuse_provenance
+from appliance.store.sealing import KeyRing
 from tests.conftest import examples
+
+# This box's keys (current and previous) and another box's (Argon2id: made once).
+KEYS = KeyRing("properties-secret-" + "p" * 20, "salt", ("previous-secret-" + "q" * 20, "salt"))
+OTHER_BOX = KeyRing("another-box-secret-" + "o" * 20, "other-salt")
 
 ROOT = "/restore/dest"
 SEGMENT = st.text(
@@ -66,6 +75,7 @@ def manifests(draw: st.DrawFn) -> Manifest:
             for name in names
         ],
         meta=draw(st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3)),
+        key_id=draw(st.from_regex(r"[0-9a-f]{8}", fullmatch=True)),
     )
 
 
@@ -113,7 +123,15 @@ JSON: st.SearchStrategy[Any] = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
     max_leaves=10,
 )
-FIELDS = ["format_version", "appliance_version", "created", "created_utc", "members", "meta"]
+FIELDS = [
+    "format_version",
+    "appliance_version",
+    "created",
+    "created_utc",
+    "members",
+    "meta",
+    "key_id",
+]
 ENTRY_FIELDS = ["name", "size", "sha256", "mode"]
 
 
@@ -156,8 +174,12 @@ def test_any_manifest_bytes_decode_or_are_refused(data: bytes) -> None:
 # --- the tar stream --------------------------------------------------------------------------
 
 
-def archive(members: dict[str, bytes]) -> tuple[bytes, Manifest]:
-    """The tar stream the appliance writes (before compression) for these members."""
+def archive(
+    members: dict[str, bytes], keys: KeyRing = KEYS
+) -> tuple[bytes, Manifest, list[tuple[int, int]]]:
+    """The tar stream the appliance writes (before compression) for these members, made
+    by the box of `keys`; and where the data of the manifest, its authentication and each
+    member lie in it (start, end)."""
     manifest = Manifest(
         FORMAT_VERSION,
         "0",
@@ -168,16 +190,22 @@ def archive(members: dict[str, bytes]) -> tuple[bytes, Manifest]:
             for name, data in members.items()
         ],
         {},
+        keys.current_id,
     )
     out = io.BytesIO()
+    spans = []
     encoded = encode_manifest(manifest)
-    out.write(member_header(MANIFEST_NAME, len(encoded), MANIFEST_MODE, 0))
-    out.write(encoded + padding(len(encoded)))
-    for name, data in members.items():
-        out.write(member_header(name, len(data), 0o600, 0))
+    auth = encode_auth(keys, encoded)
+    for name, data, mode in [
+        (MANIFEST_NAME, encoded, MANIFEST_MODE),
+        (AUTH_NAME, auth, 0o600),
+        *((name, data, 0o600) for name, data in members.items()),
+    ]:
+        out.write(member_header(name, len(data), mode, 0))
+        spans.append((out.tell(), out.tell() + len(data)))
         out.write(data + padding(len(data)))
     out.write(end_of_archive(out.tell()))
-    return out.getvalue(), manifest
+    return out.getvalue(), manifest, spans
 
 
 def cut(data: bytes, points: list[int]) -> list[bytes]:
@@ -195,8 +223,10 @@ CONTENTS = st.dictionaries(
 def test_an_archive_reads_the_same_however_it_is_chunked(
     members: dict[str, bytes], points: list[int]
 ) -> None:
-    stream, manifest = archive(members)
-    assert read_members(TarReader(cut(stream, points)), None, None) == manifest
+    stream, manifest, _ = archive(members)
+    checked = read_members(TarReader(cut(stream, points)), None, None, KEYS)
+    assert checked.manifest == manifest
+    assert checked.authenticity == Authenticity("this_box", KEYS.current_id, KEYS.ids)
 
 
 @settings(max_examples=examples(300), deadline=None)
@@ -223,7 +253,7 @@ def test_a_damaged_archive_is_refused_with_backup_error(
         else:  # digits where octal numbers (mode, size, checksum) are
             stream[at : at + 8] = b"77777777"
     try:
-        manifest = read_members(TarReader(cut(bytes(stream), points)), None, None)
+        manifest = read_members(TarReader(cut(bytes(stream), points)), None, None, KEYS).manifest
     except BackupError as error:
         assert "\n" not in str(error)
         return
@@ -256,19 +286,75 @@ def test_a_hostile_member_never_passes(name: str, kind: bytes, listed: bool) -> 
     data = b"x"
     assume(not listed or name == name.encode("utf-8", "replace").decode())  # JSON can hold it
     entries = [MemberEntry(name, 1, hashlib.sha256(data).hexdigest(), 0o600)] if listed else []
-    manifest = Manifest(FORMAT_VERSION, "0", 0.0, "", entries, {})
+    manifest = Manifest(FORMAT_VERSION, "0", 0.0, "", entries, {}, KEYS.current_id)
     encoded = encode_manifest(manifest)
+    auth = encode_auth(KEYS, encoded)
     head = member_header(MANIFEST_NAME, len(encoded), MANIFEST_MODE, 0)
     head += encoded + padding(len(encoded))
+    head += member_header(AUTH_NAME, len(auth), 0o600, 0) + auth + padding(len(auth))
     try:
         member = _tar(name, kind, data)
     except (ValueError, UnicodeError):  # tarfile itself cannot write this name
         return
     try:
-        read = read_members(TarReader([head + member]), None, None)
+        read = read_members(TarReader([head + member]), None, None, KEYS).manifest
     except BackupError as error:
         assert "\n" not in str(error)
         return
     assert kind == tarfile.REGTYPE and listed
     assert [entry.name for entry in read.members] == [name]
     assert_contained(name)
+
+
+# --- authentication --------------------------------------------------------------------------
+
+
+def restore_admits(authenticity: Authenticity) -> None:
+    """What a restore decides from the archive's authentication (the default options)."""
+    refuse_provenance(authenticity, RestoreOptions())
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(
+    members=CONTENTS,
+    where=st.integers(0, 2**32),
+    delta=st.integers(1, 255),
+    previous=st.booleans(),
+)
+def test_a_single_changed_byte_in_a_member_or_the_manifest_is_refused(
+    members: dict[str, bytes], where: int, delta: int, previous: bool
+) -> None:
+    """Whatever byte of the manifest, of its tag or of a member changes, and to whatever
+    value, a restore refuses the archive: hashes, tag and key id are all covered."""
+    maker = KeyRing("previous-secret-" + "q" * 20, "salt") if previous else KEYS
+    stream, manifest, spans = archive(members, maker)
+    # The untouched archive is this box's (under the current or the previous key).
+    intact = read_members(TarReader([stream]), None, None, KEYS, lambda m, a: restore_admits(a))
+    assert intact.authenticity.for_this_box and intact.manifest == manifest
+    covered = [offset for start, end in spans for offset in range(start, end)]
+    offset = covered[where % len(covered)]
+    changed = bytearray(stream)
+    changed[offset] = (changed[offset] + delta) % 256
+    try:
+        read_members(TarReader([bytes(changed)]), None, None, KEYS, lambda m, a: restore_admits(a))
+    except BackupError as error:
+        assert "\n" not in str(error)
+        return
+    raise AssertionError(f"a changed byte at {offset} was accepted")
+
+
+@settings(max_examples=examples(100), deadline=None)
+@given(members=CONTENTS)
+def test_another_boxs_archive_is_intact_but_refused(members: dict[str, bytes]) -> None:
+    stream, manifest, _ = archive(members, OTHER_BOX)
+    checked = read_members(TarReader([stream]), None, None, KEYS)
+    assert checked.manifest == manifest
+    assert checked.authenticity == Authenticity("other_box", OTHER_BOX.current_id, KEYS.ids)
+    try:
+        read_members(TarReader([stream]), None, None, KEYS, lambda m, a: restore_admits(a))
+    except BackupError as error:
+        message = str(error)
+        assert OTHER_BOX.current_id in message and all(i in message for i in KEYS.ids)
+        assert "--from-other-box" in message and "\n" not in message
+        return
+    raise AssertionError("another box's archive was admitted")

@@ -1,7 +1,9 @@
 """Write, verify and extract backup archives: the public face of `appliance.backup`.
 
 An archive is a gzip-compressed tar whose first member is `manifest.json` (size, SHA-256
-and mode of every other member), readable by `tar xzf`. Sources are hashed before the
+and mode of every other member, and the key id of the appliance that made it), followed by
+`manifest.auth` (a keyed hash of the manifest under that appliance's key: see
+`authenticity`), readable by `tar xzf`. Sources are hashed before the
 manifest is written and hashed again as they stream into the tar, so a file that changes
 during the backup fails it rather than leaving an archive whose manifest lies. Archives
 appear atomically (`catalog.publish`); with a passphrase the whole file is sealed
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Final
 
 from appliance import __version__
+from appliance.backup.authenticity import AUTH_MODE, ManifestKeys, encode_auth
 from appliance.backup.catalog import (
     ARCHIVE_PREFIX,
     FILE_MODE,
@@ -41,6 +44,7 @@ from appliance.backup.catalog import (
 from appliance.backup.compress import GzipBlockWriter
 from appliance.backup.extract import Extractor
 from appliance.backup.manifest import (
+    AUTH_NAME,
     FORMAT_VERSION,
     MANIFEST_MODE,
     MANIFEST_NAME,
@@ -54,7 +58,7 @@ from appliance.backup.manifest import (
     show,
 )
 from appliance.backup.members import end_of_archive, member_header, padding
-from appliance.backup.reader import Progress, open_archive, read_members
+from appliance.backup.reader import Admit, Checked, Progress, open_archive, read_members
 from appliance.backup.sealed import SealedWriter
 
 __all__ = [
@@ -62,6 +66,7 @@ __all__ = [
     "FORMAT_VERSION",
     "BackupError",
     "BackupInfo",
+    "Checked",
     "Manifest",
     "MemberEntry",
     "Source",
@@ -91,11 +96,13 @@ def write_archive(
     sources: list[Source],
     meta: dict[str, str],
     *,
+    keys: ManifestKeys,
     when: datetime,
     passphrase: bytes | None = None,
     progress: Progress | None = None,
 ) -> Path:
-    """Back `sources` up into a new archive in `backup_dir`; its path.
+    """Back `sources` up into a new archive in `backup_dir`, authenticated under the current
+    key of `keys`; its path.
 
     `progress(done, total)` counts source bytes as they are written. On any failure no
     archive and no partial file remain.
@@ -112,6 +119,7 @@ def write_archive(
         created_utc=when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         members=entries,
         meta=dict(meta),
+        key_id=keys.current_id,
     )
     temp = partial_path(final)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -126,7 +134,7 @@ def write_archive(
             sealer = SealedWriter(file.write, passphrase) if passphrase is not None else None
             gzip = GzipBlockWriter(sealer.write if sealer is not None else file.write)
             try:
-                _write_tar(gzip, manifest, sources, progress)
+                _write_tar(gzip, manifest, keys, sources, progress)
                 gzip.close()
             except BaseException:
                 gzip.abort()
@@ -151,14 +159,18 @@ def write_archive(
 def verify_archive(
     path: Path,
     *,
+    keys: ManifestKeys,
+    admit: Admit | None = None,
     passphrase: bytes | None = None,
     progress: Progress | None = None,
     record: bool = True,
-) -> Manifest:
-    """Read the whole archive and check everything; with `record`, leave a `.verified`."""
+) -> Checked:
+    """Read the whole archive and check everything (and what `admit` checks, as a restore
+    would); with `record`, leave a `.verified` when it is authenticated for the box that
+    `keys` belong to."""
     with open_archive(path, passphrase) as (reader, status):
-        manifest = read_members(reader, progress, None)
-    if record:
+        checked = read_members(reader, progress, None, keys, admit)
+    if record and checked.authenticity.for_this_box:
         try:
             record_verified(path, status, datetime.now(UTC))
         except OSError as exc:
@@ -166,24 +178,27 @@ def verify_archive(
                 f"{path.name} is good, but its verification could not be recorded: "
                 f"{exc.strerror}; check the backup directory's permissions"
             ) from None
-    return manifest
+    return checked
 
 
 def extract_archive(
     path: Path,
     dest: Path,
     *,
+    keys: ManifestKeys,
+    admit: Admit | None = None,
     passphrase: bytes | None = None,
     progress: Progress | None = None,
-) -> Manifest:
+) -> Checked:
     """Check and extract the archive's members into `dest` (new, or an empty directory).
 
+    `admit` may refuse the archive for what its manifest says before anything is written.
     On any failure everything created under `dest` is removed again.
     """
     extractor = Extractor(dest)
     try:
         with open_archive(path, passphrase) as (reader, _):
-            manifest = read_members(reader, progress, extractor)
+            checked = read_members(reader, progress, extractor, keys, admit)
         extractor.sync()
     except BaseException as exc:
         extractor.undo()
@@ -192,7 +207,7 @@ def extract_archive(
         raise
     finally:
         extractor.close()
-    return manifest
+    return checked
 
 
 def _check_sources(sources: list[Source]) -> None:
@@ -201,7 +216,7 @@ def _check_sources(sources: list[Source]) -> None:
         problem = name_problem(source.arcname)
         if problem is not None:
             raise ValueError(f"source {show(source.arcname)} {problem}")
-        if source.arcname == MANIFEST_NAME or source.arcname in names:
+        if source.arcname in (MANIFEST_NAME, AUTH_NAME) or source.arcname in names:
             raise ValueError(f"source {show(source.arcname)} is given twice or is the manifest")
         names.add(source.arcname)
     clash = file_and_dir(names)
@@ -252,12 +267,19 @@ def _hash_source(source: Source) -> MemberEntry:
 
 
 def _write_tar(
-    gzip: GzipBlockWriter, manifest: Manifest, sources: list[Source], progress: Progress | None
+    gzip: GzipBlockWriter,
+    manifest: Manifest,
+    keys: ManifestKeys,
+    sources: list[Source],
+    progress: Progress | None,
 ) -> None:
     mtime = int(manifest.created)
     data = encode_manifest(manifest)
     gzip.write(member_header(MANIFEST_NAME, len(data), MANIFEST_MODE, mtime))
     gzip.write(data + padding(len(data)))
+    auth = encode_auth(keys, data)
+    gzip.write(member_header(AUTH_NAME, len(auth), AUTH_MODE, mtime))
+    gzip.write(auth + padding(len(auth)))
     total = manifest.total_size
     done = 0
     if progress is not None:

@@ -3,22 +3,27 @@
 Archive layout: `redis/dump.rdb` (the store's snapshot), `state/...` (every other file in
 the state dir: the operator's and the appliance's own files), `models/manifest.json` (which
 models were installed, with their checksums) and, with `--with-models`, the model files
-under `models/`. Never archived: the development key (a secret), redis-server's own files
-(the snapshot stands for them), backups, the runtime dir and work dirs of backup/restore.
+`models/<name>.gguf`. Never archived: the development key and env files (secrets),
+redis-server's own files (the snapshot stands for them), backups, the models and runtime
+dirs, hidden work files (lock, rollback journal, staging) and data a restore moved aside.
+`state_problem` is that rule; a restore applies the same rule to what it is given
+(`appliance.backup.allowlist`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Final
 
 import msgspec
 
 from appliance.backup.archive import Source
 from appliance.config import Settings, masked
+from appliance.envfile import DEFAULT_ENV_FILE
 from appliance.llm.manifest import MANIFEST_NAME
+from appliance.llm.registry import SUFFIX, InvalidModelName, validate_model_name
 from appliance.privacy.keys import DEV_KEY_FILE
 
 REDIS_MEMBER: Final = "redis/dump.rdb"
@@ -32,7 +37,7 @@ RESTORE_STAGING: Final = ".restore-staging"
 RESTORE_PREVIOUS: Final = "restore-previous-"
 LOCK_NAME: Final = ".backup.lock"
 RESTORE_JOURNAL: Final = ".restore-journal"
-_SKIPPED_NAMES: Final = {DEV_KEY_FILE, REDIS_DIR, LOCK_NAME}
+ENV_SUFFIX: Final = ".env"
 
 
 def _inside(path: Path, parent: Path) -> bool:
@@ -46,6 +51,50 @@ def _inside(path: Path, parent: Path) -> bool:
 def _excluded_dirs(settings: Settings) -> list[Path]:
     """Configured dirs that may sit inside the state dir but are not state."""
     return [Path(settings.backup_dir), Path(settings.runtime_dir), Path(settings.models_dir)]
+
+
+def env_file() -> Path:
+    """The env file this process was configured from (it holds SECRET_KEY)."""
+    named = os.environ.get("APPLIANCE_ENV_FILE")
+    return Path(named) if named else DEFAULT_ENV_FILE
+
+
+def state_problem(settings: Settings, relative: PurePosixPath) -> str | None:
+    """Why the state dir's file `relative` is never in a backup nor written by a restore;
+    None for the files that are."""
+    top = relative.parts[0]
+    if top == DEV_KEY_FILE:
+        return "is the development key, which a restore never replaces"
+    if top == REDIS_DIR:
+        return f"is in the store's directory, which a restore fills from {REDIS_MEMBER} only"
+    if top.startswith("."):
+        return "is a hidden work file of the appliance (lock, rollback journal, staging)"
+    if top.startswith(RESTORE_PREVIOUS):
+        return "is data that a restore moved aside"
+    if relative.name.endswith(ENV_SUFFIX):
+        return "is an env file (secrets are never backed up nor restored)"
+    path = Path(settings.state_dir) / relative
+    if _same(path, env_file()):
+        return "is the env file (secrets are never backed up nor restored)"
+    for name, directory in (
+        ("backup", settings.backup_dir),
+        ("models", settings.models_dir),
+        ("runtime", settings.runtime_dir),
+    ):
+        if _inside(path, Path(directory)):
+            return f"would be in the {name} directory, not in the state dir's own files"
+    return None
+
+
+def model_problem(name: str) -> str | None:
+    """Why `name` (relative to the models dir) is not a model file that backups carry."""
+    if "/" in name or not name.endswith(SUFFIX):
+        return f"is not a model file (<name>{SUFFIX} directly in the models dir)"
+    try:
+        validate_model_name(name.removesuffix(SUFFIX))
+    except InvalidModelName:
+        return "is not a valid model file name"
+    return None
 
 
 def _walk_files(root: Path, skip_dirs: list[Path]) -> list[Path]:
@@ -78,24 +127,20 @@ def state_files(settings: Settings) -> list[Path]:
     chosen: list[Path] = []
     for path in _walk_files(state, skip):
         relative = path.relative_to(state)
-        top = relative.parts[0]
-        if top in _SKIPPED_NAMES or top.startswith((BACKUP_STAGING, RESTORE_STAGING)):
-            continue
-        if top.startswith(RESTORE_PREVIOUS) or top.startswith("."):
-            continue
-        chosen.append(relative)
+        if state_problem(settings, PurePosixPath(relative.as_posix())) is None:
+            chosen.append(relative)
     return chosen
 
 
 def model_files(settings: Settings) -> list[Path]:
-    """The models dir's regular files (weights and manifest), relative to it; no lock files."""
+    """The models dir's model files (`<name>.gguf`, regular, not symlinks), relative to it."""
     models = Path(settings.models_dir)
     if not models.is_dir():
         return []
     return [
-        path.relative_to(models)
-        for path in _walk_files(models, [])
-        if not path.name.startswith(".")
+        Path(entry.name)
+        for entry in sorted(os.scandir(models), key=lambda entry: entry.name)
+        if entry.is_file(follow_symlinks=False) and model_problem(entry.name) is None
     ]
 
 
@@ -106,7 +151,7 @@ def sources(settings: Settings, snapshot: Path, *, with_models: bool) -> list[So
     chosen += [Source(STATE_PREFIX + p.as_posix(), state / p) for p in state_files(settings)]
     if with_models:
         chosen += [Source(MODELS_PREFIX + p.as_posix(), models / p) for p in model_files(settings)]
-    elif (models / MANIFEST_NAME).is_file():
+    if (models / MANIFEST_NAME).is_file():
         chosen.append(Source(MODELS_MANIFEST_MEMBER, models / MANIFEST_NAME))
     return chosen
 
@@ -117,7 +162,6 @@ def config_fingerprint(settings: Settings) -> str:
     return hashlib.sha256(msgspec.json.encode(dict(sorted(shown.items())))).hexdigest()[:16]
 
 
-def includes_models(members: list[str]) -> bool:
-    return any(
-        name.startswith(MODELS_PREFIX) and name != MODELS_MANIFEST_MEMBER for name in members
-    )
+def made_with_models(meta: dict[str, str]) -> bool:
+    """Whether the backup was made with `--with-models` (its authenticated meta says so)."""
+    return meta.get("with_models") == "true"

@@ -1,5 +1,6 @@
-"""Making a backup: lock, snapshot, archive, prune. Used by the daemon's timer, its HTTP
-endpoint and the CLI alike."""
+"""Making a backup: lock, snapshot, archive (authenticated under this box's key), prune.
+Used by the daemon's timer, its HTTP endpoint and the CLI alike. A backup never removes the
+data that a restore moved aside (`appliance.backup.previous` does that, when asked)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from appliance.backup.archive import (
     remove_partials,
     write_archive,
 )
+from appliance.backup.authenticity import ManifestKeys
 from appliance.backup.snapshot import save_snapshot
 from appliance.config import Settings
 from appliance.store.client import RedisClient
@@ -73,19 +75,11 @@ def require_embedded_store(settings: Settings) -> None:
         raise ExternalStore()
 
 
-def remove_restore_leftovers(state_dir: Path) -> list[Path]:
-    """Data moved aside by an earlier restore: kept until the next successful backup."""
-    removed = [p for p in state_dir.glob(contents.RESTORE_PREVIOUS + "*") if p.is_dir()]
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    return removed
-
-
 async def make_backup(
     settings: Settings,
     client: RedisClient,
     *,
-    key_id: str,
+    keys: ManifestKeys,
     with_models: bool = False,
     passphrase: bytes | None = None,
     progress: Progress | None = None,
@@ -107,7 +101,7 @@ async def make_backup(
             meta = {
                 "snapshot_time": datetime.datetime.fromtimestamp(saved, datetime.UTC).isoformat(),
                 "config_fingerprint": contents.config_fingerprint(settings),
-                "key_id": key_id,
+                "key_id": keys.current_id,
                 "with_models": "true" if with_models else "false",
                 "hostname": os.uname().nodename,
             }
@@ -117,6 +111,7 @@ async def make_backup(
                     backup_dir,
                     sources,
                     meta,
+                    keys=keys,
                     when=when,
                     passphrase=passphrase,
                     progress=progress,
@@ -125,7 +120,6 @@ async def make_backup(
         finally:
             await trio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))
         pruned = await trio.to_thread.run_sync(prune_backups, backup_dir, settings.backup_keep)
-        await trio.to_thread.run_sync(remove_restore_leftovers, state)
     for old in pruned:
         LOGGER.info("deleted old backup %s (keeping the newest %d)", old.name, settings.backup_keep)
     info = next(b for b in list_backups(backup_dir) if b.path == path)

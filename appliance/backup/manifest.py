@@ -2,7 +2,10 @@
 
 The first tar member of every archive is `manifest.json`: the format version, who made it
 and when, and the name, size, SHA-256 and permission bits of every other member. Readers
-trust nothing in the tar headers that the manifest does not confirm.
+trust nothing in the tar headers that the manifest does not confirm. Format 2 adds the
+key id of the appliance that made it, and a second member, `manifest.auth`, that
+authenticates the manifest's exact bytes (`appliance.backup.authenticity`). Format 1
+archives (no key id, no tag) are still read, so that a restore can name them as such.
 """
 
 from __future__ import annotations
@@ -13,14 +16,18 @@ from typing import Final
 
 import msgspec
 
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+UNAUTHENTICATED_VERSION: Final = 1  # before manifests were authenticated
+READABLE_VERSIONS: Final = (UNAUTHENTICATED_VERSION, FORMAT_VERSION)
 MANIFEST_NAME: Final = "manifest.json"
+AUTH_NAME: Final = "manifest.auth"
 MANIFEST_MODE: Final = 0o600
 MAX_MANIFEST_BYTES: Final = 16 * 1024 * 1024  # far beyond any real manifest; refuses a bomb
 MAX_NAME_BYTES: Final = 4096  # PATH_MAX; a longer name is hostile, not a state file
 PERMISSION_BITS: Final = 0o777  # no setuid, setgid or sticky bits ever come out of a backup
 _SHOW_CHARS: Final = 80
 _SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
+_KEY_ID: Final = re.compile(r"[0-9a-f]{8}")
 
 
 class BackupError(Exception):
@@ -41,6 +48,8 @@ class Manifest(msgspec.Struct, frozen=True):
     created_utc: str
     members: list[MemberEntry]
     meta: dict[str, str]
+    # The key id of the appliance that made it (format 2; "" in format 1).
+    key_id: str = ""
 
     @property
     def total_size(self) -> int:
@@ -104,21 +113,26 @@ def decode_manifest(data: bytes) -> Manifest:
         version = msgspec.json.decode(data, type=_Version).format_version
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 through
         raise BackupError(f"the manifest is unreadable ({exc}); the archive is damaged") from None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         age = "newer" if version > FORMAT_VERSION else "older"
         raise BackupError(
-            f"made by a {age} appliance, format {version}; this one reads "
-            f"{FORMAT_VERSION} (restore it with a matching appliance version)"
+            f"made by a {age} appliance, format {version}; this one reads formats "
+            f"{UNAUTHENTICATED_VERSION} and {FORMAT_VERSION} (restore it with a matching "
+            "appliance version)"
         )
     try:
         manifest = msgspec.json.decode(data, type=Manifest)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 through
         raise BackupError(f"the manifest is unreadable ({exc}); the archive is damaged") from None
+    if version == FORMAT_VERSION and not _KEY_ID.fullmatch(manifest.key_id):
+        raise BackupError("the manifest has no valid key id; the archive is damaged")
+    if version == UNAUTHENTICATED_VERSION and manifest.key_id:
+        raise BackupError("the manifest of format 1 has a key id; the archive was altered")
     seen: set[str] = set()
     for entry in manifest.members:
         problem = name_problem(entry.name)
-        if problem is None and entry.name == MANIFEST_NAME:
-            problem = "is named like the manifest itself"
+        if problem is None and entry.name in (MANIFEST_NAME, AUTH_NAME):
+            problem = "is named like the manifest or its authentication"
         if problem is None and entry.name in seen:
             problem = "is listed twice"
         if problem is None and entry.size < 0:

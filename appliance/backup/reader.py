@@ -1,7 +1,9 @@
 """Reading an archive: unseal, decompress and check every member against the manifest.
 
 `open_archive` runs unsealing and decompression in a thread ahead of the caller and gives
-the tar stream; `read_members` checks it member by member (hashing each) and, given an
+the tar stream; `read_members` checks the manifest's authentication, lets the caller
+refuse the archive for what its manifest says (`admit`: whose it is, which members) before
+anything is written, then checks it member by member (hashing each) and, given an
 `Extractor`, writes the members out as they pass. Both verify and extract use exactly
 this path, so an archive that verifies is one that extracts.
 """
@@ -12,12 +14,22 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from appliance.backup.authenticity import (
+    MAX_AUTH_BYTES,
+    Authenticity,
+    ManifestKeys,
+    authenticate,
+    unauthenticated,
+)
 from appliance.backup.compress import file_chunks, gunzip, read_ahead
 from appliance.backup.extract import Extractor
 from appliance.backup.manifest import (
+    AUTH_NAME,
+    FORMAT_VERSION,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     BackupError,
@@ -30,6 +42,16 @@ from appliance.backup.members import TarReader
 from appliance.backup.sealed import MAGIC, is_sealed, unsealed_chunks
 
 Progress = Callable[[int, int], None]
+Admit = Callable[[Manifest, Authenticity], None]
+
+
+@dataclass(frozen=True)
+class Checked:
+    """An archive that passed every check: its manifest and whose it is."""
+
+    manifest: Manifest
+    authenticity: Authenticity
+
 
 READ_BYTES: Final = 1024 * 1024
 
@@ -77,9 +99,27 @@ def _read_errors(chunks: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def read_members(
-    reader: TarReader, progress: Progress | None, extractor: Extractor | None
-) -> Manifest:
-    """Check every member against the manifest (and extract it, given an extractor)."""
+    reader: TarReader,
+    progress: Progress | None,
+    extractor: Extractor | None,
+    keys: ManifestKeys,
+    admit: Admit | None = None,
+) -> Checked:
+    """Check every member against the manifest (and extract it, given an extractor).
+
+    `admit` sees the manifest and its authenticity before any member is read or written;
+    it refuses the archive by raising BackupError.
+    """
+    manifest, authenticity = _read_manifest(reader, keys)
+    if admit is not None:
+        admit(manifest, authenticity)
+    if extractor is not None:
+        extractor.start(manifest)
+    _read_listed(reader, manifest, progress, extractor)
+    return Checked(manifest, authenticity)
+
+
+def _read_manifest(reader: TarReader, keys: ManifestKeys) -> tuple[Manifest, Authenticity]:
     info = reader.next_member()
     if info is None:
         raise BackupError("the archive holds no manifest; it is damaged")
@@ -92,9 +132,25 @@ def read_members(
         raise BackupError(
             f"the manifest is over {MAX_MANIFEST_BYTES} bytes; the archive is damaged"
         )
-    manifest = decode_manifest(b"".join(reader.data(info.size)))
-    if extractor is not None:
-        extractor.start(manifest)
+    data = b"".join(reader.data(info.size))
+    manifest = decode_manifest(data)
+    if manifest.format_version != FORMAT_VERSION:
+        return manifest, unauthenticated(manifest, keys)
+    info = reader.next_member()
+    if info is None or info.name != AUTH_NAME:
+        found = "nothing" if info is None else show(info.name)
+        raise BackupError(
+            f"the manifest's authentication ({AUTH_NAME}) should follow it, but {found} "
+            "does; the archive was altered"
+        )
+    if info.size > MAX_AUTH_BYTES:
+        raise BackupError(f"{AUTH_NAME} is over {MAX_AUTH_BYTES} bytes; the archive was altered")
+    return manifest, authenticate(keys, manifest, data, b"".join(reader.data(info.size)))
+
+
+def _read_listed(
+    reader: TarReader, manifest: Manifest, progress: Progress | None, extractor: Extractor | None
+) -> None:
     expected = {entry.name: entry for entry in manifest.members}
     seen: set[str] = set()
     total = manifest.total_size
@@ -106,7 +162,7 @@ def read_members(
         problem = name_problem(name)
         if problem is not None:
             raise BackupError(f"member {show(name)} {problem}; refusing the archive")
-        if name in seen or name == MANIFEST_NAME:
+        if name in seen or name in (MANIFEST_NAME, AUTH_NAME):
             raise BackupError(f"member {show(name)} appears twice; the archive was altered")
         entry = expected.get(name)
         if entry is None:
@@ -142,4 +198,3 @@ def read_members(
             f"the manifest lists {show(missing[0])}{more}, which the archive lacks; it is "
             "truncated or damaged"
         )
-    return manifest

@@ -1,6 +1,12 @@
-"""Restoring a backup: verify while extracting, move the current data aside, put the
-backup's data in place, start the store and check that it loads; on any failure the
-previous data goes back. The moved-aside data stays until the next successful backup.
+"""Restoring a backup: admit it, verify while extracting, move the current data aside,
+put the backup's data in place, start the store and check that it loads; on any failure the
+previous data goes back. The moved-aside data stays (`appliance.backup.previous`).
+
+An archive is admitted before anything is extracted or moved: it must be authenticated for
+this box (its manifest's tag verifies under the current or previous key; a format 1
+archive only with `unauthenticated`), and every member must be on the allow-list of its
+format (`appliance.backup.allowlist`). Another box's archive comes in only through
+`appliance.backup.other_box`, never here by default.
 
 `appliance restore` runs this itself when the daemon is stopped; with the daemon running
 it asks the daemon (appliance.backup.service), which stops and restarts its own store.
@@ -13,28 +19,36 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final, TypeVar
 
 import coredis
 import msgspec
 import trio
 
 from appliance.backup import contents
+from appliance.backup.allowlist import Plan, plan_restore
 from appliance.backup.archive import BackupError, Manifest, extract_archive
+from appliance.backup.authenticity import Authenticity, ManifestKeys, key_ids
 from appliance.backup.jobs import exclusive, require_embedded_store
+from appliance.backup.previous import check_room, new_name
+from appliance.backup.reader import Admit
 from appliance.config import Settings
+from appliance.llm.manifest import MANIFEST_NAME, ModelRecord, manifest_lock, read_manifest
 from appliance.llm.manifest import Manifest as ModelManifest
 from appliance.privacy.rotation import KeyMismatch, check_keys
 from appliance.store.access import daemon_store_running
 from appliance.store.client import RedisClient
 from appliance.store.sealing import Codec
-from appliance.store.server import RDB_NAME, EmbeddedRedis
+from appliance.store.server import EmbeddedRedis
 
 LOGGER = logging.getLogger("appliance.backup")
 
 Progress = Callable[[int, int], None]
+_T = TypeVar("_T")
+MERGED_MODELS_MANIFEST: Final = "models-manifest.merged"  # in the staging dir, never a member name
 
 
 class RestoreReport(msgspec.Struct):
@@ -47,12 +61,24 @@ class RestoreReport(msgspec.Struct):
     previous_data: str
     models_restored: bool
     models_missing: list[str]
+    # Whose backup it was: the key id in its manifest ("" for format 1) and in words.
+    key_id: str = ""
+    authenticity: str = ""
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """What an operator allowed beyond this box's own authenticated backups."""
+
+    unauthenticated: bool = False  # a format 1 archive, made before authentication
 
 
 @dataclass
 class Staged:
     directory: Path
     manifest: Manifest
+    plan: Plan
+    authenticity: Authenticity
 
 
 @dataclass
@@ -68,25 +94,62 @@ class Swap:
     moves: list[tuple[Path, Path]] = field(default_factory=list)
 
 
+OTHER_BOX_HINT: Final = (
+    "to bring another box's data here, stop the daemon and run: appliance restore FILE "
+    "--from-other-box OTHER_ENV_FILE (that box's SECRET_KEY and PRIVACY_SALT; this box's "
+    "API keys are kept)"
+)
+
+
+def refuse_provenance(authenticity: Authenticity, options: RestoreOptions) -> None:
+    """Refuse an archive this box did not make, unless the operator said otherwise."""
+    if authenticity.provenance == "other_box":
+        raise BackupError(
+            f"made by the appliance with key id {authenticity.key_id}, not by this one "
+            f"({key_ids(authenticity.box_ids)}); nothing was changed; {OTHER_BOX_HINT}"
+        )
+    if authenticity.provenance == "unauthenticated" and not options.unauthenticated:
+        raise BackupError(
+            "a format 1 backup, made before backups were authenticated: nothing shows that "
+            "this box made it, so it is refused (nothing was changed); if you know where it "
+            "came from, restore it with: appliance restore FILE --unauthenticated"
+        )
+
+
+def admission(settings: Settings, options: RestoreOptions, plans: list[Plan]) -> Admit:
+    """The check of an archive's manifest before anything is extracted; the plan goes into
+    `plans`."""
+
+    def admit(manifest: Manifest, authenticity: Authenticity) -> None:
+        refuse_provenance(authenticity, options)
+        plans.append(plan_restore(settings, manifest))
+
+    return admit
+
+
 def stage(
-    settings: Settings, archive: Path, passphrase: bytes | None, progress: Progress | None
+    settings: Settings,
+    archive: Path,
+    keys: ManifestKeys,
+    options: RestoreOptions,
+    passphrase: bytes | None,
+    progress: Progress | None,
 ) -> Staged:
-    """Verify the archive while extracting it next to the live data (same file system)."""
+    """Admit the archive, then verify it while extracting it next to the live data (same
+    file system)."""
+    check_room(settings)
     staging = Path(settings.state_dir) / contents.RESTORE_STAGING
     shutil.rmtree(staging, ignore_errors=True)
-    manifest = extract_archive(archive, staging, passphrase=passphrase, progress=progress)
-    names = [member.name for member in manifest.members]
-    known = (contents.STATE_PREFIX, contents.MODELS_PREFIX)
-    unknown = [n for n in names if not n.startswith(known) and n != contents.REDIS_MEMBER]
-    problem = None
-    if contents.REDIS_MEMBER not in names:
-        problem = f"{archive.name} holds no store snapshot ({contents.REDIS_MEMBER})"
-    elif unknown:
-        problem = f"{archive.name} holds a member this appliance does not know: {unknown[0]}"
-    if problem is not None:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise BackupError(problem)
-    return Staged(staging, manifest)
+    plans: list[Plan] = []
+    checked = extract_archive(
+        archive,
+        staging,
+        keys=keys,
+        admit=admission(settings, options, plans),
+        passphrase=passphrase,
+        progress=progress,
+    )
+    return Staged(staging, checked.manifest, plans[0], checked.authenticity)
 
 
 def _journal(swap: Swap, entry: dict[str, str]) -> None:
@@ -104,36 +167,66 @@ def _move(swap: Swap, source: Path, target: Path) -> None:
 
 
 def swap_in(settings: Settings, staged: Staged) -> Swap:
-    """Move the current data aside and the staged data into place (undone on failure)."""
+    """Move the current data aside and the staged data into place (undone on failure).
+
+    Only the plan's destinations are written. The models dir is touched only for a backup
+    made with models, and then only the model files it restores (and the models manifest's
+    records of them) are replaced; the other models stay where they are.
+    """
     state, models = Path(settings.state_dir), Path(settings.models_dir)
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S-%f")
-    swap = Swap(state / f"{contents.RESTORE_PREVIOUS}{stamp}", state / contents.RESTORE_JOURNAL)
+    swap = Swap(
+        state / new_name(datetime.datetime.now(datetime.UTC)), state / contents.RESTORE_JOURNAL
+    )
     swap.aside.mkdir(mode=0o700)
     _journal(swap, {"aside": str(swap.aside)})
-    names = [member.name for member in staged.manifest.members]
-    with_models = contents.includes_models(names)
+    restored_models = staged.plan.of_kind("model")
     try:
         redis_dir = state / contents.REDIS_DIR
         if redis_dir.exists():
             _move(swap, redis_dir, swap.aside / contents.REDIS_DIR)
         for relative in contents.state_files(settings):
             _move(swap, state / relative, swap.aside / "state" / relative)
-        if with_models:
-            for relative in contents.model_files(settings):
-                _move(swap, models / relative, swap.aside / "models" / relative)
+        for placement in restored_models:
+            assert placement.target is not None
+            if os.path.lexists(placement.target):
+                _move(swap, placement.target, swap.aside / "models" / placement.target.name)
         redis_dir.mkdir(mode=0o700)
-        _move(swap, staged.directory / contents.REDIS_MEMBER, redis_dir / RDB_NAME)
-        for name in names:
-            if name.startswith(contents.STATE_PREFIX):
-                target = state / name.removeprefix(contents.STATE_PREFIX)
-                _move(swap, staged.directory / name, target)
-            elif with_models and name.startswith(contents.MODELS_PREFIX):
-                target = models / name.removeprefix(contents.MODELS_PREFIX)
-                _move(swap, staged.directory / name, target)
+        for placement in staged.plan.placements:
+            if placement.target is not None:
+                _move(swap, staged.directory / placement.member, placement.target)
+        if restored_models:
+            _swap_models_manifest(swap, staged, models, [p.member for p in restored_models])
     except BaseException:
         roll_back(swap)
         raise
     return swap
+
+
+def _swap_models_manifest(swap: Swap, staged: Staged, models: Path, members: list[str]) -> None:
+    """The live models manifest with the restored models' records taken from the backup
+    (dropped when it has none: the registry then checks those files afresh)."""
+    names = {m.removeprefix(contents.MODELS_PREFIX).removesuffix(".gguf") for m in members}
+    backup = _recorded_models(staged)
+    with manifest_lock(models):
+        records: dict[str, ModelRecord] = {
+            r.name: r for r in (read_manifest(models) or []) if r.name not in names
+        }
+        records.update({r.name: r for r in backup if r.name in names})
+        merged = staged.directory / MERGED_MODELS_MANIFEST
+        manifest = ModelManifest(models=sorted(records.values(), key=lambda r: r.name))
+        merged.write_bytes(msgspec.json.format(msgspec.json.encode(manifest), indent=2) + b"\n")
+        live = models / MANIFEST_NAME
+        if live.exists():
+            _move(swap, live, swap.aside / "models" / MANIFEST_NAME)
+        _move(swap, merged, live)
+
+
+def _recorded_models(staged: Staged) -> list[ModelRecord]:
+    path = staged.directory / contents.MODELS_MANIFEST_MEMBER
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=ModelManifest).models
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return []
 
 
 def _undo(moves: list[tuple[Path, Path]]) -> None:
@@ -205,27 +298,33 @@ async def check_restored(client: RedisClient, codec: Codec) -> tuple[int, int]:
 
 def missing_models(staged: Staged, settings: Settings) -> list[str]:
     """Models the backup's installation had that this box lacks (weights not restored)."""
-    path = staged.directory / contents.MODELS_MANIFEST_MEMBER
-    try:
-        recorded = msgspec.json.decode(path.read_bytes(), type=ModelManifest)
-    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-        return []
     models = Path(settings.models_dir)
-    return sorted(r.name for r in recorded.models if not (models / r.file).is_file())
+    restored = {p.member.removeprefix(contents.MODELS_PREFIX) for p in staged.plan.of_kind("model")}
+    return sorted(
+        r.name
+        for r in _recorded_models(staged)
+        if r.file not in restored and model_file_absent(models, r.file)
+    )
+
+
+def model_file_absent(models: Path, file: str) -> bool:
+    # A name from the backup's manifest: only a plain file name is looked up.
+    return contents.model_problem(file) is not None or not (models / file).is_file()
 
 
 def report(
     archive: Path, staged: Staged, swap: Swap, counts: tuple[int, int], missing: list[str]
 ) -> RestoreReport:
-    names = [member.name for member in staged.manifest.members]
     return RestoreReport(
         archive=archive.name,
         created_utc=staged.manifest.created_utc,
         keys=counts[0],
         conversations=counts[1],
         previous_data=swap.aside.name,
-        models_restored=contents.includes_models(names),
-        models_missing=[] if contents.includes_models(names) else missing,
+        models_restored=bool(staged.plan.of_kind("model")),
+        models_missing=missing,
+        key_id=staged.authenticity.key_id,
+        authenticity=staged.authenticity.describe(),
     )
 
 
@@ -238,26 +337,38 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+Prepare = Callable[[RedisClient], Awaitable[None]]
+
+
 async def restore_offline(
     settings: Settings,
     archive: Path,
     codec: Codec,
+    keys: ManifestKeys,
     *,
+    options: RestoreOptions | None = None,
     passphrase: bytes | None = None,
     progress: Progress | None = None,
+    prepare: Prepare | None = None,
 ) -> RestoreReport:
-    """Restore with the daemon stopped: this process starts the store to check the data."""
+    """Restore with the daemon stopped: this process starts the store to check the data.
+
+    `keys` authenticate the archive; `prepare` runs on the restored store before the check.
+    """
     require_embedded_store(settings)
     if await daemon_store_running(settings):
         raise BackupError("the store is running (the daemon is up): restore through the daemon")
+    options = options or RestoreOptions()
     with exclusive(settings):
         await trio.to_thread.run_sync(recover_interrupted, settings)
-        staged = await trio.to_thread.run_sync(stage, settings, archive, passphrase, progress)
+        staged = await trio.to_thread.run_sync(
+            stage, settings, archive, keys, options, passphrase, progress
+        )
         try:
             missing = missing_models(staged, settings)
             swap = await trio.to_thread.run_sync(swap_in, settings, staged)
             try:
-                counts = await _start_and_check(settings, codec)
+                counts = await start_and_check(settings, codec, prepare)
                 await trio.to_thread.run_sync(finish, swap)
             except Exception as exc:
                 await trio.to_thread.run_sync(roll_back, swap)
@@ -273,7 +384,21 @@ async def restore_offline(
     return report(archive, staged, swap, counts, missing)
 
 
-async def _start_and_check(settings: Settings, codec: Codec) -> tuple[int, int]:
+async def start_and_check(
+    settings: Settings, codec: Codec, prepare: Prepare | None = None
+) -> tuple[int, int]:
+    """Start the store on the data in place, run `prepare`, check it loads; then stop it."""
+
+    async def check(client: RedisClient) -> tuple[int, int]:
+        if prepare is not None:
+            await prepare(client)
+        return await check_restored(client, codec)
+
+    return await with_store(settings, check)
+
+
+async def with_store(settings: Settings, action: Callable[[RedisClient], Awaitable[_T]]) -> _T:
+    """Run `action` on an embedded store started for it on the state dir's data."""
     server = EmbeddedRedis(
         Path(settings.state_dir), Path(settings.runtime_dir), settings.redis_maxmemory
     )
@@ -281,6 +406,6 @@ async def _start_and_check(settings: Settings, codec: Codec) -> tuple[int, int]:
         await nursery.start(server.run)
         client: coredis.Redis[bytes] = coredis.Redis(unix_socket_path=str(server.socket_path))
         async with client:
-            counts = await check_restored(client, codec)
+            result = await action(client)
         nursery.cancel_scope.cancel()
-    return counts
+    return result

@@ -3,7 +3,8 @@ endpoints; `appliance restore` while the daemon runs).
 
 A restore inside the daemon stops its own store (a planned outage: readiness answers 503,
 the watchdog keeps pinging), swaps the data, starts the store again and checks it; on
-failure the previous data goes back and the store starts on it.
+failure the previous data goes back and the store starts on it. The timer also removes the
+data that restores moved aside once it is older than APPLIANCE_RESTORE_PREVIOUS_MAX_DAYS.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import trio
 
 from appliance.backup import restore as restoring
 from appliance.backup.archive import BackupError, BackupInfo, list_backups
-from appliance.backup.jobs import exclusive, make_backup, require_embedded_store
+from appliance.backup.jobs import BUSY_MESSAGE, exclusive, make_backup, require_embedded_store
+from appliance.backup.previous import PreviousData, expire_previous, expired, list_previous
 from appliance.config import Settings
 from appliance.privacy.keys import Keys
 from appliance.store.client import Store
+from appliance.store.sealing import KeyRing
 from appliance.supervisor import Service, Supervisor
 
 LOGGER = logging.getLogger("appliance.backup")
@@ -31,6 +34,8 @@ LOGGER = logging.getLogger("appliance.backup")
 # that restarts in a loop does not spend its time archiving.
 FIRST_DELAY: Final = 60.0
 STORE_SERVICES: Final = ("store", "redis")
+# How often the timer looks at the data restores moved aside (size for metrics, expiry).
+PREVIOUS_CHECK_SECONDS: Final = 60.0
 
 
 class BackupState(msgspec.Struct):
@@ -43,6 +48,9 @@ class BackupState(msgspec.Struct):
     last_error: str | None = None
     succeeded: int = 0
     failed: int = 0
+    # Data dirs that restores moved aside (restore-previous-*): how many, and their bytes.
+    previous_data_count: int = 0
+    previous_data_bytes: int = 0
 
 
 class Backups:
@@ -65,6 +73,40 @@ class Backups:
         if newest is not None:
             self.state.last_success = newest.created.timestamp()
             self.state.last_success_name = newest.name
+        self.refresh_previous()
+
+    @property
+    def ring(self) -> KeyRing:
+        if self.keys.ring is None:  # load_keys always makes one
+            raise BackupError("no SECRET_KEY is configured; backups need one")
+        return self.keys.ring
+
+    def previous(self) -> list[PreviousData]:
+        """The data dirs restores moved aside, newest first (blocking: use a thread)."""
+        return list_previous(self.settings)
+
+    def refresh_previous(self) -> list[PreviousData]:
+        """Count the moved-aside data for metrics (blocking: use a thread)."""
+        try:
+            found = list_previous(self.settings)
+        except BackupError as exc:
+            LOGGER.warning("backups: %s", exc)
+            return []
+        self.state.previous_data_count = len(found)
+        self.state.previous_data_bytes = sum(item.size for item in found)
+        return found
+
+    def expire_previous(self) -> None:
+        """Remove moved-aside data past its age (blocking: use a thread)."""
+        if not expired(self.settings, self.refresh_previous()):
+            return  # the usual case: no need to take the backup lock
+        try:
+            with exclusive(self.settings):
+                expire_previous(self.settings)
+        except BackupError as exc:
+            if str(exc) != BUSY_MESSAGE:  # busy: a backup or restore runs; tried again later
+                LOGGER.warning("backups: %s", exc)
+        self.refresh_previous()
 
     def newest(self) -> BackupInfo | None:
         found = list_backups(Path(self.settings.backup_dir))
@@ -81,7 +123,7 @@ class Backups:
             info = await make_backup(
                 self.settings,
                 self.store.client,
-                key_id=self.keys.current_id or "none",
+                keys=self.ring,
                 with_models=with_models,
             )
         except Exception as exc:
@@ -101,12 +143,14 @@ class Backups:
         self.state.succeeded += 1
         return info
 
-    async def restore(self, archive: Path) -> restoring.RestoreReport:
+    async def restore(
+        self, archive: Path, options: restoring.RestoreOptions
+    ) -> restoring.RestoreReport:
         """Restore `archive` into the running daemon."""
         require_embedded_store(self.settings)
         with exclusive(self.settings):
             staged = await trio.to_thread.run_sync(
-                restoring.stage, self.settings, archive, None, None
+                restoring.stage, self.settings, archive, self.ring, options, None, None
             )
             try:
                 return await self._swap_and_check(archive, staged)
@@ -114,6 +158,7 @@ class Backups:
                 await trio.to_thread.run_sync(
                     lambda: shutil.rmtree(staged.directory, ignore_errors=True)
                 )
+                await trio.to_thread.run_sync(self.refresh_previous)
 
     async def _swap_and_check(
         self, archive: Path, staged: restoring.Staged
@@ -153,6 +198,7 @@ class Backups:
         body: dict[str, Any] = msgspec.to_builtins(self.state)
         body["interval_seconds"] = self.settings.backup_interval_seconds
         body["keep"] = self.settings.backup_keep
+        body["previous_data_keep"] = self.settings.restore_previous_keep
         return body
 
     def status_phrase(self) -> str:
@@ -186,7 +232,17 @@ class BackupService(Service):
         return max(0.0, last + interval - time.time())
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_previous)
+            task_status.started()
+            await self._schedule()
+
+    async def _watch_previous(self) -> None:
+        while True:
+            await trio.to_thread.run_sync(self.backups.expire_previous)
+            await trio.sleep(PREVIOUS_CHECK_SECONDS)
+
+    async def _schedule(self) -> None:
         interval = self.backups.settings.backup_interval_seconds
         if interval == 0 or not self.backups.settings.embedded_redis:
             await trio.sleep_forever()

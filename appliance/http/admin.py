@@ -1,9 +1,11 @@
-"""Admin endpoints: make and list backups; restore one (what `appliance restore` uses
-while the daemon runs). Access control for admin scope comes with API keys."""
+"""Admin endpoints: make and list backups (and the data restores moved aside); restore one
+(what `appliance restore` uses while the daemon runs). Access control for admin scope comes
+with API keys."""
 
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Final
 
@@ -13,7 +15,8 @@ from quart import Blueprint, Response, request
 
 from appliance.backup.archive import BackupError, BackupInfo, verify_archive
 from appliance.backup.jobs import BUSY_MESSAGE, ExternalStore
-from appliance.backup.restore import RestoreReport
+from appliance.backup.previous import PreviousData, PreviousDataFull
+from appliance.backup.restore import RestoreOptions, RestoreReport
 from appliance.http.app import runtime
 from appliance.http.bodies import parse_body
 from appliance.http.errors import ApiError
@@ -40,9 +43,11 @@ class BackupRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RestoreRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """The file name of a backup in APPLIANCE_BACKUP_DIR (never a path)."""
+    """The file name of a backup in APPLIANCE_BACKUP_DIR (never a path). `unauthenticated`
+    also accepts a format 1 backup, made before backups were authenticated."""
 
     archive: Annotated[str, msgspec.Meta(extra_json_schema={"pattern": RESTORABLE.pattern})]
+    unauthenticated: bool = False
 
 
 class Backup(msgspec.Struct):
@@ -55,10 +60,20 @@ class Backup(msgspec.Struct):
     verified_at: str | None
 
 
+class Previous(msgspec.Struct):
+    """A dir of data that a restore moved aside (kept until pruned or expired)."""
+
+    name: str
+    size: int
+    created: str
+
+
 class BackupList(msgspec.Struct):
-    """The backups, newest first, and the last results (`status`)."""
+    """The backups and the data restores moved aside, newest first, and the last results
+    (`status`)."""
 
     backups: list[Backup]
+    previous_data: list[Previous]
     status: dict[str, Any]
 
 
@@ -76,6 +91,10 @@ def describe(info: BackupInfo) -> Backup:
     )
 
 
+def describe_previous(item: PreviousData) -> Previous:
+    return Previous(name=item.name, size=item.size, created=item.created.isoformat())
+
+
 def _refusal(exc: BackupError) -> ApiError:
     if str(exc) == BUSY_MESSAGE:
         return ApiError(409, "busy", str(exc))
@@ -87,13 +106,20 @@ def _refusal(exc: BackupError) -> ApiError:
 @blueprint.get("/backups")
 @document_response(BackupList)
 async def list_backups() -> Response:
-    """Backups (name, size, created, sealed, verified) and the last success/failure."""
+    """Backups, the data restores moved aside (each with its size) and the last results."""
     backups = runtime().backups
     try:
         found = await trio.to_thread.run_sync(backups.listing)
+        previous = await trio.to_thread.run_sync(backups.refresh_previous)
     except BackupError as exc:
         raise ApiError(500, "backup_dir_unreadable", str(exc)) from None
-    return _json(BackupList(backups=[describe(info) for info in found], status=backups.metrics()))
+    return _json(
+        BackupList(
+            backups=[describe(info) for info in found],
+            previous_data=[describe_previous(item) for item in previous],
+            status=backups.metrics(),
+        )
+    )
 
 
 @blueprint.post("/backups")
@@ -130,9 +156,18 @@ async def verify_backup() -> Response:
     if not await trio.to_thread.run_sync(path.is_file):
         raise ApiError(404, "not_found", f"there is no backup named {body.archive}")
     try:
-        await trio.to_thread.run_sync(verify_archive, path)
+        checked = await trio.to_thread.run_sync(
+            partial(verify_archive, path, keys=state.backups.ring)
+        )
     except BackupError as exc:
         raise ApiError(422, "archive_refused", str(exc)) from None
+    if not checked.authenticity.for_this_box:
+        raise ApiError(
+            422,
+            "archive_refused",
+            f"{body.archive}: every member matches its manifest, but the archive is "
+            f"{checked.authenticity.describe()}; a restore refuses it",
+        )
     for info in await trio.to_thread.run_sync(state.backups.listing):
         if info.name == body.archive:
             return _json(describe(info))
@@ -163,10 +198,13 @@ async def restore() -> Response:
     if not await trio.to_thread.run_sync(path.is_file):
         raise ApiError(404, "not_found", f"there is no backup named {body.archive}")
     try:
-        report = await state.backups.restore(path)
+        options = RestoreOptions(unauthenticated=body.unauthenticated)
+        report = await state.backups.restore(path, options)
     except BackupError as exc:
         if str(exc) == BUSY_MESSAGE:
             raise ApiError(409, "busy", str(exc)) from None
+        if isinstance(exc, PreviousDataFull):
+            raise ApiError(409, "previous_data_full", str(exc)) from None
         if str(exc).startswith("the restored data did not load"):
             raise ApiError(500, "restore_failed", str(exc)) from None
         raise ApiError(422, "archive_refused", str(exc)) from None

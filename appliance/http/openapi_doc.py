@@ -83,8 +83,9 @@ _WHY: Final = {
     403: "the endpoint needs a key with scope admin (`admin_scope_required`)",
     404: "no such resource",
     409: (
-        "another backup or restore is running (`busy`), or the store is an external Redis "
-        "that Redis' own persistence backs up (`external_store`)"
+        "another backup or restore is running (`busy`), the store is an external Redis "
+        "that Redis' own persistence backs up (`external_store`), or restores have moved "
+        "aside APPLIANCE_RESTORE_PREVIOUS_KEEP dirs of data (`previous_data_full`)"
     ),
     413: "the body is larger than APPLIANCE_MAX_BODY_BYTES (`request_too_large`)",
     422: "a field is out of range or unknown; `param` names it",

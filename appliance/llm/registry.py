@@ -30,7 +30,7 @@ from typing import Final
 
 import msgspec
 
-from appliance.llm.gguf_header import GGUFHeader, GGUFHeaderError, check_gguf_header
+from appliance.llm.gguf_header import GGUF_MAGIC, GGUFHeader, GGUFHeaderError, check_gguf_header
 from appliance.llm.manifest import FILE_MODE as FILE_MODE
 from appliance.llm.manifest import LOCK_NAME as LOCK_NAME
 from appliance.llm.manifest import MANIFEST_NAME as MANIFEST_NAME
@@ -59,6 +59,9 @@ IMPORT_HINT: Final = "appliance models import PATH"
 VERIFY_HINT: Final = "appliance models verify"
 
 CHECKSUM_CHANGED: Final = "checksum changed since import"
+NOT_GGUF: Final = "not a GGUF file (it does not begin with 'GGUF'); expected a .gguf model"
+# What the header check quotes from a file (key and tensor names, as repr() writes them).
+_QUOTED: Final = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
 OUTSIDE_DIR: Final = "it is a symlink to a file outside the models directory"
 NOT_REGULAR: Final = "it is not a regular file"
 
@@ -135,6 +138,12 @@ def _one_line(text: str) -> str:
     # Reasons come from exceptions and the worker; the manifest and CLI want one short line.
     line = " ".join(text.split())
     return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 3] + "..."
+
+
+def _unechoed(reason: str) -> str:
+    """The header check's reason with the names it quotes from the file left out: a file
+    offered for import lies outside the models dir, and nothing of it is ever echoed."""
+    return _QUOTED.sub("<a name in the file>", reason)
 
 
 def _open_regular(path: Path, *, follow: bool) -> int:
@@ -306,7 +315,7 @@ class ModelRegistry:
                 os.fsync(target.fileno())
             header = self._header(Path(temp))  # what was written, not what was checked
             if isinstance(header, str):
-                raise ImportRefused(f"cannot import {name!r}: {header}")
+                raise ImportRefused(f"cannot import {name!r}: {_unechoed(header)}")
             with manifest_lock(self.models_dir):
                 return self._install(name, Path(temp), header, sha256)
         except BaseException:
@@ -468,10 +477,17 @@ class ModelRegistry:
             fd = _open_regular(source, follow=True)
         except OSError as exc:
             raise ImportRefused(f"cannot read {source.name!r}: {_os_reason(exc)}") from None
-        os.close(fd)
+        try:
+            magic = os.pread(fd, len(GGUF_MAGIC), 0)
+        except OSError as exc:
+            raise ImportRefused(f"cannot read {source.name!r}: {_os_reason(exc)}") from None
+        finally:
+            os.close(fd)
+        if magic != GGUF_MAGIC:
+            raise ImportRefused(f"cannot import {source.name!r}: {NOT_GGUF}")
         header = self._header(source)
         if isinstance(header, str):
-            raise ImportRefused(f"cannot import {source.name!r}: {header}")
+            raise ImportRefused(f"cannot import {source.name!r}: {_unechoed(header)}")
 
     def _copy(
         self, source: Path, write: Callable[[memoryview], object], progress: Progress | None

@@ -44,6 +44,9 @@ _SALT_PERSON: Final = b"appliance.salt"
 _SEAL_PERSON: Final = b"appliance.seal1"
 _KEY_ID_PERSON: Final = b"appliance.keyid"
 _HASH_ID_PERSON: Final = b"appliance.hashid"
+_BACKUP_PERSON: Final = b"appliance.backup"
+_MANIFEST_PERSON: Final = b"appliance.bkmfst"
+BACKUP_TAG_BYTES: Final = 32
 HASH_ID_BYTES: Final = 16
 
 
@@ -92,7 +95,7 @@ def _blake2b(data: bytes, *, key: bytes = b"", person: bytes, size: int) -> byte
 
 
 class _Key:
-    __slots__ = ("data", "hash_id", "header", "id")
+    __slots__ = ("backup", "data", "hash_id", "header", "id")
 
     def __init__(self, secret_key: str, privacy_salt: str) -> None:
         salt = _blake2b(_utf8(privacy_salt), person=_SALT_PERSON, size=ARGON2_SALT_BYTES)
@@ -105,6 +108,8 @@ class _Key:
         self.header = MAGIC + bytes([VERSION]) + raw_id
         # For keyed_hash (pseudonyms in logs); only the current key's is used.
         self.hash_id = _blake2b(b"", key=root, person=_HASH_ID_PERSON, size=KEY_BYTES)
+        # For the authentication tags of backup manifests (appliance.backup).
+        self.backup = _blake2b(b"", key=root, person=_BACKUP_PERSON, size=KEY_BYTES)
 
 
 class Codec(Protocol):
@@ -187,6 +192,14 @@ class KeyRing:
         """A stable pseudonym for an identifier (a client address, a user name) for logs."""
         key = self._current.hash_id
         return _blake2b(_utf8(value), key=key, person=_HASH_ID_PERSON, size=HASH_ID_BYTES).hex()
+
+    def backup_tag(self, data: bytes, key_id: str | None = None) -> bytes | None:
+        """Keyed BLAKE2b of a backup manifest under the current key, or under `key_id`;
+        None when this ring does not hold that key."""
+        key = self._current if key_id is None else self._keys.get(key_id)
+        if key is None:
+            return None
+        return _blake2b(data, key=key.backup, person=_MANIFEST_PERSON, size=BACKUP_TAG_BYTES)
 
     def seal(self, plaintext: bytes, key_name: str) -> bytes:
         key = self._current
