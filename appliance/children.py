@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,14 @@ _CRASH_SIGNALS: Final = frozenset(
 )
 # Variables a child must not inherit: it is not the unit's main process.
 _PRIVATE_ENV: Final = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+_LEVELS: Final = {
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARNING": logging.WARNING,
+    "ERROR": logging.ERROR,
+    "CRITICAL": logging.CRITICAL,
+}
+_NAMED_LEVEL: Final = re.compile(f"({'|'.join(_LEVELS)}):")
 
 
 def describe_exit(code: int) -> str:
@@ -87,6 +96,11 @@ async def spawn(
 
 
 def _level_of(line: str) -> int:
+    """The level a child's line names (`LEVEL:logger:message`, the worker's format), else
+    WARNING for a line that says so (redis-server's `# WARNING ...`), else INFO."""
+    named = _NAMED_LEVEL.match(line)
+    if named is not None:
+        return _LEVELS[named[1]]
     return logging.WARNING if "WARNING" in line else logging.INFO
 
 

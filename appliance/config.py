@@ -164,6 +164,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     restore_previous_max_days: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(
         default=30, name="APPLIANCE_RESTORE_PREVIOUS_MAX_DAYS"
     )
+    # Generation under pressure (docs/generation.md).
+    stream_stall_seconds: PositiveFloat = msgspec.field(
+        default=30.0, name="APPLIANCE_STREAM_STALL_SECONDS"
+    )
+    parallel_per_key: Annotated[int, msgspec.Meta(ge=0, le=64)] = msgspec.field(
+        default=0, name="APPLIANCE_PARALLEL_PER_KEY"
+    )
 
     def __post_init__(self) -> None:
         bind = _BIND.match(self.bind)

@@ -175,4 +175,13 @@ DOCS: Final[dict[str, SettingDoc]] = {
         "whole number of days, 0 = until pruned",
         "data a restore moved aside is deleted once this old (appliance backups prune-previous)",
     ),
+    "APPLIANCE_STREAM_STALL_SECONDS": SettingDoc(
+        "seconds, above 0",
+        "a streamed answer whose client takes no data for this long is cancelled and its "
+        "connection closed",
+    ),
+    "APPLIANCE_PARALLEL_PER_KEY": SettingDoc(
+        "whole number, 0 to 64; 0 = APPLIANCE_PARALLEL - 1 (at least 1)",
+        "generations one API key may run at once (the rest wait, fairly across keys)",
+    ),
 }

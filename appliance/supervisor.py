@@ -10,6 +10,7 @@ exit so that systemd restarts the whole unit.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import time
 from collections import deque
@@ -109,6 +110,8 @@ class Supervisor:
         self.changed = trio.Event()
         # Why services are stopped on purpose (a restore); the watchdog tolerates it.
         self.maintenance: str | None = None
+        # The context variables services start with: the daemon's, from before any request.
+        self._context = contextvars.copy_context()
 
     async def start(self, service: Service) -> Any:
         """Start `service` and wait until it is ready; later failures restart it."""
@@ -116,7 +119,42 @@ class Supervisor:
             raise ValueError(f"service {service.name} is already supervised")
         record = _Record(service)
         self._records[service.name] = record
-        return await self._nursery.start(self._supervise, record)
+        return await self._start_supervising(record)
+
+    async def _start_supervising(self, record: _Record) -> Any:
+        """`nursery.start(self._supervise, record)`, from the supervisor's own context.
+
+        A trio task starts with a copy of its starter's context variables: a service
+        restarted while serving a request (a restore through the API) would carry that
+        request's id in every line it logs afterwards. So the supervising task is started by
+        a launcher task spawned in a copy of the daemon's context; if the caller is cancelled
+        before the service is ready, the start is cancelled, as with `nursery.start`.
+        """
+        values: list[Any] = []
+        errors: list[Exception] = []
+        done = trio.Event()
+        scope = trio.CancelScope()
+
+        async def launch() -> None:
+            with scope:
+                try:
+                    values.append(await self._nursery.start(self._supervise, record))
+                except Exception as exc:
+                    errors.append(exc)
+                finally:
+                    done.set()
+
+        self._context.copy().run(self._nursery.start_soon, launch)
+        try:
+            await done.wait()
+        except BaseException:
+            scope.cancel()
+            raise
+        if errors:
+            raise errors[0]
+        if not values:
+            raise ServiceFailed(f"service {record.service.name} did not start: it was cancelled")
+        return values[0]
 
     def _notify_change(self) -> None:
         self.changed.set()
@@ -204,7 +242,7 @@ class Supervisor:
         record = _Record(old.service)
         record.restarts = old.restarts
         self._records[name] = record
-        return await self._nursery.start(self._supervise, record)
+        return await self._start_supervising(record)
 
     @contextlib.contextmanager
     def planned_outage(self, reason: str) -> Iterator[None]:

@@ -68,8 +68,10 @@ DAEMON_ENV: Final = {
     "APPLIANCE_CONTEXT_SIZE": str(N_CTX),
     "APPLIANCE_THREADS": str(THREADS),
     "APPLIANCE_MAX_QUEUE": str(MAX_QUEUE),
-    # All clients share one key here; its stream limit would turn some away.
+    # All clients share one key here; its stream limit would turn some away, and its
+    # default share of the slots (APPLIANCE_PARALLEL - 1) would leave one slot unused.
     "APPLIANCE_MAX_STREAMS_PER_KEY": "0",
+    "APPLIANCE_PARALLEL_PER_KEY": "64",
 }
 # WARNING keeps the access log out of the token path; real warnings still show up.
 DAEMON_LOG_LEVEL: Final = "WARNING"

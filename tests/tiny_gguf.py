@@ -64,6 +64,7 @@ def write_tiny_llama(
     n_embd: int = 64,
     n_layer: int = 2,
     chat_template: str | None = None,
+    context_length: int = 512,
 ) -> pathlib.Path:
     """Write a tiny random-weight llama GGUF to ``path`` and return ``path``.
 
@@ -92,7 +93,7 @@ def write_tiny_llama(
 
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_name("tiny-llama-test")
-    writer.add_context_length(512)
+    writer.add_context_length(context_length)
     writer.add_embedding_length(n_embd)
     writer.add_block_count(n_layer)
     writer.add_feed_forward_length(n_ff)

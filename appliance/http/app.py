@@ -200,20 +200,29 @@ def _install_request_hooks(app: Quart, state: Runtime) -> None:
         state.requests.record(response.status_code)
         if request.headers.get("User-Agent") != PROBE_USER_AGENT:
             started = g.get("started")
-            duration = (time.perf_counter() - started) * 1000 if started else 0.0
-            ACCESS_LOGGER.info(
-                "%s %s %d",
-                request.method,
-                request.path,
-                response.status_code,
-                extra={
-                    "request_id": request_id,
-                    "endpoint": request.path,
-                    "method": request.method,
-                    "status": response.status_code,
-                    "duration_ms": round(duration, 2),
-                    # Who asked, as a keyed hash: correlatable, not identifying.
-                    "client": state.keys.client_hash(request.remote_addr or "unknown"),
-                },
-            )
+            fields = {
+                "request_id": request_id,
+                "endpoint": request.path,
+                "method": request.method,
+                "status": response.status_code,
+                # Who asked, as a keyed hash: correlatable, not identifying.
+                "client": state.keys.client_hash(request.remote_addr or "unknown"),
+            }
+
+            def log_access() -> None:
+                duration = (time.perf_counter() - started) * 1000 if started else 0.0
+                ACCESS_LOGGER.info(
+                    "%s %s %d",
+                    fields["method"],
+                    fields["endpoint"],
+                    fields["status"],
+                    extra={**fields, "duration_ms": round(duration, 2)},
+                )
+
+            # A streamed body is sent after this: its line comes at its end, with its time.
+            stream = g.get("stream_body")
+            if stream is not None:
+                stream.after_close(log_access)
+            else:
+                log_access()
         return response

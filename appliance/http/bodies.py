@@ -1,4 +1,5 @@
-"""Request bodies decoded straight into msgspec Structs, with errors that name the field."""
+"""Request bodies decoded straight into msgspec Structs, and query-string integers bounded
+where they enter, with errors that name the field."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from appliance.http.errors import ApiError
 T = TypeVar("T")
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
+# ASCII digits only (int() also takes other scripts' digits, spaces and underscores), and
+# few enough that the value is checked against its range, not parsed at length.
+_WHOLE = re.compile(r"-?[0-9]{1,19}")
 
 
 async def parse_body(kind: type[T]) -> T:
@@ -36,3 +40,19 @@ async def parse_body(kind: type[T]) -> T:
         raise ApiError(
             400, "invalid_json", "the body is not valid JSON (UTF-8 encoded); check its syntax"
         ) from None
+
+
+def query_int(name: str, default: int, minimum: int, maximum: int) -> int:
+    """The query-string integer `name` (absent: `default`), or a 400 naming it and its range."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    value = int(raw) if _WHOLE.fullmatch(raw) else None
+    if value is None or not minimum <= value <= maximum:
+        raise ApiError(
+            400,
+            "invalid_parameter",
+            f"{name} must be a whole number from {minimum} to {maximum}; got {raw[:32]!r}",
+            param=name,
+        )
+    return value

@@ -6,16 +6,18 @@ from collections.abc import AsyncGenerator
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
-from quart import Blueprint, Response, g, request
+from quart import Blueprint, Response, g
 
 from appliance.http.app import current_owner, runtime
-from appliance.http.bodies import parse_body
+from appliance.http.bodies import parse_body, query_int
 from appliance.http.errors import ApiError
 from appliance.http.generation import (
+    BudgetExhausted,
     FinishReason,
     MaxTokens,
-    StreamBody,
+    Seed,
     TokenUsage,
+    TurnsLeftOut,
     collect,
     finish_reason,
     generate,
@@ -24,6 +26,7 @@ from appliance.http.generation import (
     sse,
     sse_error,
     sse_template,
+    stream_response,
     token_usage,
 )
 from appliance.http.openapi_doc import (
@@ -42,7 +45,12 @@ from appliance.store.conversations import ConversationMeta, Message, new_id, val
 blueprint = Blueprint("chat", __name__, url_prefix="/api/v1")
 
 MAX_MESSAGE_CHARS: Final = 100_000
+# History sent to the worker, at most (within its 16 MB frames, UTF-8 at its longest): the
+# worker leaves out what does not fit the context; this only bounds what it is sent.
+MAX_HISTORY_CHARS: Final = 2_000_000
 MAX_PAGE: Final = 100
+# Past any real number of conversations, within what Redis takes as a range index.
+MAX_OFFSET: Final = 2**31 - 1
 
 
 ConversationId = Annotated[
@@ -61,7 +69,7 @@ class ChatSendRequest(msgspec.Struct, forbid_unknown_fields=True):
     max_tokens: MaxTokens | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 0.7
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.95
-    seed: int | None = None
+    seed: Seed | None = None
     system: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_CHARS)] | None = None
 
 
@@ -79,6 +87,8 @@ class ChatReply(msgspec.Struct):
     message: AssistantMessage
     finish_reason: FinishReason
     usage: TokenUsage
+    turns_left_out: TurnsLeftOut = 0
+    budget_exhausted: BudgetExhausted | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatToken(msgspec.Struct):
@@ -95,10 +105,12 @@ class ChatDone(msgspec.Struct):
     model: str
     finish_reason: FinishReason
     usage: TokenUsage
+    turns_left_out: TurnsLeftOut = 0
+    budget_exhausted: BudgetExhausted | msgspec.UnsetType = msgspec.UNSET
 
 
 class PageQuery(msgspec.Struct):
-    offset: Annotated[int, msgspec.Meta(ge=0)] = 0
+    offset: Annotated[int, msgspec.Meta(ge=0, le=MAX_OFFSET)] = 0
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE)] = 20
 
 
@@ -152,8 +164,12 @@ def _not_found(conversation_id: str) -> ApiError:
 async def send() -> Response:
     """Generate a reply to a message and store both (optionally streamed).
 
-    400 for a prompt longer than the model's context; 403 for a `remote:` model while the
-    remote LLM is off; 404 for an unknown model or conversation; 502/504 from the remote LLM.
+    A conversation longer than the model's context leaves its oldest turns out of the
+    prompt (`turns_left_out`; the stored conversation keeps them); 400 only for a message
+    that does not fit with the system prompt alone. An answer cut by a token budget ends
+    with finish_reason `length` and `budget_exhausted`, and is stored and charged as
+    generated. 403 for a `remote:` model while the remote LLM is off; 404 for an unknown
+    model or conversation; 502/504 from the remote LLM.
     """
     state = runtime()
     body = await parse_body(ChatSendRequest)
@@ -170,6 +186,7 @@ async def send() -> Response:
     conversation_id = body.conversation_id or new_id()
     model = await resolve_model(state, body.model)
     max_tokens = max_tokens_for(state, body.max_tokens)
+    history, not_sent = _recent(history)
     messages = [ChatMessage("system", body.system)] if body.system else []
     messages += [*history, ChatMessage("user", body.message)]
     events = await generate(
@@ -208,6 +225,8 @@ async def send() -> Response:
                 message=AssistantMessage(id=message_id, role="assistant", content=answer),
                 finish_reason=finish_reason(done),
                 usage=token_usage(done),
+                turns_left_out=not_sent + done.left_out,
+                budget_exhausted=events.budget_cut or msgspec.UNSET,
             )
         )
 
@@ -231,6 +250,8 @@ async def send() -> Response:
                             model=model,
                             finish_reason=finish_reason(event),
                             usage=token_usage(event),
+                            turns_left_out=not_sent + event.left_out,
+                            budget_exhausted=events.budget_cut or msgspec.UNSET,
                         ),
                         event="done",
                     )
@@ -239,24 +260,23 @@ async def send() -> Response:
         finally:
             await events.aclose()
 
-    return Response(
-        StreamBody(stream(), events),
-        mimetype="text/event-stream",
-        headers={"Cache-Control": "no-store"},
-    )
+    return stream_response(state, stream(), events)
+
+
+def _recent(history: list[ChatMessage]) -> tuple[list[ChatMessage], int]:
+    """The most recent turns within MAX_HISTORY_CHARS, starting with a user turn, and how
+    many older ones are not sent at all."""
+    start, size = len(history), 0
+    while start > 0 and size + len(history[start - 1].content) <= MAX_HISTORY_CHARS:
+        start -= 1
+        size += len(history[start].content)
+    while start < len(history) and history[start].role != "user":
+        start += 1
+    return history[start:], start
 
 
 def _page_arguments() -> tuple[int, int]:
-    try:
-        offset = int(request.args.get("offset", "0"))
-        limit = int(request.args.get("limit", "20"))
-    except ValueError:
-        raise ApiError(400, "invalid_parameter", "offset and limit must be whole numbers") from None
-    if offset < 0 or not 1 <= limit <= MAX_PAGE:
-        raise ApiError(
-            400, "invalid_parameter", f"offset must be 0 or more and limit from 1 to {MAX_PAGE}"
-        )
-    return offset, limit
+    return query_int("offset", 0, 0, MAX_OFFSET), query_int("limit", 20, 1, MAX_PAGE)
 
 
 @blueprint.get("/conversations")

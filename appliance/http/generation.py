@@ -10,12 +10,15 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 import trio
+from quart import Response, current_app, g, request
 
 from appliance.auth.apikeys import ApiKey
 from appliance.auth.budgets import MICROS, BudgetExceeded, Budgets, Kind, Reservation, key_limits
 from appliance.http.app import Runtime, current_key
 from appliance.http.errors import ApiError, error_body
+from appliance.http.proxies import PEER
 from appliance.http.remote_generation import REMOTE_PREFIX, open_remote_stream, remote_model
+from appliance.http.stream_body import StreamBody
 from appliance.llm.engine import RETRY_AFTER_SECONDS
 from appliance.llm.errors import DeadlineExceeded, InferenceError, QueueFull, WorkerCrashed
 from appliance.llm.protocol import ChatMessage, Done, Token
@@ -25,6 +28,8 @@ _JSON = msgspec.json.Encoder()
 # Stands for the text in an SSE template; no field of an event body holds NUL characters.
 _MARKER: Final = "\x00text\x00"
 _MARKER_JSON: Final = _JSON.encode(_MARKER)
+# A model name quoted back in an error, at most (the name is the client's own text).
+MAX_SHOWN_NAME: Final = 64
 
 
 async def resolve_model(state: Runtime, requested: str | None) -> str:
@@ -43,9 +48,15 @@ async def resolve_model(state: Runtime, requested: str | None) -> str:
     except (UnknownModel, InvalidModelName) as exc:
         if state.remote is not None and requested == state.remote.model:
             return REMOTE_PREFIX + state.remote.model
-        raise ApiError(404, "model_not_found", str(exc), param="model") from None
+        message = str(exc)
+        if isinstance(exc, UnknownModel) and not _sees_all_models():
+            message = f"model {_shown(requested)} is not installed; {await _usable_models(state)}"
+        raise ApiError(404, "model_not_found", message, param="model") from None
     except ModelUnavailable as exc:
-        raise ApiError(503, "model_unavailable", str(exc), param="model") from None
+        message = str(exc)
+        if not _sees_all_models():
+            message = f"model {_shown(requested)} is unavailable; {await _usable_models(state)}"
+        raise ApiError(503, "model_unavailable", message, param="model") from None
     except RegistryError as exc:
         raise ApiError(503, "model_unavailable", str(exc), param="model") from None
     if name is None:
@@ -56,6 +67,26 @@ async def resolve_model(state: Runtime, requested: str | None) -> str:
             param="model",
         )
     return name
+
+
+def _sees_all_models() -> bool:
+    """Admin keys see every installed model and why one failed (as GET /api/v1/models shows
+    them); a user key is told only of the models it may use."""
+    return current_key().scope == "admin"
+
+
+def _shown(name: str | None) -> str:
+    return repr((name or "")[:MAX_SHOWN_NAME])
+
+
+async def _usable_models(state: Runtime) -> str:
+    records = await trio.to_thread.run_sync(state.registry.list)
+    names = [record.name for record in records if record.ok]
+    if state.remote is not None:
+        names.append(REMOTE_PREFIX + state.remote.model)
+    if not names:
+        return "no model is usable now"
+    return "the models this key may use: " + ", ".join(names)
 
 
 def max_tokens_for(state: Runtime, requested: int | None, param: str = "max_tokens") -> int:
@@ -85,12 +116,14 @@ class Events:
     """The engine's events for one request, under its deadline; failures become ApiError.
 
     An async iterator over the engine's generator rather than another generator around
-    it: one layer less on every token. Close it (`aclose`) when done with it early. With a
-    budget reservation, the tokens used are settled when the generation ends (or is
-    closed), and a generation cut short by the reservation ends in a 429 naming the budget.
+    it: one layer less on every token. Close it (`aclose`) when done with it early. The
+    generation lets go of its slot as soon as its Done comes, however slowly the client
+    reads the rest. With a budget reservation, the tokens used are settled when the
+    generation ends (or is closed); a generation cut short by the reservation ends like
+    one that reached max_tokens ("length"), and `budget_cut` says which budget cut it.
     """
 
-    __slots__ = ("_budget", "_events", "_first", "_release", "_seen", "_timeout")
+    __slots__ = ("_budget", "_events", "_first", "_release", "_seen", "_timeout", "budget_cut")
 
     def __init__(
         self,
@@ -105,6 +138,7 @@ class Events:
         self._budget = budget
         self._release = release
         self._seen = 0
+        self.budget_cut: str | None = None
 
     def __aiter__(self) -> Events:
         return self
@@ -122,11 +156,14 @@ class Events:
             ) from None
         except InferenceError as exc:
             raise as_api_error(exc) from None
+        if isinstance(event, Token):
+            self._seen += 1
+            return event
+        # Done: the engine's generator has nothing more to give; closing it now frees the
+        # slot before the client has read the end of the answer.
+        await self._events.aclose()
         if self._budget is not None:
-            if isinstance(event, Token):
-                self._seen += 1
-            else:
-                await self._budget.finish(event)
+            self.budget_cut = await self._budget.finish(event)
         return event
 
     async def start(self) -> None:
@@ -158,32 +195,6 @@ class Events:
                 await self._budget.abandon(self._seen)
 
 
-class StreamBody:
-    """The SSE body of a streamed generation. Quart closes a response body when it is done
-    with it, also when the client left before the first byte; closing an async generator
-    that never started skips its `finally`, so this closes the generation's events itself
-    (its stream slot and budget reservation are let go either way)."""
-
-    __slots__ = ("_chunks", "_events")
-
-    def __init__(self, chunks: AsyncGenerator[bytes, None], events: Events) -> None:
-        self._chunks = chunks
-        self._events = events
-
-    def __aiter__(self) -> StreamBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        return await self._chunks.__anext__()
-
-    async def aclose(self) -> None:
-        try:
-            await self._chunks.aclose()
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._events.aclose()
-
-
 class BudgetUse:
     """One request's reservation: settled once, with what the generation really used."""
 
@@ -207,17 +218,22 @@ class BudgetUse:
         # What a cut names: the budget that granted the fewest tokens.
         self.limited_by = f"{reservation.kind} token budget of this key"
 
-    async def finish(self, done: Done) -> None:
+    async def finish(self, done: Done) -> str | None:
+        """Charge what the generation used; why the budget cut it short, if it did."""
         await self._settle(done.prompt_tokens + done.completion_tokens)
-        # Stopped for length below what the client asked for: the reservation's cap did it.
-        cut = self.granted_tokens < self.requested and done.finish_reason == "length"
-        if cut:
-            raise ApiError(
-                429,
-                "budget_exhausted",
-                f"the {self.limited_by} ran out after {done.completion_tokens} tokens; "
-                "see: GET /api/v1/usage",
-            )
+        # Stopped for length below what the client asked for: the reservation's cap did it
+        # (the model's context may have cut it first: then the budget did not).
+        cut = (
+            self.granted_tokens < self.requested
+            and done.finish_reason == "length"
+            and done.completion_tokens >= self.granted_tokens
+        )
+        if not cut:
+            return None
+        return (
+            f"the {self.limited_by} ran out after {done.completion_tokens} tokens; "
+            "see: GET /api/v1/usage"
+        )
 
     async def abandon(self, tokens_seen: int) -> None:
         # Closed early: the prompt's share is not known here; charge what was reserved
@@ -348,12 +364,12 @@ async def generate(
     budget: BudgetUse | None = None
     try:
         if state.gate.enabled:
+            estimate = _prompt_estimate(messages, prompt)
+            if remote is None:
+                # A longer conversation leaves turns out of the prompt (appliance.llm.fitting).
+                estimate = min(estimate, state.settings.context_size)
             budget = await reserve_budget(
-                state,
-                key,
-                _prompt_estimate(messages, prompt),
-                max_tokens,
-                "remote" if remote is not None else "local",
+                state, key, estimate, max_tokens, "remote" if remote is not None else "local"
             )
         granted = min(max_tokens, budget.granted_tokens) if budget is not None else max_tokens
         timeout = state.settings.request_timeout
@@ -380,6 +396,7 @@ async def generate(
                 top_p=top_p,
                 stop=stop,
                 seed=seed,
+                owner=key.id,
             )
     except BaseException:
         if release is not None:
@@ -400,6 +417,26 @@ async def collect(events: Events) -> tuple[str, Done]:
             else:
                 return "".join(parts), event
     raise ApiError(503, "worker_crashed", "model worker crashed; retry")
+
+
+def stream_response(
+    state: Runtime, chunks: AsyncGenerator[bytes, None], events: Events
+) -> Response:
+    """The SSE response of a generation; a watch beside it ends the stream when its client
+    stops reading (APPLIANCE_STREAM_STALL_SECONDS), and the request's access line waits
+    for the body's end (`g.stream_body`), so that its duration is the stream's."""
+    scope: dict[str, Any] = request.scope  # type: ignore[assignment]
+    # The connection's own ends (behind a trusted proxy "client" is the one behind it).
+    client, server = scope.get(PEER) or scope.get("client"), scope.get("server")
+    body = StreamBody(
+        chunks,
+        events,
+        stall_seconds=state.settings.stream_stall_seconds,
+        peer=(tuple(client), tuple(server)) if client and server else None,
+    )
+    current_app.add_background_task(body.watch)
+    g.stream_body = body
+    return Response(body, mimetype="text/event-stream", headers={"Cache-Control": "no-store"})
 
 
 def sse(data: Any, event: str | None = None) -> bytes:
@@ -451,6 +488,24 @@ def token_usage(done: Done) -> TokenUsage:
     )
 
 
+TurnsLeftOut = Annotated[
+    int,
+    msgspec.Meta(
+        ge=0,
+        description="messages of the conversation (other than system ones) left out of the "
+        "prompt, oldest first, so that it fits the model's context with room for the answer; "
+        "a stored conversation keeps them all",
+    ),
+]
+BudgetExhausted = Annotated[
+    str,
+    msgspec.Meta(
+        description="present when a token budget ended the answer (finish_reason `length`): "
+        "which budget ran out; only what was generated is charged",
+    ),
+]
+
+
 # What a request may ask for as `max_tokens` (documented; the checks are max_tokens_for's,
 # whose upper bound is the setting APPLIANCE_MAX_TOKENS).
 MaxTokens = Annotated[
@@ -458,5 +513,16 @@ MaxTokens = Annotated[
     msgspec.Meta(
         description="1 to APPLIANCE_MAX_TOKENS (4096 by default)",
         extra_json_schema={"minimum": 1},
+    ),
+]
+
+# OpenAI's range for `seed` (a signed 64-bit integer); llama.cpp uses its low 32 bits.
+Seed = Annotated[
+    int,
+    msgspec.Meta(
+        ge=-(2**63),
+        le=2**63 - 1,
+        description="a whole number from -2^63 to 2^63-1: the same seed, prompt and "
+        "settings give the same answer",
     ),
 ]

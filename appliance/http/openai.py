@@ -2,7 +2,7 @@
 
 Fields OpenAI clients commonly send but that mean nothing here (penalties, user, ...) are
 accepted and ignored; fields that would change the answer and are not supported (n > 1,
-tools) are refused with 422 rather than silently dropped.
+tools, logit_bias) are refused with 422 rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from appliance.http.app import Runtime, runtime
 from appliance.http.bodies import parse_body
 from appliance.http.errors import ApiError
 from appliance.http.generation import (
+    BudgetExhausted,
     Events,
     FinishReason,
     MaxTokens,
-    StreamBody,
+    Seed,
     TokenUsage,
+    TurnsLeftOut,
     collect,
     finish_reason,
     generate,
@@ -33,6 +35,7 @@ from appliance.http.generation import (
     sse,
     sse_error,
     sse_template,
+    stream_response,
     token_usage,
 )
 from appliance.http.openapi_doc import (
@@ -43,7 +46,7 @@ from appliance.http.openapi_doc import (
     event_stream,
 )
 from appliance.http.remote_generation import REMOTE_PREFIX
-from appliance.llm.protocol import ChatMessage, Token
+from appliance.llm.protocol import ChatMessage, Done, Token
 
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -82,10 +85,14 @@ class _Sampling(msgspec.Struct, kw_only=True):
         ]
         | None
     ) = None
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
+    # Not supported (422 unless empty): token ids of one model mean nothing to another.
+    logit_bias: (
+        Annotated[dict[str, float], msgspec.Meta(extra_json_schema={"maxProperties": 0})] | None
+    ) = None
     # Accepted for compatibility; they do not change local generation.
     user: str | None = None
     frequency_penalty: float | None = None
@@ -121,7 +128,8 @@ class ChatChoice(msgspec.Struct):
 
 
 class ChatCompletion(msgspec.Struct):
-    """OpenAI's chat completion."""
+    """OpenAI's chat completion, and (only when they apply) two fields of the appliance's:
+    `turns_left_out` and `budget_exhausted`."""
 
     id: str
     object: Literal["chat.completion"]
@@ -129,6 +137,8 @@ class ChatCompletion(msgspec.Struct):
     model: str
     choices: list[ChatChoice]
     usage: TokenUsage
+    turns_left_out: TurnsLeftOut | msgspec.UnsetType = msgspec.UNSET
+    budget_exhausted: BudgetExhausted | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChunkDelta(msgspec.Struct):
@@ -152,6 +162,9 @@ class ChatCompletionChunk(msgspec.Struct):
     choices: list[ChunkChoice]
     # Only in the last chunk, with `stream_options: {"include_usage": true}`.
     usage: TokenUsage | msgspec.UnsetType = msgspec.UNSET
+    # Only in the chunk with the finish_reason, and only when they apply.
+    turns_left_out: TurnsLeftOut | msgspec.UnsetType = msgspec.UNSET
+    budget_exhausted: BudgetExhausted | msgspec.UnsetType = msgspec.UNSET
 
 
 class TextChoice(msgspec.Struct):
@@ -163,7 +176,7 @@ class TextChoice(msgspec.Struct):
 
 class TextCompletion(msgspec.Struct):
     """OpenAI's text completion; streamed, each SSE `data:` line is one without `usage`
-    (`[DONE]` ends the stream)."""
+    (`[DONE]` ends the stream). `budget_exhausted` only when a budget cut the answer."""
 
     id: str
     object: Literal["text_completion"]
@@ -171,6 +184,7 @@ class TextCompletion(msgspec.Struct):
     model: str
     choices: list[TextChoice]
     usage: TokenUsage | msgspec.UnsetType = msgspec.UNSET
+    budget_exhausted: BudgetExhausted | msgspec.UnsetType = msgspec.UNSET
 
 
 class OpenAIModel(msgspec.Struct):
@@ -218,11 +232,14 @@ def _text_of(message: OpenAIMessage) -> str:
     return "".join(part.text for part in message.content)
 
 
-def _stream_response(chunks: StreamBody) -> Response:
-    return Response(chunks, mimetype="text/event-stream", headers={"Cache-Control": "no-store"})
-
-
 async def _events(state: Runtime, body: _Sampling, **source: Any) -> tuple[str, Events]:
+    if body.logit_bias:
+        raise ApiError(
+            422,
+            "unsupported_field",
+            "logit_bias is not supported; leave it out",
+            param="logit_bias",
+        )
     model = await resolve_model(state, body.model)
     requested, param = body.max_tokens, "max_tokens"
     newer = getattr(body, "max_completion_tokens", None)
@@ -261,7 +278,10 @@ _GENERATION_ERRORS = errors(403, 404, 502, 504)
 async def chat_completions() -> Response:
     """OpenAI's chat completions (streamed or not).
 
-    400 for a prompt longer than the model's context; 403 for a `remote:` model while the
+    Messages that do not fit the model's context are left out, oldest first (system
+    messages stay; `turns_left_out` says how many); 400 only when the last message does
+    not fit with the system messages alone. An answer cut by a token budget ends with
+    finish_reason `length` and `budget_exhausted`. 403 for a `remote:` model while the
     remote LLM is off; 404 for an unknown model; 502/504 from the remote LLM.
     """
     state = runtime()
@@ -291,6 +311,8 @@ async def chat_completions() -> Response:
                     )
                 ],
                 usage=token_usage(done),
+                turns_left_out=done.left_out or msgspec.UNSET,
+                budget_exhausted=events.budget_cut or msgspec.UNSET,
             )
         )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -314,6 +336,12 @@ async def chat_completions() -> Response:
             usage=usage,
         )
 
+    def last_chunk(done: Done) -> ChatCompletionChunk:
+        chunk = chunk_body(ChunkDelta(), finish_reason(done))
+        chunk.turns_left_out = done.left_out or msgspec.UNSET
+        chunk.budget_exhausted = events.budget_cut or msgspec.UNSET
+        return chunk
+
     token_chunk = sse_template(lambda text: chunk_body(ChunkDelta(content=text), None))
     request_id = g.request_id
 
@@ -324,7 +352,7 @@ async def chat_completions() -> Response:
                 if isinstance(event, Token):
                     yield token_chunk(event.text)
                 else:
-                    yield sse(chunk_body(ChunkDelta(), finish_reason(event)))
+                    yield sse(last_chunk(event))
                     if include_usage:
                         yield sse(chunk_body(ChunkDelta(), None, token_usage(event)))
             yield sse(b"[DONE]")
@@ -333,7 +361,7 @@ async def chat_completions() -> Response:
         finally:
             await events.aclose()
 
-    return _stream_response(StreamBody(stream(), events))
+    return stream_response(state, stream(), events)
 
 
 @blueprint.post("/completions")
@@ -374,6 +402,7 @@ async def completions() -> Response:
             model=model,
             choices=[TextChoice(index=0, text=text, logprobs=None, finish_reason=reason)],
             usage=usage,
+            budget_exhausted=(events.budget_cut or msgspec.UNSET) if reason else msgspec.UNSET,
         )
 
     if not body.stream:
@@ -396,7 +425,7 @@ async def completions() -> Response:
         finally:
             await events.aclose()
 
-    return _stream_response(StreamBody(stream(), events))
+    return stream_response(state, stream(), events)
 
 
 @blueprint.get("/models")

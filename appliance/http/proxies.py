@@ -21,6 +21,9 @@ from typing import Any, Final, Literal
 from appliance.config import Network
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Where the scope keeps the direct peer's address when "client" becomes the one behind the
+# proxies: what needs the connection itself (resetting a stalled stream's) looks there.
+PEER: Final = "appliance.peer"
 ProxyHeader = Literal["x-forwarded-for", "forwarded"]
 # One `for=` parameter of a Forwarded element (RFC 7239): a token or a quoted string.
 _FORWARDED_FOR: Final = re.compile(r'(?:^|;)\s*for\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*)', re.I)
@@ -99,5 +102,5 @@ class ClientAddress:
             hops = forwarded_hops(scope["headers"], self.header)
             address = client_address(str(client[0]), hops, self.networks)
             if address != client[0]:
-                scope = {**scope, "client": (address, 0)}
+                scope = {**scope, "client": (address, 0), PEER: client}
         await self.app(scope, receive, send)

@@ -177,7 +177,10 @@ def open_model(
 
     model_params = llama.llama_model_default_params()
     model_params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers
-    model: Any = LlamaModel(path_model=path, params=model_params, verbose=False)
+    # verbose: no redirection of the process's stdout and stderr to /dev/null while it
+    # loads (llama.cpp's messages go to its log callback, appliance.llm.llama_log; what
+    # ggml prints itself when it aborts must reach the journal).
+    model: Any = LlamaModel(path_model=path, params=model_params, verbose=True)
     params = llama.llama_context_default_params()
     params.n_ctx = n_ctx
     params.n_batch = params.n_ubatch = n_batch  # one ubatch per decode: a failure is whole
@@ -185,7 +188,7 @@ def open_model(
     params.kv_unified = True
     params.n_threads = params.n_threads_batch = n_threads
     try:
-        context = LlamaContext(model=model, params=params, verbose=False)
+        context = LlamaContext(model=model, params=params, verbose=True)
     except BaseException:
         model.close()
         raise

@@ -1,13 +1,14 @@
 """The inference service: supervises the worker process and schedules generations on it.
 
-Up to APPLIANCE_PARALLEL generations run at once in the worker (continuous batching);
-more callers wait in a bounded FIFO queue (beyond it they get `QueueFull`, which the API
-turns into 429 with Retry-After). A change of model waits until the running generations
-end; so does recycling the worker. If the worker dies, every
-request in flight gets `WorkerCrashed` (503), the worker is started again with back-off,
-and the model it had loaded is loaded again. A model that crashes the worker while loading
-(a crash signal, or any death twice in a row: a SIGKILL alone may be the operator or the
-OOM killer) is marked failed in the registry and is not loaded again until it is verified.
+Up to APPLIANCE_PARALLEL generations run at once in the worker (continuous batching),
+shared fairly between API keys (appliance.llm.slots); more callers wait in a bounded queue
+(beyond it they get `QueueFull`, which the API turns into 429 with Retry-After). A change
+of model waits until the running generations end; so does recycling the worker. If the
+worker dies, every request in flight gets `WorkerCrashed` (503), the worker is started
+again with back-off, and the model it had loaded is loaded again. A model that crashes the
+worker while loading (a crash signal, or any death twice in a row: a SIGKILL alone may be
+the operator or the OOM killer) is marked failed in the registry and is not loaded again
+until it is verified.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from appliance.llm.protocol import (
     Token,
 )
 from appliance.llm.registry import ModelRegistry, RegistryError
+from appliance.llm.slots import FairSlots, share_per_key
 from appliance.llm.worker_link import Pending, WorkerLink
 from appliance.supervisor import Service
 
@@ -113,7 +115,9 @@ class InferenceService(Service):
         self.waiting = 0
         # Generations running in the worker now (at most APPLIANCE_PARALLEL).
         self.running = 0
-        self._slots = trio.Semaphore(settings.parallel)
+        self.slots = FairSlots(
+            settings.parallel, share_per_key(settings.parallel, settings.parallel_per_key)
+        )
         # Held while the loaded model changes; a change waits for `_idle`.
         self._switch = trio.Lock()
         self._idle = trio.Event()
@@ -313,11 +317,13 @@ class InferenceService(Service):
         top_p: float,
         stop: list[str] | None = None,
         seed: int | None = None,
+        owner: str = "",
     ) -> AsyncGenerator[Token | Done, None]:
         """Queue, then stream Token events and one final Done; raises InferenceError.
 
-        `deadline` is absolute (trio time). No cancel scope stays open across a yield, so
-        the caller may consume this generator from anywhere in its task.
+        `deadline` is absolute (trio time); `owner` (the API key's id) is whose share of the
+        slots the generation takes. No cancel scope stays open across a yield, so the
+        caller may consume this generator from anywhere in its task.
         """
         if self.waiting >= self.settings.max_queue:
             self.stats.rejected += 1
@@ -326,7 +332,7 @@ class InferenceService(Service):
                 f"{self.settings.max_queue}); retry in a few seconds"
             )
         queued_at = time.monotonic()
-        await self._admit(model, deadline)
+        await self._admit(model, deadline, owner)
         link: WorkerLink | None = None
         request_id = 0
         sent = finished = False
@@ -379,16 +385,17 @@ class InferenceService(Service):
                 if sent and not finished:
                     await _cancel(link, request_id, pending)
                 link.forget(request_id)
-            self._finish_running()
+            self._finish_running(owner)
 
-    async def _admit(self, model: str, deadline: float) -> None:
-        """Wait for a slot (APPLIANCE_PARALLEL), the worker and `model`, within `deadline`."""
+    async def _admit(self, model: str, deadline: float, owner: str) -> None:
+        """Wait for a slot (the owner's share of APPLIANCE_PARALLEL), the worker and `model`,
+        within `deadline`."""
         self.waiting += 1
         stage = "waited in the queue"
         acquired = False
         try:
             with trio.move_on_at(deadline) as waiting:
-                await self._slots.acquire()
+                await self.slots.acquire(owner)
                 acquired = True
                 # A recycle in progress (or due: this worker took all the requests it may):
                 # start on the fresh worker.
@@ -402,13 +409,13 @@ class InferenceService(Service):
                     await self._switch_to(model)
         except BaseException:
             if acquired:
-                self._slots.release()
+                self.slots.release(owner)
             raise
         finally:
             self.waiting -= 1
         if waiting.cancelled_caught:
             if acquired:
-                self._slots.release()
+                self.slots.release(owner)
             raise DeadlineExceeded(f"the request {stage} past its deadline")
 
     async def _switch_to(self, model: str) -> None:
@@ -422,7 +429,7 @@ class InferenceService(Service):
             await self._idle.wait()
             await self._load(model)
 
-    def _finish_running(self) -> None:
+    def _finish_running(self, owner: str) -> None:
         self.running -= 1
         if self._worker_ready.is_set() and self._grew_too_big():
             self._close_gate()
@@ -430,7 +437,7 @@ class InferenceService(Service):
             self._idle.set()
             if not self._worker_ready.is_set():
                 self._recycle.set()
-        self._slots.release()
+        self.slots.release(owner)
 
     def _close_gate(self) -> None:
         """New generations wait for a fresh worker; this one goes once the running end."""

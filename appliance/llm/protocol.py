@@ -75,6 +75,8 @@ class Done(msgspec.Struct, frozen=True, tag="done"):
     completion_tokens: int
     # Prompt tokens taken from a slot's cache (an earlier turn) rather than evaluated.
     cached_tokens: int = 0
+    # Turns of the conversation left out of the prompt to fit the context.
+    left_out: int = 0
 
 
 class Error(msgspec.Struct, frozen=True, tag="error"):

@@ -28,6 +28,8 @@ from appliance.llm.batching import (
     TokenText,
     open_model,
 )
+from appliance.llm.fitting import DoesNotFit, fit_conversation
+from appliance.llm.llama_log import LlamaLog
 from appliance.llm.protocol import (
     Cancel,
     ChatMessage,
@@ -51,6 +53,7 @@ LOGGER = logging.getLogger("appliance.worker")
 N_BATCH: Final = 512
 # Format used when a model carries no chat template of its own.
 FALLBACK_STOP: Final = ["\n### User:", "\n### System:"]
+LOG_FORMAT: Final = "%(levelname)s:%(name)s:%(message)s"
 
 
 def fallback_prompt(messages: list[ChatMessage]) -> str:
@@ -95,6 +98,8 @@ class Worker:
         self._name = ""
         # Request ids only grow: a cancel for an id up to this one needs no Generate.
         self._last_started = 0
+        # Turns of a running conversation left out of its prompt, told in its Done.
+        self._left_out: dict[int, int] = {}
 
     def read_forever(self) -> None:
         """Reader thread: cancels take effect at once, everything else is queued."""
@@ -163,6 +168,7 @@ class Worker:
             LOGGER.error("llama.cpp failed: %s; ending the running generations", exc)
             for request_id in batcher.running_ids():
                 batcher.cancel(request_id)
+                self._left_out.pop(request_id, None)
                 self.connection.send(
                     Error(request_id, "generation_failed", f"llama.cpp failed: {exc}")
                 )
@@ -181,9 +187,11 @@ class Worker:
                     event.prompt_tokens,
                     event.completion_tokens,
                     event.cached_tokens,
+                    left_out=self._left_out.pop(event.request_id, 0),
                 )
             )
         else:
+            self._left_out.pop(event.request_id, None)
             self.connection.send(Error(event.request_id, event.code, event.message))
 
     def load(self, request: Load) -> Loaded | Error:
@@ -243,19 +251,33 @@ class Worker:
     def _tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
         return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
 
-    def _prompt_tokens(self, request: Generate) -> tuple[list[int], list[str]]:
-        if request.messages is None:
-            return self._tokenize(request.prompt or "", add_bos=True, special=False), []
+    def _render(self, messages: list[ChatMessage]) -> tuple[list[int], list[str]]:
+        """A conversation's prompt tokens (its chat template, else the fallback format) and
+        the stop strings that go with the format."""
         if self._formatter is not None:
             rendered = self._formatter(
-                messages=[{"role": m.role, "content": m.content} for m in request.messages]
+                messages=[{"role": m.role, "content": m.content} for m in messages]
             )
             tokens = self._tokenize(
                 rendered.prompt, add_bos=not rendered.added_special, special=True
             )
             return tokens, list(rendered.stop or [])
-        prompt = fallback_prompt(request.messages)
+        prompt = fallback_prompt(messages)
         return self._tokenize(prompt, add_bos=True, special=False), FALLBACK_STOP
+
+    def _prompt_tokens(self, request: Generate, n_ctx: int) -> tuple[list[int], list[str], int]:
+        """The prompt's tokens, its stop strings and the turns left out of it to fit the
+        context (appliance.llm.fitting); DoesNotFit when nothing can."""
+        if request.messages is None:
+            return self._tokenize(request.prompt or "", add_bos=True, special=False), [], 0
+        stops: list[str] = []
+
+        def render(messages: list[ChatMessage]) -> list[int]:
+            tokens, stops[:] = self._render(messages)
+            return tokens
+
+        tokens, left_out = fit_conversation(request.messages, render, n_ctx, request.max_tokens)
+        return tokens, stops, left_out
 
     def start(self, request: Generate) -> None:
         send = self.connection.send
@@ -268,14 +290,24 @@ class Worker:
             self.cancelled.discard(request.id)
             send(Done(request.id, "cancelled", 0, 0))
             return
+        n_ctx = batcher.n_ctx
         try:
-            tokens, template_stop = self._prompt_tokens(request)
+            tokens, template_stop, left_out = self._prompt_tokens(request, n_ctx)
+        except DoesNotFit as exc:
+            send(
+                Error(
+                    request.id,
+                    "context_length_exceeded",
+                    f"the last message is {exc.tokens} tokens with the system prompt and the "
+                    f"chat template; this model's context holds {n_ctx}. Shorten the message",
+                )
+            )
+            return
         except Exception as exc:
             # Jinja's sandbox raises SecurityError and other TemplateErrors; a model's
             # template is data from the file, so any failure is the template's.
             send(Error(request.id, "template_error", f"the model's chat template failed: {exc}"))
             return
-        n_ctx = batcher.n_ctx
         if len(tokens) + 1 > n_ctx:
             send(
                 Error(
@@ -297,11 +329,19 @@ class Worker:
             batcher.start(request.id, tokens, sampling)
         except BatchFull as exc:
             send(Error(request.id, "busy", f"the worker is full ({exc}); retry"))
+            return
+        if left_out:
+            self._left_out[request.id] = left_out
 
 
 def run_worker(fd: int) -> int:
     """Entry point of the worker process; returns when the supervisor closes the socket."""
-    logging.basicConfig(level=os.environ.get("APPLIANCE_LOG_LEVEL", "INFO"), stream=sys.stderr)
+    # `LEVEL:logger:message` lines: the supervisor logs each at the level it names.
+    logging.basicConfig(
+        level=os.environ.get("APPLIANCE_LOG_LEVEL", "INFO"), stream=sys.stderr, format=LOG_FORMAT
+    )
+    llama_log = LlamaLog()
+    llama_log.install()
     sock = socket.socket(fileno=fd)
     worker = Worker(Connection(sock))
     threading.Thread(target=worker.read_forever, name="frames", daemon=True).start()

@@ -1,0 +1,68 @@
+"""llama.cpp's own log lines as records of the `appliance.llama` logger, at their level.
+
+llama.cpp describes every model load at length (for a Gemma model about 740 lines:
+metadata, tensors, buffers, graph reservations). llama-cpp-python's own callback prints
+all of it to stderr, which the supervisor forwards to the journal line by line. Here its
+INFO and DEBUG lines become DEBUG records (seen with APPLIANCE_LOG_LEVEL=DEBUG); its
+warnings and errors stay warnings and errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+from typing import Any, Final
+
+import llama_cpp
+
+LOGGER = logging.getLogger("appliance.llama")
+
+# ggml_log_level as the llama.cpp inside llama-cpp-python 0.3.36 numbers it.
+GGML_DEBUG: Final = 1
+GGML_INFO: Final = 2
+GGML_WARN: Final = 3
+GGML_ERROR: Final = 4
+GGML_CONT: Final = 5  # the rest of the previous message
+_LEVELS: Final = {
+    GGML_DEBUG: logging.DEBUG,
+    GGML_INFO: logging.DEBUG,
+    GGML_WARN: logging.WARNING,
+    GGML_ERROR: logging.ERROR,
+}
+
+
+class LlamaLog:
+    """Receives llama.cpp's messages (in pieces: a message may end without a newline and
+    go on in CONT pieces) and logs them one line at a time."""
+
+    def __init__(self, logger: logging.Logger = LOGGER) -> None:
+        self._logger = logger
+        self._level = logging.DEBUG
+        self._pending = ""
+        # Kept referenced for as long as llama.cpp may call it.
+        self._callback: Any = llama_cpp.llama_log_callback(self._from_llama)
+
+    def install(self) -> None:
+        """Route llama.cpp's (and ggml's) logging here, for the whole process."""
+        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def receive(self, level: int, text: str) -> None:
+        if level != GGML_CONT:
+            self.flush()
+            self._level = _LEVELS.get(level, logging.ERROR)
+        if not self._logger.isEnabledFor(self._level):
+            return  # the usual case for load chatter: not even decoded into lines
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            if line.strip():
+                self._logger.log(self._level, "%s", line.rstrip())
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, ""
+        if pending.strip():
+            self._logger.log(self._level, "%s", pending.rstrip())
+
+    def _from_llama(self, level: int, text: bytes | None, user_data: Any) -> None:
+        with contextlib.suppress(Exception):  # an exception must not cross into C
+            self.receive(level, (text or b"").decode("utf-8", "replace"))
