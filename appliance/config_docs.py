@@ -1,7 +1,7 @@
 """What an operator reads about each setting: its form and meaning, by variable name.
 
 Errors for invalid values quote the form; the names are the settings that exist (unknown
-APPLIANCE_* names are refused), and a test checks that README's table lists every one.
+APPLIANCE_* names are refused), and a test checks that docs/configuration.md's table lists every one.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Final
 
 @dataclass(frozen=True)
 class SettingDoc:
-    """What an operator reads about one setting (README table, error messages)."""
+    """What an operator reads about one setting (the settings table, error messages)."""
 
     form: str
     meaning: str

@@ -8,7 +8,7 @@ stops, a good and a broken update, `systemd-analyze security`, remove and purge.
 
 Each step prints one PASS or FAIL line with its evidence; the first failure prints the
 unit's journal and ends the run with exit status 1. The container is powered off and its
-root deleted on every exit. The commands of README.md's "Install on a box" section are
+root deleted on every exit. The commands of docs/operations.md's "Install on a box" section are
 run verbatim (`sh -c LINE` in the folder with the .deb and the model), and the run fails if
 one of them was not run, so that section stays what the test does.
 
@@ -52,8 +52,8 @@ from e2e.container import (  # noqa: E402  (the repository root goes on sys.path
 VERSION: Final = installed_version("appliance")
 DEB_NAME: Final = f"appliance_{VERSION}_amd64.deb"
 DIST: Final = REPO / "dist"
-README: Final = REPO / "README.md"
-README_SECTION: Final = "## Install on a box"
+GUIDE: Final = REPO / "docs" / "operations.md"
+GUIDE_SECTION: Final = "## Install on a box"
 CLIENT: Final = HERE / "client.py"
 # The client runs with this very Python (the project venv's, which has the openai client).
 PYTHON: Final = Path(sys.executable)
@@ -78,16 +78,16 @@ def check(condition: bool, message: str) -> None:
         raise Failure(message)
 
 
-# -- README ---------------------------------------------------------------------------------
+# -- the install guide -------------------------------------------------------------------
 
 
 class ReadmeCommands:
-    """The command lines of README.md's "Install on a box" section, to be run verbatim."""
+    """The command lines of docs/operations.md's "Install on a box" section, run verbatim."""
 
     def __init__(self, text: str) -> None:
-        section = text.split(f"\n{README_SECTION}\n", 1)
+        section = text.split(f"\n{GUIDE_SECTION}\n", 1)
         if len(section) != 2:
-            raise Failure(f"README.md has no {README_SECTION!r} section")
+            raise Failure(f"docs/operations.md has no {GUIDE_SECTION!r} section")
         body = re.split(r"\n## ", section[1], maxsplit=1)[0]
         blocks = re.findall(r"```sh\n(.*?)```", body, flags=re.DOTALL)
         self.lines: list[str] = [
@@ -102,7 +102,9 @@ class ReadmeCommands:
         """The one line that starts with `prefix`; it counts as run."""
         found = [line for line in self.lines if line.startswith(prefix)]
         if len(found) != 1:
-            raise Failure(f"README {README_SECTION!r} should have one `{prefix} ...` line: {found}")
+            raise Failure(
+                f"docs/operations.md {GUIDE_SECTION!r} should have one `{prefix} ...` line: {found}"
+            )
         self.used.add(found[0])
         return found[0]
 
@@ -629,9 +631,12 @@ def run_steps(box: Box) -> bool:
         print(f"PASS {number} {name} ({time.monotonic() - started:.1f} s): {evidence}", flush=True)
     unused = box.readme.unused()
     if unused:
-        print(f"FAIL README {README_SECTION!r}: lines the test did not run: {unused}")
+        print(f"FAIL docs/operations.md {GUIDE_SECTION!r}: lines the test did not run: {unused}")
         return False
-    print(f"PASS README {README_SECTION!r}: all {len(box.readme.lines)} command lines were run")
+    print(
+        f"PASS docs/operations.md {GUIDE_SECTION!r}: "
+        f"all {len(box.readme.lines)} command lines were run"
+    )
     return True
 
 
@@ -666,7 +671,7 @@ def main() -> int:
     # SIGTERM (a CI timeout) unwinds like Ctrl-C, so the container is always cleaned up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
-    readme = ReadmeCommands(README.read_text())
+    readme = ReadmeCommands(GUIDE.read_text())
     try:
         with booted(keep=os.environ.get("APPLIANCE_E2E_KEEP") == "1") as container:
             print(f"container booted ({container.root})", flush=True)

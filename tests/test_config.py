@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -205,9 +206,11 @@ def test_external_service_switches_are_honest(tmp_path: Path, switch: str) -> No
     assert not state.exists()
 
 
-def test_readme_documents_every_setting() -> None:
+def test_the_configuration_page_documents_every_setting_and_no_other() -> None:
     from appliance.config import DOCS
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    missing = [name for name in DOCS if f"| `{name}` |" not in readme]
-    assert missing == []
+    page = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    rows = re.findall(r"^\| `([A-Z0-9_]+)` \|", page, re.MULTILINE)
+    assert [name for name in DOCS if name not in rows] == [], "settings missing from the table"
+    assert [name for name in rows if name not in DOCS] == [], "rows for settings that do not exist"
+    assert len(rows) == len(set(rows)), "a setting listed twice"

@@ -86,7 +86,7 @@ def error_response(
 
 
 _MESSAGES = {
-    404: "no such endpoint; see the API list in the README",
+    404: "no such endpoint; see the API list in docs/api.md",
     405: "this endpoint does not accept that method",
 }
 

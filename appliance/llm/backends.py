@@ -71,7 +71,7 @@ def backend_report(settings: Settings, built: list[str] | None = None) -> dict[s
         detail = f"built with {', '.join(gpus)}, but no such device is present: CPU only"
     else:
         in_use = "cpu"
-        detail = "this llama.cpp build has no GPU backend (see README: building with CUDA)"
+        detail = "this llama.cpp build has no GPU backend (see docs/operations.md: GPU and NPU)"
     npus = [name for name in built if name in NPU_BACKENDS]
     npu_usable = [name for name in npus if _device_present(NPU_BACKENDS[name][1])]
     if npu_usable:

@@ -22,7 +22,7 @@ _UNIT_TEMPLATE: Final = """\
 # appliance: a private AI assistant (HTTP API, embedded Redis, llama.cpp worker).
 # Written by `appliance install` to /etc/systemd/system/appliance.service.
 # Settings belong in /etc/appliance/appliance.env. Change this unit only with a drop-in
-# (`systemctl edit appliance`; the README's systemd section has examples), so that an
+# (`systemctl edit appliance`; docs/operations.md's systemd section has examples), so that an
 # upgrade does not overwrite your change.
 #
 # `systemd-analyze security appliance.service` rates this unit 0.9 (SAFE). Each setting
