@@ -1,7 +1,8 @@
 """What an operator reads about each setting: its form and meaning, by variable name.
 
 Errors for invalid values quote the form; the names are the settings that exist (unknown
-APPLIANCE_* names are refused), and a test checks that docs/configuration.md's table lists every one.
+APPLIANCE_* names are refused), and a test checks that docs/configuration.md's table lists
+every one.
 """
 
 from __future__ import annotations
