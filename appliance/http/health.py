@@ -21,6 +21,7 @@ from appliance.http.openapi_doc import (
     errors,
     plain_text,
 )
+from appliance.llm.memory import mb
 from appliance.llm.registry import RegistryError
 from appliance.metrics import count_models, system_metrics, to_prometheus, uptime_since
 from appliance.privacy.rotation import key_usage, old_key_count
@@ -87,7 +88,30 @@ class TimeToFirstToken(msgspec.Struct):
     p99: float | None
 
 
+class ResidentModel(msgspec.Struct):
+    """A model loaded in a worker of its own."""
+
+    name: str
+    state: Literal["starting", "running", "backoff", "failed", "stopped"]
+    pid: int | None
+    # What it counts against APPLIANCE_MODEL_MEMORY: the larger of the two.
+    estimated_bytes: int
+    rss_bytes: int
+    context: int
+    slots: int
+    running: int
+    waiting: int
+    idle_seconds: float
+    keep_alive: str
+    # Until an idle model is unloaded; null while it is busy or kept for ever.
+    expires_in_seconds: float | None
+    # Times it was loaded into a fresh worker process (a crash or recycle loads it again).
+    loads: int
+    restarts: int
+
+
 class LlmMetrics(msgspec.Struct):
+    # The most recently used resident model.
     loaded_model: str | None
     busy: bool
     running: int
@@ -104,6 +128,12 @@ class LlmMetrics(msgspec.Struct):
     time_to_first_token_seconds: TimeToFirstToken
     # llama.cpp backends built in and in use.
     backend: dict[str, Any]
+    resident: list[ResidentModel]
+    memory_budget_bytes: int
+    memory_used_bytes: int
+    # Models loaded and unloaded since start (keep-alive, room for another, requests).
+    model_loads: int
+    model_unloads: int
 
 
 class PrivacyMetrics(msgspec.Struct):
@@ -227,12 +257,38 @@ async def _models_check(state: Runtime) -> Finding:
             ),
             "no usable model is installed",
         )
-    loaded = state.engine.loaded_model
-    if loaded is not None:
-        return Finding(Check("models", "ok", f"{loaded} loaded"), "a model is loaded")
-    if state.settings.preload:
+    engine = state.engine
+    failures = engine.preload_failures
+    if failures:
+        name, reason = next(iter(failures.items()))
         return Finding(
-            Check("models", "fail", f"{default} is not loaded yet"), "the model is still loading"
+            Check("models", "fail", f"{name} (APPLIANCE_PRELOAD) did not load: {reason}"),
+            "a model could not be loaded",
+        )
+    restarting = [
+        worker.name
+        for worker in engine.workers.values()
+        if worker.name in engine.preloaded and not worker.ready
+    ]
+    if restarting:
+        return Finding(
+            Check("models", "fail", f"{', '.join(restarting)} not loaded yet"),
+            "a model is still loading",
+        )
+    resident = [
+        f"{worker.name} ({mb(worker.needs())} MB)"
+        for worker in engine.workers.values()
+        if worker.ready
+    ]
+    if resident:
+        return Finding(
+            Check(
+                "models",
+                "ok",
+                f"resident: {', '.join(resident)} of a {mb(engine.budget)} MB budget; "
+                f"default {default}",
+            ),
+            "a model is loaded",
         )
     return Finding(
         Check("models", "ok", f"{default} loads on first use"), "a model loads on first use"
@@ -368,6 +424,14 @@ def llm_metrics(state: Runtime) -> LlmMetrics:
             p99=round(recent[min(len(recent) - 1, int(len(recent) * 0.99))], 4) if recent else None,
         ),
         backend=state.backend,
+        resident=[
+            msgspec.convert(engine.describe(worker), ResidentModel)
+            for worker in list(engine.workers.values())
+        ],
+        memory_budget_bytes=engine.budget,
+        memory_used_bytes=engine.used_memory(),
+        model_loads=engine.loads,
+        model_unloads=engine.unloads,
     )
 
 
