@@ -428,11 +428,15 @@ def _status_table(report: dict[str, Any], bind: str) -> str:
         f"appliance {report['version']} on {bind}: "
         f"{'ready' if report['ready'] else 'NOT READY'}, up {_age(report['uptime_seconds'])}",
         "",
-        f"{'SERVICE':<10} {'STATE':<10} {'HEALTHY':<8} {'PID':>8} {'RESTARTS':>8}  LAST ERROR",
     ]
+    # One worker per resident model: `worker:<model>` may be long.
+    width = max([10, *(len(service["name"]) for service in report["services"])])
+    lines.append(
+        f"{'SERVICE':<{width}} {'STATE':<10} {'HEALTHY':<8} {'PID':>8} {'RESTARTS':>8}  LAST ERROR"
+    )
     for service in report["services"]:
         lines.append(
-            f"{service['name']:<10} {service['state']:<10} "
+            f"{service['name']:<{width}} {service['state']:<10} "
             f"{'yes' if service['healthy'] else 'NO':<8} {service['pid'] or '-':>8} "
             f"{service['restarts']:>8}  {service['last_error'] or '-'}"
         )

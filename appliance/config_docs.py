@@ -78,8 +78,7 @@ DOCS: Final[dict[str, SettingDoc]] = {
     ),
     "APPLIANCE_PRELOAD": SettingDoc(
         "true | false | comma-separated model names",
-        "models loaded before READY (true: the default model); they stay resident until "
-        "unloaded",
+        "models loaded before READY (true: the default model); they stay resident until unloaded",
     ),
     "APPLIANCE_CONTEXT_SIZE": SettingDoc(
         "tokens, 128 or more", "context window (capped at the model's own)"

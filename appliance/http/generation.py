@@ -21,7 +21,6 @@ from appliance.http.remote_generation import REMOTE_PREFIX, open_remote_stream, 
 from appliance.http.stream_body import StreamBody
 from appliance.llm.engine import RETRY_AFTER_SECONDS
 from appliance.llm.errors import DeadlineExceeded, InferenceError, QueueFull, WorkerCrashed
-from appliance.llm.keep_alive import FORM as KEEP_ALIVE_FORM
 from appliance.llm.keep_alive import InvalidKeepAlive, parse_keep_alive
 from appliance.llm.protocol import ChatMessage, Done, Token
 from appliance.llm.registry import InvalidModelName, ModelUnavailable, RegistryError, UnknownModel

@@ -15,6 +15,7 @@ from quart import Blueprint, Response, g, request
 from appliance import __version__
 from appliance.http.app import Runtime, runtime
 from appliance.http.errors import ApiError
+from appliance.http.models import ResidentModel
 from appliance.http.openapi_doc import (
     document_querystring,
     document_response,
@@ -86,28 +87,6 @@ class TimeToFirstToken(msgspec.Struct):
     last: float
     p50: float | None
     p99: float | None
-
-
-class ResidentModel(msgspec.Struct):
-    """A model loaded in a worker of its own."""
-
-    name: str
-    state: Literal["starting", "running", "backoff", "failed", "stopped"]
-    pid: int | None
-    # What it counts against APPLIANCE_MODEL_MEMORY: the larger of the two.
-    estimated_bytes: int
-    rss_bytes: int
-    context: int
-    slots: int
-    running: int
-    waiting: int
-    idle_seconds: float
-    keep_alive: str
-    # Until an idle model is unloaded; null while it is busy or kept for ever.
-    expires_in_seconds: float | None
-    # Times it was loaded into a fresh worker process (a crash or recycle loads it again).
-    loads: int
-    restarts: int
 
 
 class LlmMetrics(msgspec.Struct):

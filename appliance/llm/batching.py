@@ -217,10 +217,20 @@ def open_model(
 
 class Batcher:
     """The sequences of one loaded model, from `open_model` (or a LlamaModel and a
-    LlamaContext made with n_seq_max >= `parallel` + 1 and a unified KV cache)."""
+    LlamaContext made with n_seq_max >= `parallel` + 1 and a unified KV cache). A sequence
+    ends at an end-of-generation token or at one of `end_tokens` (the chat template's turn
+    markers)."""
 
-    def __init__(self, model: Any, context: Any, parallel: int, n_batch: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        context: Any,
+        parallel: int,
+        n_batch: int,
+        end_tokens: frozenset[int] = frozenset(),
+    ) -> None:
         self._vocab = model.vocab
+        self._end_tokens = end_tokens
         self._ctx = context.ctx
         self._memory = llama.llama_get_memory(context.ctx)
         self.n_ctx: int = llama.llama_n_ctx(context.ctx)
@@ -363,11 +373,9 @@ class Batcher:
 
     def _sample(self, slot: _Slot, running: _Running) -> list[Event]:
         token = llama.llama_sampler_sample(running.chain, self._ctx, running.logits_at)
-        # A control token (`<|im_start|>`, `<start_of_turn>`...) is a turn marker, never
+        # A turn marker of the chat template (`<|im_start|>`, `<start_of_turn>`...) is never
         # part of an answer: the answer ends there, as at the end-of-turn token.
-        if llama.llama_vocab_is_eog(self._vocab, token) or llama.llama_vocab_is_control(
-            self._vocab, token
-        ):
+        if llama.llama_vocab_is_eog(self._vocab, token) or token in self._end_tokens:
             return self._ending(slot, "stop")
         running.generated += 1
         events: list[Event] = []

@@ -66,17 +66,17 @@ def fallback_prompt(messages: list[ChatMessage]) -> str:
     return "".join(parts) + f"{FALLBACK_MARKER} Assistant:\n"
 
 
-def template_markers(model: Any, template: str) -> list[str]:
-    """The texts of the control tokens the template writes (its turn markers): stop strings
-    for a model that spells one out of ordinary tokens. (A control token itself ends the
-    answer in the batcher.)"""
+def template_markers(model: Any, template: str) -> dict[str, int]:
+    """The control tokens the template writes (its turn markers), by text: the batcher ends
+    an answer at one of them, and their texts are stop strings for a model that spells one
+    out of ordinary tokens."""
     import llama_cpp as llama
 
-    markers = []
+    markers = {}
     for text in sorted(set(_MARKER_TEXT.findall(template))):
         tokens = list(model.tokenize(text.encode("utf-8"), add_bos=False, special=True))
         if len(tokens) == 1 and llama.llama_vocab_is_control(model.vocab, tokens[0]):
-            markers.append(text)
+            markers[text] = tokens[0]
     return markers
 
 
@@ -236,7 +236,8 @@ class Worker:
             return Error(request.id, "model_load_failed", f"llama.cpp could not load it: {reason}")
         template = model.metadata().get("tokenizer.chat_template")
         self._formatter = None
-        self._markers = template_markers(model, template) if template else []
+        markers = template_markers(model, template) if template else {}
+        self._markers = list(markers)
         if template:
             eos = model.token_eos()
             bos = model.token_bos()
@@ -248,7 +249,11 @@ class Worker:
             )
         self._model, self._context = model, context
         self._batcher = Batcher(
-            model, context, parallel=max(1, request.parallel), n_batch=min(N_BATCH, request.n_ctx)
+            model,
+            context,
+            parallel=max(1, request.parallel),
+            n_batch=min(N_BATCH, request.n_ctx),
+            end_tokens=frozenset(markers.values()),
         )
         self._name = request.model
         return Loaded(
