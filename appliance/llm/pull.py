@@ -275,7 +275,12 @@ class Puller:
         part = _Part(models_dir, model, url)
         part.open()
         try:
-            self._download(part)
+            try:
+                self._download(part)
+            except BaseException:
+                if part.size() == 0:
+                    part.delete()  # nothing to resume from
+                raise
             os.fsync(part.fd)
             actual = self._digest.hexdigest()
             if expected is not None and actual != expected:
@@ -346,7 +351,7 @@ class Puller:
             part.remember(response.headers.get("etag") or response.headers.get("last-modified"))
             self._report(done, total)
             magic = len(GGUF_MAGIC)
-            for chunk in response.iter_raw(CHUNK_BYTES):
+            for chunk in response.iter_raw():
                 if done < magic and not GGUF_MAGIC[done:].startswith(chunk[: magic - done]):
                     part.delete()
                     raise PullRefused(f"cannot pull {shown_url(part.url)}: {NOT_GGUF}")
