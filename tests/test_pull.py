@@ -242,10 +242,9 @@ def test_the_cli_pulls_and_says_what_it_did(server: FileServer, model_file: Path
 
 
 async def test_the_daemon_pulls_in_the_background_with_progress(model_file: Path) -> None:
+    size = len(await trio.Path(model_file).read_bytes())
     with file_server() as files, trio.fail_after(90):
-        url = files.serve(
-            "/m/pulled.gguf", model_file, cut_at=model_file.stat().st_size // 2, cuts=1
-        )
+        url = files.serve("/m/pulled.gguf", model_file, cut_at=size // 2, cuts=1)
         async with running_daemon() as daemon, daemon.client() as client:
             started = await client.post(
                 "/api/v1/models/pull", json={"url": url, "sha256": sha256_of(model_file)}
@@ -257,7 +256,7 @@ async def test_the_daemon_pulls_in_the_background_with_progress(model_file: Path
                 await trio.sleep(0.05)
                 job = (await client.get(f"/api/v1/models/pulls/{job['id']}")).json()
             assert job["state"] == "done", job
-            assert job["done_bytes"] == job["total_bytes"] == model_file.stat().st_size
+            assert job["done_bytes"] == job["total_bytes"] == size
             assert job["sha256"] == sha256_of(model_file)
             listing = (await client.get("/api/v1/models/pulls")).json()["pulls"]
             assert [p["id"] for p in listing] == [job["id"]]

@@ -18,6 +18,7 @@ that worker alone is started again (appliance.llm.model_worker).
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import time
@@ -76,6 +77,9 @@ class InferenceService(Service):
         self._decide = trio.Lock()
         self._change = trio.Event()
         self._defaults: dict[str, tuple[float, ModelDefaults]] = {}
+        # The context workers start in: the daemon's, not that of the request that asked
+        # for the model (its id would be on every line the worker logs from then on).
+        self._context = contextvars.copy_context()
 
     # -- service ---------------------------------------------------------------------
 
@@ -102,6 +106,7 @@ class InferenceService(Service):
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._context = contextvars.copy_context()
                 nursery.start_soon(self._expire_idle)
                 await self._preload()
                 task_status.started()
@@ -212,7 +217,7 @@ class InferenceService(Service):
                 self.workers[model] = worker
                 worker.users += 1
                 self.loads += 1
-                self._nursery.start_soon(self._keep, worker)
+                self._context.copy().run(self._nursery.start_soon, self._keep, worker)
                 return worker
 
     def _release(self, worker: ModelWorker, keep_alive: float | None) -> None:
