@@ -99,16 +99,14 @@ async def test_defaults_are_set_listed_and_applied_unless_the_request_says_other
             assert patched.json()["defaults"] == {"temperature": 0.0, "top_k": 10, "stop": ["\n\n"]}
             models = (await client.get("/api/v1/models")).json()["models"]
             assert models[0]["defaults"] == patched.json()["defaults"]
-            for wrong, param in (
+            for wrong, named in (
                 ({"temperature": 5}, "temperature"),
-                ({"temprature": 0.1}, None),
+                ({"temprature": 0.1}, "temprature"),
                 ({"stop": []}, "stop"),
             ):
                 refused = await client.patch("/api/v1/models/tiny/defaults", json=wrong)
                 assert refused.status_code == 422, refused.text
-                if param is not None:
-                    assert refused.json()["error"]["param"] == param
-            assert "temprature" in refused.json()["error"]["message"]
+                assert named in refused.json()["error"]["message"]
             missing = await client.patch("/api/v1/models/nope/defaults", json={"top_k": 1})
             assert missing.status_code == 404
             typo = await trio.to_thread.run_sync(_cli, daemon.env, "set", "tiny", "temprature=1")
