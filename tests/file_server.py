@@ -193,3 +193,25 @@ def hostile_gguf(path: Path) -> Path:
     )
     os.utime(path)
     return path
+
+
+def main(argv: list[str]) -> int:
+    """`python tests/file_server.py FILE`: serve FILE at /FILE-NAME on a free loopback port,
+    print its URL, and serve until killed (the pull benchmark's server, in a process of its
+    own)."""
+    import signal
+    import sys
+    import time
+
+    path = Path(argv[0]).resolve()
+    with file_server() as server:
+        print(server.serve(f"/{path.name}", path), flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        while True:
+            time.sleep(3600)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
