@@ -102,7 +102,7 @@ def _pull(settings: Settings, registry: ModelRegistry, args: argparse.Namespace)
         registry,
         allowed_hosts=settings.pull_allowed_hosts,
         max_bytes=settings.pull_max_size,
-        progress=ProgressBar(f"pulling {args.name or args.url.rsplit('/', 1)[-1]}"),
+        progress=ProgressBar(f"pulling {args.name}" if args.name else "pulling"),
     )
     record = puller.pull(args.url, name=args.name, sha256=args.sha256)
     resumed = f", resumed at {puller.resumed_from // MB} MB" if puller.resumed_from else ""
