@@ -120,10 +120,10 @@ def _ask_daemon(settings: Settings, args: argparse.Namespace) -> int:
         parse_keep_alive(keep_alive)  # a typo is said here, not by the daemon
     try:
         token = trio.run(operator_key, settings)
-    except Exception as exc:
+    except Exception:
         raise DaemonError(
-            f"the daemon's store is not reachable ({type(exc).__name__}); is it running? "
-            "(systemctl status appliance)"
+            "the daemon is not running (its store does not answer); load, unload and ps ask "
+            "the running daemon: start it (systemctl start appliance)"
         ) from None
     base = f"{api_base(settings)}/api/v1/models"
     headers = {"Authorization": f"Bearer {token}"}
