@@ -20,6 +20,7 @@ from appliance import __version__
 from appliance.auth.arguments import add_api_key_parsers
 from appliance.config import ConfigError, Settings, load_settings, masked, startup_problems
 from appliance.envfile import DEFAULT_ENV_FILE, generate_env_file_text, write_new_env_file
+from appliance.model_arguments import add_model_parsers
 from appliance.ops.install import add_install_parser, run_install
 from appliance.ops.logs import add_logs_parser
 from appliance.ops.owner import handing_back
@@ -53,17 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", help="run the daemon (what systemd starts)")
     worker = commands.add_parser("worker", help="(internal) the inference worker process")
     worker.add_argument("--fd", type=int, required=True, help="socket inherited from serve")
-    models = commands.add_parser("models", help="list, import, verify and remove models")
-    model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    model_list = model_commands.add_parser("list", help="installed models and their state")
-    model_list.add_argument("--json", action="store_true", help="print JSON for scripts")
-    model_import = model_commands.add_parser("import", help="copy a GGUF file in, checked")
-    model_import.add_argument("path", type=Path, help="the .gguf file")
-    model_import.add_argument("--name", help="model name (default: the file name)")
-    model_verify = model_commands.add_parser("verify", help="re-check headers and checksums")
-    model_verify.add_argument("name", nargs="?", help="one model (default: all)")
-    model_remove = model_commands.add_parser("remove", help="delete a model")
-    model_remove.add_argument("name", help="the model to remove")
+    add_model_parsers(commands)
     keys = commands.add_parser("keys", help="API keys, and the encryption keys of stored data")
     key_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     key_status = key_commands.add_parser("status", help="conversations per key id")
@@ -428,11 +419,15 @@ def _status_table(report: dict[str, Any], bind: str) -> str:
         f"appliance {report['version']} on {bind}: "
         f"{'ready' if report['ready'] else 'NOT READY'}, up {_age(report['uptime_seconds'])}",
         "",
-        f"{'SERVICE':<10} {'STATE':<10} {'HEALTHY':<8} {'PID':>8} {'RESTARTS':>8}  LAST ERROR",
     ]
+    # One worker per resident model: `worker:<model>` may be long.
+    width = max([10, *(len(service["name"]) for service in report["services"])])
+    lines.append(
+        f"{'SERVICE':<{width}} {'STATE':<10} {'HEALTHY':<8} {'PID':>8} {'RESTARTS':>8}  LAST ERROR"
+    )
     for service in report["services"]:
         lines.append(
-            f"{service['name']:<10} {service['state']:<10} "
+            f"{service['name']:<{width}} {service['state']:<10} "
             f"{'yes' if service['healthy'] else 'NO':<8} {service['pid'] or '-':>8} "
             f"{service['restarts']:>8}  {service['last_error'] or '-'}"
         )

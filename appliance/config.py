@@ -20,6 +20,7 @@ import msgspec
 
 from appliance.config_docs import DOCS
 from appliance.envfile import DEFAULT_ENV_FILE, EnvFileError, parse_env_file
+from appliance.llm.keep_alive import InvalidKeepAlive, parse_keep_alive
 from appliance.llm.remote_config import RemoteConfig, RemoteConfigError, plaintext_problem
 from appliance.tls_files import tls_problems
 
@@ -49,6 +50,9 @@ _BIND = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(?P<port>[0-9
 _MEMORY = re.compile(r"^[0-9]{1,15}(b|kb|mb|gb)?$", re.IGNORECASE)
 _DURATION = re.compile(r"^(?P<amount>[0-9]{1,12})(?P<unit>s|m|h|d)?$")
 _DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_UNITS: Final = {"": 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+_HOST = re.compile(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*")
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -77,7 +81,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     restart_limit: PositiveInt = msgspec.field(default=5, name="APPLIANCE_RESTART_LIMIT")
     restart_window: PositiveFloat = msgspec.field(default=60.0, name="APPLIANCE_RESTART_WINDOW")
     default_model: str = msgspec.field(default="", name="APPLIANCE_DEFAULT_MODEL")
-    preload: bool = msgspec.field(default=True, name="APPLIANCE_PRELOAD")
+    preload: str = msgspec.field(default="true", name="APPLIANCE_PRELOAD")
     context_size: Annotated[int, msgspec.Meta(ge=128)] = msgspec.field(
         default=4096, name="APPLIANCE_CONTEXT_SIZE"
     )
@@ -171,6 +175,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     parallel_per_key: Annotated[int, msgspec.Meta(ge=0, le=64)] = msgspec.field(
         default=0, name="APPLIANCE_PARALLEL_PER_KEY"
     )
+    # Resident models, keep-alive and pulls (docs/models.md).
+    model_memory: str = msgspec.field(default="", name="APPLIANCE_MODEL_MEMORY")
+    keep_alive: str = msgspec.field(default="5m", name="APPLIANCE_KEEP_ALIVE")
+    pull_hosts: str = msgspec.field(default="", name="APPLIANCE_PULL_HOSTS")
+    pull_max_bytes: str = msgspec.field(default="64gb", name="APPLIANCE_PULL_MAX_BYTES")
 
     def __post_init__(self) -> None:
         bind = _BIND.match(self.bind)
@@ -196,6 +205,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         for name in ("tls_cert", "tls_key"):
             if getattr(self, name) and not os.path.isabs(getattr(self, name)):
                 raise ValueError(_field_env_name(name))
+        self.preload_models  # noqa: B018 - raises for an invalid list
+        if self.model_memory and not _MEMORY.match(self.model_memory):
+            raise ValueError("APPLIANCE_MODEL_MEMORY")
+        if not _MEMORY.match(self.pull_max_bytes) or not parse_size(self.pull_max_bytes):
+            raise ValueError("APPLIANCE_PULL_MAX_BYTES")
+        try:
+            parse_keep_alive(self.keep_alive)
+        except InvalidKeepAlive:
+            raise ValueError("APPLIANCE_KEEP_ALIVE") from None
+        parse_hosts(self.pull_hosts)
 
     @property
     def backup_interval_seconds(self) -> int:
@@ -203,6 +222,37 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         match = _DURATION.match(self.backup_interval)
         assert match is not None  # validated in __post_init__
         return int(match["amount"]) * _DURATION_UNITS[match["unit"] or "s"]
+
+    @property
+    def preload_models(self) -> tuple[str, ...] | None:
+        """APPLIANCE_PRELOAD: None for the default model (true), () for none (false), else
+        the models named."""
+        text = self.preload.strip()
+        if text.lower() in _TRUE:
+            return None
+        if text.lower() in _FALSE or not text:
+            return ()
+        names = tuple(name.strip() for name in text.split(",") if name.strip())
+        if not all(_MODEL_NAME.fullmatch(name) and ".." not in name for name in names):
+            raise ValueError("APPLIANCE_PRELOAD")
+        return tuple(dict.fromkeys(names))
+
+    @property
+    def model_memory_bytes(self) -> int | None:
+        """APPLIANCE_MODEL_MEMORY in bytes; None when unset (a share of the box's memory)."""
+        return parse_size(self.model_memory) if self.model_memory else None
+
+    @property
+    def keep_alive_seconds(self) -> float:
+        return parse_keep_alive(self.keep_alive)
+
+    @property
+    def pull_max_size(self) -> int:
+        return parse_size(self.pull_max_bytes)
+
+    @property
+    def pull_allowed_hosts(self) -> tuple[str, ...]:
+        return parse_hosts(self.pull_hosts)
 
     @property
     def host(self) -> str:
@@ -265,6 +315,22 @@ def parse_cors_origins(raw: str) -> tuple[str, ...]:
         if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin):
             raise ValueError("BACKEND_CORS_ORIGINS")
     return origins
+
+
+def parse_size(text: str) -> int:
+    """`4gb`, `512mb`, `1000000` (bytes) in bytes; the form is checked by _MEMORY."""
+    match = re.fullmatch(r"([0-9]+)([a-z]*)", text.strip().lower())
+    if match is None or match[2] not in _SIZE_UNITS:
+        raise ValueError(text)
+    return int(match[1]) * _SIZE_UNITS[match[2]]
+
+
+def parse_hosts(raw: str) -> tuple[str, ...]:
+    """Host names, comma-separated; `*.example.com` stands for every name under it."""
+    hosts = tuple(item.strip().lower().rstrip(".") for item in raw.split(",") if item.strip())
+    if not all(_HOST.fullmatch(host) and len(host) <= 253 for host in hosts):
+        raise ValueError("APPLIANCE_PULL_HOSTS")
+    return hosts
 
 
 def parse_networks(raw: str) -> tuple[Network, ...]:

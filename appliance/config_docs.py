@@ -77,7 +77,10 @@ DOCS: Final[dict[str, SettingDoc]] = {
     "APPLIANCE_DEFAULT_MODEL": SettingDoc(
         "a model name", "model used when a request names none; default: the only or first one"
     ),
-    "APPLIANCE_PRELOAD": SettingDoc("true | false", "load the default model before READY"),
+    "APPLIANCE_PRELOAD": SettingDoc(
+        "true | false | comma-separated model names",
+        "models loaded before READY (true: the default model); they stay resident until unloaded",
+    ),
     "APPLIANCE_CONTEXT_SIZE": SettingDoc(
         "tokens, 128 or more", "context window (capped at the model's own)"
     ),
@@ -184,5 +187,23 @@ DOCS: Final[dict[str, SettingDoc]] = {
     "APPLIANCE_PARALLEL_PER_KEY": SettingDoc(
         "whole number, 0 to 64; 0 = APPLIANCE_PARALLEL - 1 (at least 1)",
         "generations one API key may run at once (the rest wait, fairly across keys)",
+    ),
+    "APPLIANCE_MODEL_MEMORY": SettingDoc(
+        "bytes, or a size such as 4gb; empty = half of the box's memory",
+        "memory all resident models may use (estimated from each GGUF header, checked "
+        "against the workers' RSS); the least recently used idle model is unloaded to make room",
+    ),
+    "APPLIANCE_KEEP_ALIVE": SettingDoc(
+        "a duration such as 5m, 1h, 300 (seconds); 0 = unload after each request; -1 = never",
+        "how long a model stays resident after its last request (a request's keep_alive "
+        "overrides it)",
+    ),
+    "APPLIANCE_PULL_HOSTS": SettingDoc(
+        "comma-separated host names; *.example.com for every name under one",
+        "hosts `appliance models pull` may download from over https:// (loopback always); "
+        "empty: none off the box",
+    ),
+    "APPLIANCE_PULL_MAX_BYTES": SettingDoc(
+        "a size such as 64gb", "largest model file a pull accepts"
     ),
 }

@@ -20,6 +20,7 @@ from appliance.http.app import Runtime, create_app
 from appliance.http.service import HttpService, check_bind
 from appliance.llm.backends import backend_report
 from appliance.llm.engine import InferenceService
+from appliance.llm.pulls import Pulls
 from appliance.llm.registry import ModelRegistry
 from appliance.llm.remote import RemoteLLM
 from appliance.metrics import count_models
@@ -196,8 +197,10 @@ async def _start_services(supervisor: Supervisor, settings: Settings, lock: Stat
     _log_backend(settings, backend)
     registry = ModelRegistry(Path(settings.models_dir))
     engine = InferenceService(settings, registry)
-    # Before HTTP: with preloading on, READY waits for the default model.
+    # Before HTTP: READY waits for the models of APPLIANCE_PRELOAD.
     await supervisor.start(engine)
+    pulls = Pulls(settings, registry)
+    await supervisor.start(pulls)
     remote = None
     if settings.remote_llm_enabled:
         # startup_problems has checked the settings and the key file.
@@ -218,6 +221,7 @@ async def _start_services(supervisor: Supervisor, settings: Settings, lock: Stat
         apikeys=apikeys,
         gate=gate,
         budgets=Budgets(lambda: store.client, settings.budget_enforce),
+        pulls=pulls,
         backend=backend,
         remote=remote,
     )

@@ -151,6 +151,7 @@ class _SnapshotCollector(Collector):
                 "1 when an NPU backend and device are present",
                 int(backend["npu"]["available"]),
             )
+        yield from _resident_models(llm)
         ttft = GaugeMetricFamily(
             "appliance_llm_time_to_first_token_seconds", "time to first token", labels=["stat"]
         )
@@ -191,6 +192,37 @@ class _SnapshotCollector(Collector):
             "bytes in the data dirs that restores moved aside",
             backups["previous_data_bytes"],
         )
+
+
+def _resident_models(llm: dict[str, Any]) -> Iterator[Metric]:
+    resident = llm.get("resident", [])
+    yield _gauge("appliance_llm_resident_models", "models loaded in workers", len(resident))
+    yield _gauge(
+        "appliance_llm_memory_budget_bytes",
+        "memory resident models may use (APPLIANCE_MODEL_MEMORY)",
+        llm["memory_budget_bytes"],
+    )
+    yield _gauge(
+        "appliance_llm_memory_used_bytes",
+        "memory resident models count against the budget",
+        llm["memory_used_bytes"],
+    )
+    for key in ("model_loads", "model_unloads"):
+        yield _gauge(f"appliance_llm_{key}", f"{key.replace('_', ' ')} since start", llm[key])
+    memory = GaugeMetricFamily(
+        "appliance_llm_model_memory_bytes",
+        "a resident model's estimated need and its worker's RSS",
+        labels=["model", "kind"],
+    )
+    running = GaugeMetricFamily(
+        "appliance_llm_model_running", "generations running per resident model", labels=["model"]
+    )
+    for model in resident:
+        memory.add_metric([model["name"], "estimated"], model["estimated_bytes"])
+        memory.add_metric([model["name"], "rss"], model["rss_bytes"])
+        running.add_metric([model["name"]], model["running"])
+    yield memory
+    yield running
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

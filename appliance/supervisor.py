@@ -58,6 +58,11 @@ class Service:
         """The pid of the child process behind the service, if any."""
         return None
 
+    def parts(self) -> list[ServiceState]:
+        """Processes the service runs and restarts itself (one worker per resident model),
+        listed after it."""
+        return []
+
 
 class ServiceState(msgspec.Struct):
     """What `/api/v1/health/services` shows for one service."""
@@ -266,19 +271,24 @@ class Supervisor:
             await self.stop(name, timeout)
 
     def snapshot(self) -> list[ServiceState]:
-        return [
-            ServiceState(
-                name=name,
-                critical=record.service.critical,
-                state=record.state,
-                healthy=record.state == "running" and record.service.healthy(),
-                pid=record.service.pid() if record.state == "running" else None,
-                restarts=record.restarts,
-                last_error=record.last_error,
-                since=record.since,
+        states = []
+        for name, record in self._records.items():
+            running = record.state == "running"
+            states.append(
+                ServiceState(
+                    name=name,
+                    critical=record.service.critical,
+                    state=record.state,
+                    healthy=running and record.service.healthy(),
+                    pid=record.service.pid() if running else None,
+                    restarts=record.restarts,
+                    last_error=record.last_error,
+                    since=record.since,
+                )
             )
-            for name, record in self._records.items()
-        ]
+            if running:
+                states.extend(record.service.parts())
+        return states
 
     def unhealthy_critical(self) -> list[str]:
         """Names of critical services that are not running and answering."""

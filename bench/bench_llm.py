@@ -438,7 +438,7 @@ def _start_daemon(stack: contextlib.ExitStack, state: Path) -> Runner:
     assert daemon.process is not None
     port, key = daemon.port, daemon.api_key()
     services = _get_json(port, "/api/v1/health/services", key)["services"]
-    worker = next(s["pid"] for s in services if s["name"] == "worker")
+    worker = next(s["pid"] for s in services if s["name"].startswith("worker:"))
     return Runner(
         lambda max_tokens: http_stream(port, max_tokens, key=key),
         {"supervisor": daemon.process.pid, "worker": worker},

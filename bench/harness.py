@@ -228,16 +228,26 @@ class Daemon:
 
 
 def install_gemma(models_dir: Path, name: str = "gemma") -> Path:
-    """The real default model (tests/real_model.py) hard-linked into `models_dir`.
+    """Gemma 3 270M (tests/real_model.py) hard-linked into `models_dir`.
 
     Loaded by path: tests/ is not an installed package, and bench/ is what is on sys.path.
     """
+    target: Path = _real_model().install_gemma(models_dir, name)
+    return target
+
+
+def install_smollm2(models_dir: Path, name: str = "smollm2") -> Path:
+    """The default model, SmolLM2-135M-Instruct (tests/real_model.py), into `models_dir`."""
+    target: Path = _real_model().install_smollm2(models_dir, name)
+    return target
+
+
+def _real_model() -> Any:
     spec = importlib.util.spec_from_file_location("real_model", REPO / "tests" / "real_model.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    target: Path = module.install_gemma(models_dir, name)
-    return target
+    return module
 
 
 def spawn_python(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:

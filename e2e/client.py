@@ -92,7 +92,7 @@ def main() -> int:
     chat.add_argument("--key", required=True)
     chat.add_argument("--request-id", required=True)
     chat.add_argument("--message", required=True)
-    chat.add_argument("--model", default="tiny")
+    chat.add_argument("--model", default="smollm2-135m-instruct")
     chat.add_argument("--max-tokens", type=int, default=8)
     args = parser.parse_args()
     if args.command == "request":

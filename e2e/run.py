@@ -62,9 +62,14 @@ FILES: Final = "/e2e"
 UNIT: Final = "appliance"
 INSTALL_DIR: Final = "/usr/lib/appliance"
 MAX_SECURITY_EXPOSURE: Final = 1.5
-# How long a restarted service may take to be ready again (the tiny model loads at once).
+# How long a restarted service may take to be ready again (the default model loads in about
+# a second).
 READY_TIMEOUT: Final = 120.0
 KEY_PATTERN: Final = re.compile(r"\bak-[A-Za-z0-9_.-]+")
+# The default model, as README's box install has it (the file `make run` fetched).
+MODEL: Final = "smollm2-135m-instruct"
+# Its worker among the services.
+WORKER: Final = f"worker:{MODEL}"
 # systemd's own words for a stop that had to kill.
 KILL_MARKERS: Final = ("SIGKILL", "timed out", "Killing process")
 
@@ -298,7 +303,7 @@ def step_install(box: Box) -> str:
     # The first line says ready; the services table is only there when the command reached
     # the daemon's own store (it makes itself a key there).
     ready_line = f"appliance {VERSION} on 127.0.0.1:8000: ready"
-    check(ready_line in status and "worker" in status, f"status says:\n{status}")
+    check(ready_line in status and WORKER in status, f"status says:\n{status}")
     check(box.ready_status() == 200, "/api/v1/health/ready is not 200")
     created = box.must(box.readme.take("appliance keys create"))
     keys = KEY_PATTERN.findall(created)
@@ -320,7 +325,7 @@ def step_chat(box: Box) -> str:
     answer = json.loads(done.stdout)
     check(answer["request_id"] == box.request_id, f"X-Request-ID not echoed: {answer}")
     check(bool(answer["content"]), f"empty completion: {answer}")
-    refused = box.api("POST", "/v1/chat/completions", body={"model": "tiny", "messages": []})[0]
+    refused = box.api("POST", "/v1/chat/completions", body={"model": MODEL, "messages": []})[0]
     check(refused["status"] == 401, f"a request without a key got {refused['status']}")
     box.conversations += box.send("Remember this conversation, please")
     stored = box.all_conversations_there()
@@ -392,14 +397,14 @@ def step_watchdog(box: Box) -> str:
 def step_kill_children(box: Box) -> str:
     unit_before = box.show("MainPID", "NRestarts")
     before = box.services()
-    check({"redis", "worker"} <= before.keys(), f"services: {sorted(before)}")
+    check({"redis", WORKER} <= before.keys(), f"services: {sorted(before)}")
     # Acknowledged writes, then at once a kill -9 of redis-server: none may be lost.
     box.conversations += box.send("Written just before redis-server is killed", repeat=5)
     box.must(f"kill -9 {before['redis']['pid']}")
     redis = _wait_replaced(box, "redis", before["redis"]["pid"])
     kept = box.all_conversations_there()
-    box.must(f"kill -9 {before['worker']['pid']}")
-    worker = _wait_replaced(box, "worker", before["worker"]["pid"])
+    box.must(f"kill -9 {before[WORKER]['pid']}")
+    worker = _wait_replaced(box, WORKER, before[WORKER]["pid"])
     box.conversations += box.send("Answered by the restarted worker")
     kept = box.all_conversations_there()
     unit_after = box.show("MainPID", "NRestarts", "ActiveState")
@@ -409,7 +414,7 @@ def step_kill_children(box: Box) -> str:
     )
     check(unit_after["NRestarts"] == unit_before["NRestarts"], "systemd restarted the unit")
     return (
-        f"redis-server {before['redis']['pid']} -> {redis}, worker {before['worker']['pid']} "
+        f"redis-server {before['redis']['pid']} -> {redis}, worker {before[WORKER]['pid']} "
         f"-> {worker}; unit stayed active (MainPID {unit_after['MainPID']}); {kept}; "
         "the new worker answers"
     )
@@ -591,10 +596,10 @@ def stage_files(where: Path) -> list[tuple[Path, str]]:
     shutil.rmtree(where, ignore_errors=True)
     where.mkdir(parents=True)
     shutil.copyfile(deb, where / DEB_NAME)
-    # The test suite's tiny GGUF (llama architecture, random weights): loads at once.
-    from tests.tiny_gguf import write_tiny_llama
+    # The default model, fetched once and checked by its SHA-256 (what `make run` does).
+    from tests.real_model import smollm2_path
 
-    write_tiny_llama(where / "tiny.gguf")
+    shutil.copyfile(smollm2_path(), where / f"{MODEL}.gguf")
     # The new build is dist/appliance itself (bound over this empty folder).
     (where / "appliance-new").mkdir()
     broken = where / "appliance-broken"

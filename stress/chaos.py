@@ -367,7 +367,8 @@ class Chaos:
             services = answer.json()["services"]
         except (httpx.HTTPError, ValueError, KeyError):
             return {}
-        return {s["name"]: (s["state"], s["pid"]) for s in services}
+        # One model, so one `worker:<model>`: it is the worker that gets killed.
+        return {_kind(s["name"]): (s["state"], s["pid"]) for s in services}
 
     async def _is_ready(self, http: httpx.AsyncClient) -> bool:
         try:
@@ -549,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
     for line in report.lines():
         print(json.dumps(line), flush=True)
     return 0 if report.ok() else 1
+
+
+def _kind(service: str) -> str:
+    return "worker" if service.startswith("worker:") else service
 
 
 if __name__ == "__main__":

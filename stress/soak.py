@@ -540,9 +540,11 @@ class Sampler:
             services = await self.admin.get("/api/v1/health/services")
             self.tally.answer("sample", services)
             for service in services.json().get("services", []):
-                self.restarts[service["name"]] = service["restarts"]
-                if service["name"] in PROCESSES and service["pid"]:
-                    pids[service["name"]] = int(service["pid"])
+                # One model, so one `worker:<model>`: the worker whose RSS is watched.
+                name = "worker" if service["name"].startswith("worker:") else service["name"]
+                self.restarts[name] = service["restarts"]
+                if name in PROCESSES and service["pid"]:
+                    pids[name] = int(service["pid"])
             metrics = await self.admin.get("/api/v1/health/metrics")
             self.tally.answer("sample", metrics)
             used = metrics.json().get("services", {}).get("redis", {}).get("used_memory_bytes")

@@ -209,7 +209,7 @@ async def test_binary_serves_chats_and_stops_cleanly_without_the_venv(
                     assert (await client.get(asset[1])).status_code == 200
 
                 services = await _services(url, key)
-                worker = int(services["worker"]["pid"])
+                worker = int(services["worker:tiny"]["pid"])
                 redis = int(services["redis"]["pid"])
                 # The worker is the binary itself, re-executed: `appliance worker --fd N`.
                 assert _exe(worker) == binary

@@ -323,7 +323,7 @@ async def test_llm_figures_in_metrics() -> None:
             text = (await client.get("/api/v1/health/metrics?format=prometheus")).text
             assert "appliance_llm_queue_depth 0.0" in text
             assert "appliance_llm_completed 1.0" in text
-            assert 'appliance_process_rss_bytes{process="worker"}' in text
+            assert 'appliance_process_rss_bytes{process="worker:tiny"}' in text
 
 
 async def test_without_models_ready_says_how_to_add_one() -> None:

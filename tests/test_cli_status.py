@@ -38,7 +38,9 @@ async def test_status_table_and_json_from_the_running_daemon() -> None:
                 "store",
                 "retention",
                 "backups",
-                "worker",
+                "models",
+                "worker:tiny",
+                "pulls",
                 "http",
             }
 

@@ -21,7 +21,7 @@ from appliance.store.conversations import Conversations, new_id
 from appliance.store.sealing import KeyRing
 from tests import browser
 from tests.harness import install_tiny_model, running_daemon, short_tempdir
-from tests.real_model import install_gemma
+from tests.real_model import install_smollm2
 
 SECRETS: Final = {
     "SECRET_KEY": "console-test-secret-key-0123456789abcdef",
@@ -118,8 +118,8 @@ def _chat_scenario(base: str, user_key: str, admin_key: str, tight_key: str) -> 
         browser.wait_until(driver, lambda d: find(By.ID, "app").is_displayed())
         picker = Select(find(By.ID, "model"))
         browser.wait_until(driver, lambda d: len(picker.options) >= 3)
-        assert {o.get_attribute("value") for o in picker.options} >= {"", "gemma", "tiny"}
-        picker.select_by_value("gemma")
+        assert {o.get_attribute("value") for o in picker.options} >= {"", "smollm2", "tiny"}
+        picker.select_by_value("smollm2")
 
         # Shift+Enter is a new line, Enter sends; tokens show before the answer is complete.
         box = find(By.ID, "input")
@@ -136,7 +136,7 @@ def _chat_scenario(base: str, user_key: str, admin_key: str, tight_key: str) -> 
         assert answer.strip()
 
         conversations = api.get("/api/v1/conversations").json()["conversations"]
-        assert len(conversations) == 1 and conversations[0]["model"] == "gemma"
+        assert len(conversations) == 1 and conversations[0]["model"] == "smollm2"
         first = conversations[0]["id"]
         assert conversations[0]["message_count"] == 2
         browser.wait_until(
@@ -217,9 +217,10 @@ def _chat_scenario(base: str, user_key: str, admin_key: str, tight_key: str) -> 
 
 async def test_chat_page_streams_stops_lists_continues_and_deletes() -> None:
     state = short_tempdir()
-    install_gemma(state / "models")
+    # The instruct model writes answers long enough to be seen streaming, and stopped.
+    install_smollm2(state / "models", "smollm2")
     install_tiny_model(state / "models")
-    env = {**SECRETS, "APPLIANCE_DEFAULT_MODEL": "tiny", "APPLIANCE_DEFAULT_MAX_TOKENS": "96"}
+    env = {**SECRETS, "APPLIANCE_DEFAULT_MODEL": "tiny", "APPLIANCE_DEFAULT_MAX_TOKENS": "300"}
     with trio.fail_after(420):
         async with running_daemon(env, state_dir=state) as daemon:
             user = await daemon.create_key("browser-user")

@@ -204,7 +204,15 @@ async def test_external_redis_url_skips_the_embedded_server() -> None:
                         for s in (await client.get("/api/v1/health/services")).json()["services"]
                     ]
                     ready = await client.get("/api/v1/health/ready")
-                assert names == ["store", "retention", "backups", "worker", "http"]
+                assert names == [
+                    "store",
+                    "retention",
+                    "backups",
+                    "models",
+                    "worker:tiny",
+                    "pulls",
+                    "http",
+                ]
                 assert ready.status_code == 200
                 assert not (daemon.state_dir / "redis").exists()
     finally:

@@ -28,7 +28,16 @@ async def test_live_ready_services_and_metrics() -> None:
 
             services = (await client.get("/api/v1/health/services")).json()["services"]
             by_name = {s["name"]: s for s in services}
-            assert set(by_name) == {"redis", "store", "retention", "backups", "worker", "http"}
+            assert set(by_name) == {
+                "redis",
+                "store",
+                "retention",
+                "backups",
+                "models",
+                "worker:tiny",
+                "pulls",
+                "http",
+            }
             assert by_name["redis"]["pid"] > 0
             assert all(s["state"] == "running" and s["restarts"] == 0 for s in services)
 

@@ -177,7 +177,7 @@ async def test_with_remote_and_search_off_nothing_connects_outside_the_box() -> 
                     assert (await client.get(path)).status_code == 200
                 backup = await client.post("/api/v1/admin/backups")
                 assert backup.status_code < 300, backup.text
-                worker = await daemon.service_pid("worker")
+                worker = await daemon.service_pid("worker:tiny")
             await daemon.stop()
     records = [json.loads(line) for line in log.read_text().splitlines()]
     started = {record["pid"] for record in records if record["event"] == "start"}

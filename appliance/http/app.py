@@ -22,6 +22,7 @@ from appliance.config import Settings
 from appliance.http.console import install_console
 from appliance.http.errors import ApiError, register_error_handlers
 from appliance.llm.engine import InferenceService
+from appliance.llm.pulls import Pulls
 from appliance.llm.registry import ModelRegistry
 from appliance.llm.remote import RemoteLLM
 from appliance.logs import request_context
@@ -59,6 +60,8 @@ class Runtime:
     apikeys: KeyStore
     gate: Gate
     budgets: Budgets
+    # Model downloads started through the API (POST /api/v1/models/pull).
+    pulls: Pulls
     # The remote LLM client, when REMOTE_LLM_ENABLED; None means no code path can reach it.
     remote: RemoteLLM | None = None
     urls: list[str] = field(default_factory=list)

@@ -14,6 +14,7 @@ from appliance.http.errors import ApiError
 from appliance.http.generation import (
     BudgetExhausted,
     FinishReason,
+    KeepAlive,
     MaxTokens,
     Seed,
     TokenUsage,
@@ -21,6 +22,7 @@ from appliance.http.generation import (
     collect,
     finish_reason,
     generate,
+    keep_alive_of,
     max_tokens_for,
     resolve_model,
     sse,
@@ -67,10 +69,12 @@ class ChatSendRequest(msgspec.Struct, forbid_unknown_fields=True):
     model: str | None = None
     stream: bool = False
     max_tokens: MaxTokens | None = None
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 0.7
-    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.95
+    # Left out: the model's default (its manifest), else the appliance's (docs/models.md).
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     seed: Seed | None = None
     system: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_CHARS)] | None = None
+    keep_alive: KeepAlive | None = None
 
 
 class AssistantMessage(msgspec.Struct):
@@ -198,6 +202,7 @@ async def send() -> Response:
         top_p=body.top_p,
         seed=body.seed,
         stream=body.stream,
+        keep_alive=keep_alive_of(body.keep_alive),
     )
 
     async def store(answer: str, done: Done) -> str:

@@ -21,6 +21,7 @@ from appliance.http.remote_generation import REMOTE_PREFIX, open_remote_stream, 
 from appliance.http.stream_body import StreamBody
 from appliance.llm.engine import RETRY_AFTER_SECONDS
 from appliance.llm.errors import DeadlineExceeded, InferenceError, QueueFull, WorkerCrashed
+from appliance.llm.keep_alive import InvalidKeepAlive, parse_keep_alive
 from appliance.llm.protocol import ChatMessage, Done, Token
 from appliance.llm.registry import InvalidModelName, ModelUnavailable, RegistryError, UnknownModel
 
@@ -30,6 +31,9 @@ _MARKER: Final = "\x00text\x00"
 _MARKER_JSON: Final = _JSON.encode(_MARKER)
 # A model name quoted back in an error, at most (the name is the client's own text).
 MAX_SHOWN_NAME: Final = 64
+# What a remote model gets when the request names no temperature or top_p (OpenAI's).
+REMOTE_TEMPERATURE: Final = 1.0
+REMOTE_TOP_P: Final = 1.0
 
 
 async def resolve_model(state: Runtime, requested: str | None) -> str:
@@ -104,6 +108,16 @@ def max_tokens_for(state: Runtime, requested: int | None, param: str = "max_toke
             param=param,
         )
     return requested
+
+
+def keep_alive_of(value: str | float | None) -> float | None:
+    """A request's `keep_alive` in seconds (None: not given); 422 naming the field."""
+    if value is None:
+        return None
+    try:
+        return parse_keep_alive(value)
+    except InvalidKeepAlive as exc:
+        raise ApiError(422, "invalid_field", str(exc), param="keep_alive") from None
 
 
 def as_api_error(exc: InferenceError) -> ApiError:
@@ -343,14 +357,17 @@ async def generate(
     messages: list[ChatMessage] | None = None,
     prompt: str | None = None,
     max_tokens: int,
-    temperature: float,
-    top_p: float,
+    temperature: float | None,
+    top_p: float | None,
     stop: list[str] | None = None,
     seed: int | None = None,
     stream: bool = False,
+    keep_alive: float | None = None,
 ) -> Events:
     """The events of a local generation (engine) or of the remote LLM (`remote:` models),
-    under the request deadline, the key's token budget and its stream limit."""
+    under the request deadline, the key's token budget and its stream limit. Sampling
+    fields left None take the model's defaults; `keep_alive` (seconds) replaces how long
+    the model stays resident once idle."""
     remote = remote_model(state.remote, model) if model.startswith(REMOTE_PREFIX) else None
     if remote is not None and messages is None:
         raise ApiError(
@@ -380,8 +397,8 @@ async def generate(
                 state.redactor,
                 messages,
                 max_tokens=granted,
-                temperature=temperature,
-                top_p=top_p,
+                temperature=REMOTE_TEMPERATURE if temperature is None else temperature,
+                top_p=REMOTE_TOP_P if top_p is None else top_p,
                 stop=stop,
                 seed=seed,
             )
@@ -397,6 +414,7 @@ async def generate(
                 stop=stop,
                 seed=seed,
                 owner=key.id,
+                keep_alive=keep_alive,
             )
     except BaseException:
         if release is not None:
@@ -513,6 +531,17 @@ MaxTokens = Annotated[
     msgspec.Meta(
         description="1 to APPLIANCE_MAX_TOKENS (4096 by default)",
         extra_json_schema={"minimum": 1},
+    ),
+]
+
+# Ollama's `keep_alive` (checked by keep_alive_of: msgspec takes the string or number).
+KeepAlive = Annotated[
+    str | float,
+    msgspec.Meta(
+        description="how long the model stays resident after this request: a duration "
+        "such as 5m, 1h30m, 90s or a number of seconds; 0 unloads it once idle, a negative "
+        "value keeps it loaded (Ollama's semantics; default APPLIANCE_KEEP_ALIVE)",
+        examples=["5m", 0, -1],
     ),
 ]
 

@@ -15,12 +15,14 @@ from quart import Blueprint, Response, g, request
 from appliance import __version__
 from appliance.http.app import Runtime, runtime
 from appliance.http.errors import ApiError
+from appliance.http.models import ResidentModel
 from appliance.http.openapi_doc import (
     document_querystring,
     document_response,
     errors,
     plain_text,
 )
+from appliance.llm.memory import mb
 from appliance.llm.registry import RegistryError
 from appliance.metrics import count_models, system_metrics, to_prometheus, uptime_since
 from appliance.privacy.rotation import key_usage, old_key_count
@@ -88,6 +90,7 @@ class TimeToFirstToken(msgspec.Struct):
 
 
 class LlmMetrics(msgspec.Struct):
+    # The most recently used resident model.
     loaded_model: str | None
     busy: bool
     running: int
@@ -104,6 +107,12 @@ class LlmMetrics(msgspec.Struct):
     time_to_first_token_seconds: TimeToFirstToken
     # llama.cpp backends built in and in use.
     backend: dict[str, Any]
+    resident: list[ResidentModel]
+    memory_budget_bytes: int
+    memory_used_bytes: int
+    # Models loaded and unloaded since start (keep-alive, room for another, requests).
+    model_loads: int
+    model_unloads: int
 
 
 class PrivacyMetrics(msgspec.Struct):
@@ -227,12 +236,38 @@ async def _models_check(state: Runtime) -> Finding:
             ),
             "no usable model is installed",
         )
-    loaded = state.engine.loaded_model
-    if loaded is not None:
-        return Finding(Check("models", "ok", f"{loaded} loaded"), "a model is loaded")
-    if state.settings.preload:
+    engine = state.engine
+    failures = engine.preload_failures
+    if failures:
+        name, reason = next(iter(failures.items()))
         return Finding(
-            Check("models", "fail", f"{default} is not loaded yet"), "the model is still loading"
+            Check("models", "fail", f"{name} (APPLIANCE_PRELOAD) did not load: {reason}"),
+            "a model could not be loaded",
+        )
+    restarting = [
+        worker.name
+        for worker in engine.workers.values()
+        if worker.name in engine.preloaded and not worker.ready
+    ]
+    if restarting:
+        return Finding(
+            Check("models", "fail", f"{', '.join(restarting)} not loaded yet"),
+            "a model is still loading",
+        )
+    resident = [
+        f"{worker.name} ({mb(worker.needs())} MB)"
+        for worker in engine.workers.values()
+        if worker.ready
+    ]
+    if resident:
+        return Finding(
+            Check(
+                "models",
+                "ok",
+                f"resident: {', '.join(resident)} of a {mb(engine.budget)} MB budget; "
+                f"default {default}",
+            ),
+            "a model is loaded",
         )
     return Finding(
         Check("models", "ok", f"{default} loads on first use"), "a model loads on first use"
@@ -368,6 +403,14 @@ def llm_metrics(state: Runtime) -> LlmMetrics:
             p99=round(recent[min(len(recent) - 1, int(len(recent) * 0.99))], 4) if recent else None,
         ),
         backend=state.backend,
+        resident=[
+            msgspec.convert(engine.describe(worker), ResidentModel)
+            for worker in list(engine.workers.values())
+        ],
+        memory_budget_bytes=engine.budget,
+        memory_used_bytes=engine.used_memory(),
+        model_loads=engine.loads,
+        model_unloads=engine.unloads,
     )
 
 

@@ -23,6 +23,7 @@ from appliance.http.generation import (
     BudgetExhausted,
     Events,
     FinishReason,
+    KeepAlive,
     MaxTokens,
     Seed,
     TokenUsage,
@@ -30,6 +31,7 @@ from appliance.http.generation import (
     collect,
     finish_reason,
     generate,
+    keep_alive_of,
     max_tokens_for,
     resolve_model,
     sse,
@@ -76,8 +78,9 @@ _Stop = Annotated[str, msgspec.Meta(extra_json_schema={"minLength": 1})]
 class _Sampling(msgspec.Struct, kw_only=True):
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
     max_tokens: MaxTokens | None = None
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    # Left out: the model's default (its manifest), else the appliance's (docs/models.md).
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     stop: (
         _Stop
         | Annotated[
@@ -88,6 +91,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
     seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    keep_alive: KeepAlive | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
     # Not supported (422 unless empty): token ids of one model mean nothing to another.
     logit_bias: (
@@ -256,6 +260,7 @@ async def _events(state: Runtime, body: _Sampling, **source: Any) -> tuple[str, 
         stop=_stop_list(body.stop),
         seed=body.seed,
         stream=body.stream,
+        keep_alive=keep_alive_of(body.keep_alive),
         **source,
     )
     if body.stream:

@@ -29,6 +29,8 @@ TOP_K: Final = 40
 MIN_P: Final = 0.05
 TYPICAL_P: Final = 1.0
 PIECE_BYTES: Final = 64
+# Tokens a repeat or presence penalty looks back on (llama.cpp's server's default).
+PENALTY_LAST_N: Final = 64
 
 
 class BatchFull(Exception):
@@ -42,6 +44,10 @@ class Sampling:
     top_p: float
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    top_k: int = TOP_K
+    min_p: float = MIN_P
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -132,14 +138,28 @@ def sampler_chain(sampling: Sampling) -> Any:
     """A C sampler chain like create_completion's (free it with llama_sampler_free)."""
     chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
     add = llama.llama_sampler_chain_add
+    if sampling.repeat_penalty != 1.0 or sampling.presence_penalty != 0.0:
+        # The binding declares llama.cpp's older signature (n_vocab first) while the library
+        # may take the newer one (penalty_last_n first): the window given in both places is
+        # right either way.
+        add(
+            chain,
+            llama.llama_sampler_init_penalties(
+                PENALTY_LAST_N,
+                PENALTY_LAST_N,
+                sampling.repeat_penalty,
+                0.0,
+                sampling.presence_penalty,
+            ),
+        )
     if sampling.temperature == 0:
         add(chain, llama.llama_sampler_init_greedy())
         return chain
     seed = llama.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed & 0xFFFFFFFF
-    add(chain, llama.llama_sampler_init_top_k(TOP_K))
+    add(chain, llama.llama_sampler_init_top_k(sampling.top_k))
     add(chain, llama.llama_sampler_init_typical(TYPICAL_P, 1))
     add(chain, llama.llama_sampler_init_top_p(sampling.top_p, 1))
-    add(chain, llama.llama_sampler_init_min_p(MIN_P, 1))
+    add(chain, llama.llama_sampler_init_min_p(sampling.min_p, 1))
     add(chain, llama.llama_sampler_init_temp(sampling.temperature))
     add(chain, llama.llama_sampler_init_dist(seed))
     return chain
@@ -197,10 +217,20 @@ def open_model(
 
 class Batcher:
     """The sequences of one loaded model, from `open_model` (or a LlamaModel and a
-    LlamaContext made with n_seq_max >= `parallel` + 1 and a unified KV cache)."""
+    LlamaContext made with n_seq_max >= `parallel` + 1 and a unified KV cache). A sequence
+    ends at an end-of-generation token or at one of `end_tokens` (the chat template's turn
+    markers)."""
 
-    def __init__(self, model: Any, context: Any, parallel: int, n_batch: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        context: Any,
+        parallel: int,
+        n_batch: int,
+        end_tokens: frozenset[int] = frozenset(),
+    ) -> None:
         self._vocab = model.vocab
+        self._end_tokens = end_tokens
         self._ctx = context.ctx
         self._memory = llama.llama_get_memory(context.ctx)
         self.n_ctx: int = llama.llama_n_ctx(context.ctx)
@@ -343,7 +373,9 @@ class Batcher:
 
     def _sample(self, slot: _Slot, running: _Running) -> list[Event]:
         token = llama.llama_sampler_sample(running.chain, self._ctx, running.logits_at)
-        if llama.llama_vocab_is_eog(self._vocab, token):
+        # A turn marker of the chat template (`<|im_start|>`, `<start_of_turn>`...) is never
+        # part of an answer: the answer ends there, as at the end-of-turn token.
+        if llama.llama_vocab_is_eog(self._vocab, token) or token in self._end_tokens:
             return self._ending(slot, "stop")
         running.generated += 1
         events: list[Event] = []

@@ -110,6 +110,31 @@ class GGUFHeaderError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class ModelShape:
+    """The architecture's sizes that decide the KV cache and the compute buffers."""
+
+    block_count: int | None = None
+    embedding_length: int | None = None
+    head_count: int | None = None
+    head_count_kv: int | None = None
+    key_length: int | None = None
+    value_length: int | None = None
+
+
+# `<architecture>.<suffix>` keys read into ModelShape (integer scalars only: a per-layer
+# array, as some models have for head_count_kv, leaves the field None).
+_SHAPE_KEYS: Final = {
+    "block_count": "block_count",
+    "embedding_length": "embedding_length",
+    "attention.head_count": "head_count",
+    "attention.head_count_kv": "head_count_kv",
+    "attention.key_length": "key_length",
+    "attention.value_length": "value_length",
+}
+_SHAPE_SUFFIXES: Final = tuple(f".{suffix}" for suffix in _SHAPE_KEYS)
+
+
+@dataclass(frozen=True, slots=True)
 class GGUFHeader:
     """What the header says, once every length and offset in it has been checked."""
 
@@ -123,6 +148,10 @@ class GGUFHeader:
     file_size: int
     alignment: int
     data_offset: int
+    # What a memory estimate needs (appliance.llm.memory); absent keys are None.
+    weights_bytes: int = 0
+    vocab_size: int = 0
+    shape: ModelShape = field(default_factory=ModelShape)
 
 
 def check_gguf_header(path: Path) -> GGUFHeader:
@@ -382,7 +411,20 @@ def _parse(r: _Reader) -> GGUFHeader:
         file_size=size,
         alignment=alignment,
         data_offset=data_offset,
+        weights_bytes=sum(tensor.nbytes for tensor in tensors),
+        vocab_size=meta.vocab_size,
+        shape=_shape(meta),
     )
+
+
+def _shape(meta: _Metadata) -> ModelShape:
+    prefix = f"{meta.architecture}."
+    values: dict[str, int] = {}
+    for key, value in meta.integers.items():
+        suffix = key.removeprefix(prefix)
+        if key.startswith(prefix) and suffix in _SHAPE_KEYS and 0 < value < 1 << 31:
+            values[_SHAPE_KEYS[suffix]] = value
+    return ModelShape(**values)
 
 
 @dataclass(slots=True)
@@ -394,6 +436,9 @@ class _Metadata:
     # every "<something>.context_length": (value type, value if an integer); the architecture
     # that picks one may come later in the file.
     context_lengths: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    # Integer scalars whose key ends like one of _SHAPE_KEYS (the architecture may come later).
+    integers: dict[str, int] = field(default_factory=dict)
+    vocab_size: int = 0
 
 
 def _read_metadata(r: _Reader, kv_count: int) -> _Metadata:
@@ -464,11 +509,14 @@ def _read_metadata(r: _Reader, kv_count: int) -> _Metadata:
             meta.alignment = _check_alignment(vtype, value)
         elif key.endswith(".context_length"):
             meta.context_lengths[key] = (vtype, value)
+        elif value is not None and key.endswith(_SHAPE_SUFFIXES):
+            meta.integers[key] = value
         if vtype != _ARRAY and key in (_KEY_TOKENS, _KEY_MERGES, *_PER_TOKEN_KEYS):
             raise GGUFHeaderError(f"{label} is {_type_name(vtype)}; expected an array; {_CORRUPT}")
         if vtype != _STRING and key in _STRING_KEYS:
             raise GGUFHeaderError(f"{label} is {_type_name(vtype)}; expected a string; {_CORRUPT}")
     _check_tokenizer_arrays(arrays)
+    meta.vocab_size = arrays[_KEY_TOKENS][1] if _KEY_TOKENS in arrays else 0
     return meta
 
 

@@ -25,6 +25,8 @@ from typing import Final, Literal
 
 import msgspec
 
+from appliance.llm.model_defaults import ModelDefaults
+
 LOGGER = logging.getLogger("appliance.llm")
 
 MANIFEST_NAME: Final = "manifest.json"
@@ -58,6 +60,11 @@ class ModelRecord(msgspec.Struct, frozen=True, kw_only=True):
     has_chat_template: bool
     checked_at: float
     mtime: float
+    # What `appliance models set` (or the admin API) gave it, or what comes with a model
+    # the appliance knows (appliance.llm.model_defaults).
+    defaults: ModelDefaults = ModelDefaults()
+    # The URL it was pulled from (`appliance models pull`); None when imported or copied.
+    source: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -49,6 +49,11 @@ class Generate(msgspec.Struct, frozen=True, tag="generate"):
     seed: int | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    # The rest of the sampler chain (a model's defaults may set them; 0 / 1.0 is off).
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
 
 
 class Cancel(msgspec.Struct, frozen=True, tag="cancel"):

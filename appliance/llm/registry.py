@@ -48,6 +48,7 @@ from appliance.llm.manifest import (
     read_manifest,
     save_manifest,
 )
+from appliance.llm.model_defaults import ModelDefaults, known_defaults, updated
 
 LOGGER = logging.getLogger("appliance.llm")
 
@@ -323,6 +324,41 @@ class ModelRegistry:
                 os.unlink(temp)
             raise
 
+    def install_download(self, temp: Path, name: str, sha256: str, source: str) -> ModelRecord:
+        """Register a complete download (a temp file in the models dir, its SHA-256 computed
+        as it came): its header is checked, then it is renamed into place. A refused file
+        is left for the caller to delete."""
+        validate_model_name(name)
+        header = self._header(temp)
+        if isinstance(header, str):
+            raise ImportRefused(f"cannot install {name!r}: {_unechoed(header)}")
+        with manifest_lock(self.models_dir):
+            return self._install(name, temp, header, sha256, source)
+
+    def exists(self, name: str) -> bool:
+        """Whether `<name>.gguf` is in the models directory (whatever its state)."""
+        return os.path.lexists(self._file(validate_model_name(name)))
+
+    def set_defaults(self, name: str, changes: dict[str, object]) -> ModelRecord:
+        """Apply `changes` (checked; None clears a key) to the model's defaults."""
+        self.get(name)  # an unknown name is refused, and the record is current
+        with manifest_lock(self.models_dir):
+            current = self._load()
+            record = current.get(name)
+            if record is None:
+                raise UnknownModel(_unknown_message(name, current))
+            changed = msgspec.structs.replace(record, defaults=updated(record.defaults, changes))
+            current[name] = changed
+            save_manifest(self.models_dir, current)
+        LOGGER.info("model %s defaults: %s", name, changed.defaults.describe() or "none")
+        return changed
+
+    def defaults_of(self, name: str) -> ModelDefaults:
+        """The model's defaults as the manifest holds them (no scan: a request's path)."""
+        records = self._read(warn=False) or {}
+        record = records.get(name)
+        return record.defaults if record is not None else ModelDefaults()
+
     def remove(self, name: str) -> None:
         validate_model_name(name)
         with manifest_lock(self.models_dir):
@@ -417,7 +453,7 @@ class ModelRegistry:
             os.close(fd)
         if reference and reference != sha256:
             return self._failed(name, old, CHECKSUM_CHANGED, sha256=reference, info=info)
-        return _record(name, header, sha256, info, state="ok", reason=None)
+        return _record(name, header, sha256, info, state="ok", reason=None, old=old)
 
     def _failed(
         self,
@@ -444,6 +480,8 @@ class ModelRegistry:
             has_chat_template=False,
             checked_at=time.time(),
             mtime=info.st_mtime if info is not None else 0.0,
+            defaults=old.defaults if old is not None else ModelDefaults(),
+            source=old.source if old is not None else None,
         )
         if old is not None and msgspec.structs.replace(old, checked_at=0.0) == (
             msgspec.structs.replace(record, checked_at=0.0)
@@ -525,14 +563,23 @@ class ModelRegistry:
         finally:
             os.close(fd)
 
-    def _install(self, name: str, temp: Path, header: GGUFHeader, sha256: str) -> ModelRecord:
+    def _install(
+        self,
+        name: str,
+        temp: Path,
+        header: GGUFHeader,
+        sha256: str,
+        source: str | None = None,
+    ) -> ModelRecord:
         """Rename the complete temp file into place and record it; the caller holds the lock."""
         target = self._file(name)
         if os.path.lexists(target):  # another import won the race while we copied
             raise ModelExists(_exists_message(name))
         os.rename(temp, target)
         fsync_dir(self.models_dir)
-        record = _record(name, header, sha256, target.stat(), state="ok", reason=None)
+        record = _record(
+            name, header, sha256, target.stat(), state="ok", reason=None, source=source
+        )
         current = self._load()
         current[name] = record
         save_manifest(self.models_dir, current)
@@ -605,7 +652,11 @@ def _record(
     *,
     state: ModelState,
     reason: str | None,
+    old: ModelRecord | None = None,
+    source: str | None = None,
 ) -> ModelRecord:
+    """A record of what was found; the defaults and source of the record it replaces stay,
+    and a model seen for the first time gets the defaults known for its SHA-256."""
     return ModelRecord(
         name=name,
         file=f"{name}{SUFFIX}",
@@ -618,6 +669,8 @@ def _record(
         has_chat_template=header.chat_template is not None,
         checked_at=time.time(),
         mtime=info.st_mtime,
+        defaults=old.defaults if old is not None else known_defaults(sha256),
+        source=old.source if old is not None else source,
     )
 
 

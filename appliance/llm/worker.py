@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import socket
 import sys
 import threading
@@ -30,6 +31,7 @@ from appliance.llm.batching import (
 )
 from appliance.llm.fitting import DoesNotFit, fit_conversation
 from appliance.llm.llama_log import LlamaLog
+from appliance.llm.memory import N_BATCH
 from appliance.llm.protocol import (
     Cancel,
     ChatMessage,
@@ -49,16 +51,33 @@ from appliance.llm.protocol import (
 
 LOGGER = logging.getLogger("appliance.worker")
 
-# Tokens of one decode step at most (prompt chunks and next tokens of all sequences).
-N_BATCH: Final = 512
-# Format used when a model carries no chat template of its own.
-FALLBACK_STOP: Final = ["\n### User:", "\n### System:"]
+# A model without a chat template of its own (a base model) gets this format: each turn
+# starts with a `### Role:` line, and an answer ends wherever the model writes `###`, so no
+# role line ever reaches it (docs/models.md).
+FALLBACK_MARKER: Final = "###"
+FALLBACK_STOP: Final = [FALLBACK_MARKER]
 LOG_FORMAT: Final = "%(levelname)s:%(name)s:%(message)s"
+# What may be a special token's text in a chat template (`<|im_end|>`, `<end_of_turn>`).
+_MARKER_TEXT: Final = re.compile(r"<[^<>\s]{1,40}>")
 
 
 def fallback_prompt(messages: list[ChatMessage]) -> str:
-    parts = [f"### {m.role.capitalize()}:\n{m.content}\n" for m in messages]
-    return "".join(parts) + "### Assistant:\n"
+    parts = [f"{FALLBACK_MARKER} {m.role.capitalize()}:\n{m.content}\n" for m in messages]
+    return "".join(parts) + f"{FALLBACK_MARKER} Assistant:\n"
+
+
+def template_markers(model: Any, template: str) -> dict[str, int]:
+    """The control tokens the template writes (its turn markers), by text: the batcher ends
+    an answer at one of them, and their texts are stop strings for a model that spells one
+    out of ordinary tokens."""
+    import llama_cpp as llama
+
+    markers = {}
+    for text in sorted(set(_MARKER_TEXT.findall(template))):
+        tokens = list(model.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+        if len(tokens) == 1 and llama.llama_vocab_is_control(model.vocab, tokens[0]):
+            markers[text] = tokens[0]
+    return markers
 
 
 class Connection:
@@ -95,6 +114,7 @@ class Worker:
         self._context: Any = None
         self._batcher: Batcher | None = None
         self._formatter: Any = None
+        self._markers: list[str] = []
         self._name = ""
         # Request ids only grow: a cancel for an id up to this one needs no Generate.
         self._last_started = 0
@@ -216,6 +236,8 @@ class Worker:
             return Error(request.id, "model_load_failed", f"llama.cpp could not load it: {reason}")
         template = model.metadata().get("tokenizer.chat_template")
         self._formatter = None
+        markers = template_markers(model, template) if template else {}
+        self._markers = list(markers)
         if template:
             eos = model.token_eos()
             bos = model.token_bos()
@@ -227,7 +249,11 @@ class Worker:
             )
         self._model, self._context = model, context
         self._batcher = Batcher(
-            model, context, parallel=max(1, request.parallel), n_batch=min(N_BATCH, request.n_ctx)
+            model,
+            context,
+            parallel=max(1, request.parallel),
+            n_batch=min(N_BATCH, request.n_ctx),
+            end_tokens=frozenset(markers.values()),
         )
         self._name = request.model
         return Loaded(
@@ -261,7 +287,8 @@ class Worker:
             tokens = self._tokenize(
                 rendered.prompt, add_bos=not rendered.added_special, special=True
             )
-            return tokens, list(rendered.stop or [])
+            stops = rendered.stop or []
+            return tokens, [*([stops] if isinstance(stops, str) else stops), *self._markers]
         prompt = fallback_prompt(messages)
         return self._tokenize(prompt, add_bos=True, special=False), FALLBACK_STOP
 
@@ -324,6 +351,10 @@ class Worker:
             top_p=request.top_p,
             seed=request.seed,
             stop=(*request.stop, *template_stop),
+            top_k=request.top_k,
+            min_p=request.min_p,
+            repeat_penalty=request.repeat_penalty,
+            presence_penalty=request.presence_penalty,
         )
         try:
             batcher.start(request.id, tokens, sampling)
