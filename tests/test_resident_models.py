@@ -32,7 +32,7 @@ from tests.harness import (
 )
 from tests.real_model import install_gemma, install_smollm2
 
-# Tiny models each count about 67 MB against the budget (most of it the worker process
+# Tiny models each count about 71 MB against the budget (most of it the worker process
 # itself): 100 MB holds one, 150 MB two.
 ONE_TINY = "100mb"
 TWO_TINY = "150mb"

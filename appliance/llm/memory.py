@@ -29,8 +29,8 @@ WEIGHTS_FACTOR: Final = 1.1
 # KV cache cells are f16.
 KV_BYTES_PER_VALUE: Final = 2
 # Activations of one batch, in floats per token and embedding dimension (measured on
-# SmolLM2 and Gemma 3 with room to spare).
-ACTIVATION_FLOATS_PER_EMBEDDING: Final = 24
+# SmolLM2 and Gemma 3, with room to spare: RSS grows as long prompts touch more of them).
+ACTIVATION_FLOATS_PER_EMBEDDING: Final = 48
 FLOAT_BYTES: Final = 4
 # Without a budget, resident models may use this share of the box's memory.
 DEFAULT_BUDGET_SHARE: Final = 0.5
