@@ -69,7 +69,7 @@ def load_modules() -> list[Module]:
         for entry in data["module"]
     ]
     for module in modules:
-        for name in (module.path, *module.tests):
+        for name in (module.path, *(test.partition("::")[0] for test in module.tests)):
             if not (ROOT / name).is_file():
                 raise SystemExit(f"{CONFIG.name}: {name} does not exist")
     return modules
