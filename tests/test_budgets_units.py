@@ -40,9 +40,7 @@ async def redis() -> AsyncIterator[coredis.Redis[bytes]]:
         async with trio.open_nursery() as nursery:
             server = EmbeddedRedis(directory, directory / "run", "64mb")
             await nursery.start(server.run)
-            client: coredis.Redis[bytes] = coredis.Redis(
-                unix_socket_path=str(server.socket_path)
-            )
+            client: coredis.Redis[bytes] = coredis.Redis(unix_socket_path=str(server.socket_path))
             async with client:
                 yield client
             nursery.cancel_scope.cancel()

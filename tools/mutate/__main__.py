@@ -166,8 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.mutate", description=__doc__)
     parser.add_argument("modules", nargs="*", help="module paths from modules.toml")
     parser.add_argument("--list", action="store_true", help="print the mutants, run nothing")
+    parser.add_argument(
+        "--tests",
+        nargs="+",
+        metavar="TEST",
+        help="run these tests instead of the configured ones (e.g. to score an older suite)",
+    )
     args = parser.parse_args(argv)
     modules = choose(load_modules(), args.modules)
+    if args.tests:
+        modules = [Module(m.path, tuple(args.tests), m.threshold) for m in modules]
     allowed = load_allow_list()
     if args.list:
         for module in modules:

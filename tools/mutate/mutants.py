@@ -304,9 +304,7 @@ def apply(source: str, mutant: Mutant) -> str:
     else:
         items = getattr(parent, site.field)
         result = site.change(items[site.position])
-        items[site.position : site.position + 1] = (
-            result if isinstance(result, list) else [result]
-        )
+        items[site.position : site.position + 1] = result if isinstance(result, list) else [result]
     return ast.unparse(ast.fix_missing_locations(tree))
 
 
