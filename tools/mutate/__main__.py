@@ -12,6 +12,7 @@ equivalent mutants names a mutant that no longer exists.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 import tomllib
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         help="run these tests instead of the configured ones (e.g. to score an older suite)",
     )
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so that the tree copy is removed and no test run is left.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     modules = choose(load_modules(), args.modules)
     if args.tests:
         modules = [Module(m.path, tuple(args.tests), m.threshold) for m in modules]

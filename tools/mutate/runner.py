@@ -115,22 +115,23 @@ class Executor:
         if pid == 0:  # the child: never returns
             self._child(tests, log)
         deadline = started + timeout
-        while True:
-            waited, status = os.waitpid(pid, os.WNOHANG)
-            if waited:
-                code = os.waitstatus_to_exitcode(status)
-                seconds = time.monotonic() - started
-                outcome = Outcome.SURVIVED if code == PASSED else Outcome.KILLED
-                if code == NO_TESTS:
-                    raise RuntimeError(f"no test ran for {' '.join(tests)}; see {log}")
-                return Run(outcome, seconds, code)
-            if time.monotonic() > deadline:
-                # The child leads a process group of its own: its daemons die with it.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                return Run(Outcome.TIMEOUT, time.monotonic() - started, -signal.SIGKILL)
-            time.sleep(POLL_S)
+        try:
+            while True:
+                waited, status = os.waitpid(pid, os.WNOHANG)
+                if waited:
+                    code = os.waitstatus_to_exitcode(status)
+                    seconds = time.monotonic() - started
+                    if code == NO_TESTS:
+                        raise RuntimeError(f"no test ran for {' '.join(tests)}; see {log}")
+                    outcome = Outcome.SURVIVED if code == PASSED else Outcome.KILLED
+                    return Run(outcome, seconds, code)
+                if time.monotonic() > deadline:
+                    _kill_group(pid)
+                    return Run(Outcome.TIMEOUT, time.monotonic() - started, -signal.SIGKILL)
+                time.sleep(POLL_S)
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM): leave no test run behind
+            _kill_group(pid)
+            raise
 
     def _child(self, tests: Sequence[str], log: Path) -> None:
         code = 99
@@ -153,6 +154,14 @@ class Executor:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+
+
+def _kill_group(pid: int) -> None:
+    """The child leads a process group of its own: the daemons its tests started die with it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 _HERE_ROOT: Final = Path(__file__).resolve().parents[2]
