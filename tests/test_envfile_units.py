@@ -5,6 +5,7 @@ operator out of the data sealed with it.
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 from pathlib import Path
@@ -97,6 +98,21 @@ def test_a_file_that_cannot_be_read_is_named_with_the_reason(tmp_path: Path) -> 
     with pytest.raises(EnvFileError) as caught:
         parse_env_file(tmp_path)
     assert str(caught.value) == f"env file {tmp_path} cannot be read (Is a directory)"
+
+
+def test_a_file_this_user_may_not_read_is_named_as_such(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        path = tmp_path / "locked.env"
+        path.write_text("A=1\n")
+        path.chmod(0)
+    else:
+        # root reads any regular file; a write-only sysctl is refused even to root.
+        path = Path("/proc/sys/vm/compact_memory")
+        if not path.exists():
+            pytest.skip("no write-only file that root may not read")
+    with pytest.raises(EnvFileError) as caught:
+        parse_env_file(path)
+    assert str(caught.value) == f"env file {path} is not readable by this user"
 
 
 def test_a_generated_env_file_has_fresh_strong_secrets_and_safe_defaults() -> None:
