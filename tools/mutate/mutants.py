@@ -54,7 +54,7 @@ class Site:
     """Where a change applies: a child (or list item) of the node at `parent` in walk order."""
 
     parent: int
-    field: str
+    attribute: str
     position: int | None
     change: Change = field(compare=False)
 
@@ -205,14 +205,14 @@ class _Collector:
     def node_sites(self, node: ast.AST, scope: str) -> None:
         if isinstance(node, ast.Compare):
             for i, op in enumerate(node.ops):
-                swap = _COMPARE_SWAP[type(op)]
-                self.add("compare", scope, node, "ops", i, lambda _, s=swap: s(), shown=node)
+                swap = _replace_with(_COMPARE_SWAP[type(op)])
+                self.add("compare", scope, node, "ops", i, swap, shown=node)
         elif isinstance(node, ast.BoolOp):
-            other = ast.Or if isinstance(node.op, ast.And) else ast.And
-            self.add("boolop", scope, node, "op", None, lambda _, o=other: o(), shown=node)
+            other = _replace_with(ast.Or if isinstance(node.op, ast.And) else ast.And)
+            self.add("boolop", scope, node, "op", None, other, shown=node)
         elif isinstance(node, ast.BinOp | ast.AugAssign) and type(node.op) in _ARITH_SWAP:
-            arith = _ARITH_SWAP[type(node.op)]
-            self.add("arith", scope, node, "op", None, lambda _, a=arith: a(), shown=node)
+            arith = _replace_with(_ARITH_SWAP[type(node.op)])
+            self.add("arith", scope, node, "op", None, arith, shown=node)
         elif isinstance(node, ast.If | ast.While | ast.IfExp):
             if not _negation_of_compare(node.test):
                 self.add("negate", scope, node, "test", None, _negate)
@@ -254,6 +254,11 @@ class _Collector:
                 self.add("constant", scope, node, name, position, _plus_one)
 
 
+def _replace_with(kind: type[ast.AST]) -> Change:
+    """A change that puts a new node of `kind` (an operator) in place of the old one."""
+    return lambda _: kind()
+
+
 def _negation_of_compare(test: ast.expr) -> bool:
     """`not (a == b)` is the compare operator's mutant `a != b` again: made once only."""
     return (
@@ -274,7 +279,7 @@ def _flip_bool(node: ast.AST) -> ast.AST:
 
 
 def _plus_one(node: ast.AST) -> ast.AST:
-    assert isinstance(node, ast.Constant)
+    assert isinstance(node, ast.Constant) and isinstance(node.value, int | float)
     return ast.Constant(value=node.value + 1)
 
 
@@ -300,9 +305,9 @@ def apply(source: str, mutant: Mutant) -> str:
     site = mutant.site
     parent = nodes[site.parent]
     if site.position is None:
-        setattr(parent, site.field, site.change(getattr(parent, site.field)))
+        setattr(parent, site.attribute, site.change(getattr(parent, site.attribute)))
     else:
-        items = getattr(parent, site.field)
+        items = getattr(parent, site.attribute)
         result = site.change(items[site.position])
         items[site.position : site.position + 1] = result if isinstance(result, list) else [result]
     return ast.unparse(ast.fix_missing_locations(tree))
