@@ -37,6 +37,7 @@ def spans(scan_factory: object, text: str) -> list[str]:
         ("de89 3704 0044 0532 0130 00", ["de89 3704 0044 0532 0130 00"]),
         ("DE89-3704-0044-0532-0130-00.", ["DE89-3704-0044-0532-0130-00"]),
         ("DE89370400440532013000X", []),  # longer than a German IBAN
+        ("DE89370400440532013000X more", []),
         ("XDE89370400440532013000", []),  # inside a word
         ("ZZ89370400440532013000", []),  # no such country
         ("DE88370400440532013000", []),  # wrong check digits
@@ -57,6 +58,13 @@ def test_ibans(text: str, found: list[str]) -> None:
         ("[2001:db8::7]:80", ["2001:db8::7"]),
         ("fe80::1%eth0", ["fe80::1"]),
         ("fe80::1 and fe80::2", ["fe80::1", "fe80::2"]),
+        # Where the scan back from the first colon pair finds the address's start.
+        ("::82cb is up", ["::82cb"]),
+        ("id: ::2025", ["::2025"]),
+        ("x:6b1b:: y", ["6b1b::"]),
+        ("b2::3155::bf", ["3155::bf"]),
+        ("host 2:c4e9:8::c:45c", ["2:c4e9:8::c:45c"]),
+        (":001b::4f:9", ["001b::4f:9"]),
         ("::1", []),  # loopback
         ("::", []),  # unspecified
         ("1::2", []),  # a slice in code
@@ -102,6 +110,7 @@ def test_ipv6_plausibility(value: str, ok: bool) -> None:
         ("a" * 65 + "@example.com", []),  # a local part has 64 characters at most
         ("x@y@example.com", ["y@example.com"]),
         ("to: ann@example.com, bob@example.org", ["ann@example.com", "bob@example.org"]),
+        ("@team: ann@example.com", ["ann@example.com"]),  # an '@' at the very start
         ("ssh://git@github.com/x", []),
         ("git@github.com:org/repo.git", []),
         ("@example.com", []),
@@ -140,4 +149,20 @@ def test_each_standard_detector_names_its_category() -> None:
         ("IP", "fe80::1"),
         ("EMAIL", "ann@example.com"),
         ("URL_CREDENTIALS", "u:pw"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        # The cue words are found in any case.
+        ("Authorization: Bearer abcdefghijklmnopqrstuvwxyz0123", "abcdefghijklmnopqrstuvwxyz0123"),
+        ("authorization: bearer abcdefghijklmnopqrstuvwxyz0123", "abcdefghijklmnopqrstuvwxyz0123"),
+        ("PASSWORD=hunter2xyz!", "hunter2xyz!"),
+        ("password=hunter2xyz!", "hunter2xyz!"),
+    ],
+)
+def test_cued_secrets_in_any_case(text: str, secret: str) -> None:
+    assert [(f.category, text[f.start : f.end]) for f in STANDARD.find(text)] == [
+        ("SECRET", secret)
     ]
