@@ -95,6 +95,11 @@ NINETEEN = " ".join(_DISCOVER_19[i : i + 4] for i in range(0, 19, 4))
         (NINETEEN, [NINETEEN]),  # 4-4-4-4-3
         ("4111 1111 1111 1111 123", ["4111 1111 1111 1111"]),  # a CVV after it stays out
         ("4111 1111-1111 1111", []),  # two kinds of separator
+        ("4111 1111 1111-1111", []),
+        ("12 4111 1111 1111 1111", ["4111 1111 1111 1111"]),  # a short group before it
+        ("4000 0000 00006", []),  # a 13-digit Visa printed 4-4-5
+        ("3528 0000 0000 00007", []),  # a 17-digit JCB printed 4-4-4-5
+        ("3528 0000 0000 000 007", []),  # an 18-digit JCB printed 4-4-4-3-3
         ("41 11 11 11 11 11 11 11", []),  # not a printed card layout
         ("ean 4111 1111 1111 1111", []),
     ],
@@ -117,6 +122,10 @@ def test_cards_in_text(text: str, cards: list[str]) -> None:
         ("x 0049 30 12 34 567 890 1 y", [("PHONE", "0049 30 12 34 567 890 1")]),
         ("x 0049 30 12 34 567 890 12 y", []),
         ("x 0049301234567 y", []),  # 00 without separators is just a number
+        # The trunk "(0)" once is not a digit of the number; a second one is.
+        ("x +49 (0) 30 12345678901 y", [("PHONE", "+49 (0) 30 12345678901")]),
+        ("x +49 (0) 30 (0) 1234567890 y", [("PHONE", "+49 (0) 30 (0) 1234567890")]),
+        ("x +49 (0) 30 (0) 12345678901 y", []),
         # North American: 10 or 11 digits.
         ("x 415 555 2671 y", [("PHONE", "415 555 2671")]),
         ("x 1 415 555 2671 y", [("PHONE", "1 415 555 2671")]),
