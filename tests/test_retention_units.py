@@ -5,13 +5,16 @@ whose turn it is.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import coredis
+import pytest
 import trio
 
+from appliance.privacy import retention
 from appliance.privacy.retention import (
     DONE_KEY,
     LOCK_KEY,
@@ -74,6 +77,7 @@ async def test_a_sweep_deletes_what_is_idle_longer_than_the_retention_days() -> 
         s.now[0] += 7 * DAY
         sweeper = RetentionService(s.conversations, 7, 3600, clock=lambda: s.now[0])
         assert (sweeper.sweeps, sweeper.last_sweep, sweeper.total_removed) == (0, None, 0)
+        assert sweeper.last_removed == 0
         sweeper.last_error = "RedisError"
         assert await sweeper.sweep() == 1
         assert list(await s.client.zrange(INDEX_KEY, 0, -1)) == [b"b" * 32]
@@ -104,6 +108,8 @@ async def test_turns_lock_lease_and_period() -> None:
         assert 59_000 < await s.client.pttl(LOCK_KEY) <= 60_000  # a 60-second lease
         busy = await other.begin()
         assert busy[:2] == ("busy", None) and 59.0 < busy[2] <= 60.0
+        await s.client.pexpire(LOCK_KEY, 1_000_000_000)
+        assert 999_990.0 < (await other.begin())[2] <= 1_000_000.0  # milliseconds to seconds
         assert not await other.renew("not-the-token")
         await s.client.pexpire(LOCK_KEY, 5_000)
         assert await turns.renew(token)
@@ -166,6 +172,93 @@ async def test_a_short_interval_caps_the_wait_and_the_jitter() -> None:
         first = RetentionService(s.conversations, 7, 0.5, clock=lambda: s.now[0])
         second = RetentionService(s.conversations, 7, 0.5, clock=lambda: s.now[0])
         await s.client.set(DONE_KEY, "x", px=60_000)
-        waits = [await second.take_turn() for _ in range(20)]
+        waits = [await second.take_turn() for _ in range(200)]
+        # The jitter is at most a tenth of the interval, and it does reach near that.
         assert all(0.5 <= wait <= 0.55 for wait in waits)
+        assert max(waits) > 0.546
         assert first.sweeps == 0
+
+
+def test_a_failing_sweep_never_makes_the_appliance_unhealthy() -> None:
+    assert RetentionService.critical is False
+
+
+async def test_a_failed_sweep_releases_the_lock_and_raises() -> None:
+    async with stored() as s:
+        await s.write("a" * 32)
+        await s.client.hset("conv:{" + "a" * 32 + "}:meta", {"updated": "not a time"})
+        s.now[0] += 8 * DAY
+        sweeper = RetentionService(s.conversations, 7, 50.0, clock=lambda: s.now[0])
+        with pytest.raises(ExceptionGroup) as caught:
+            await sweeper.take_turn()
+        assert caught.group_contains(ValueError, match="could not convert")
+        assert await s.client.exists([LOCK_KEY, DONE_KEY]) == 0
+        assert sweeper.sweeps == 0
+
+
+async def test_a_sweep_cancelled_half_way_releases_the_lock() -> None:
+    async with stored() as s:
+        for n in range(300):
+            await s.write(f"{n:032x}")
+        s.now[0] += 8 * DAY
+        sweeper = RetentionService(s.conversations, 7, 50.0, clock=lambda: s.now[0])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sweeper.take_turn)
+            while not await s.client.exists([LOCK_KEY]):  # noqa: ASYNC110 (state in Redis)
+                await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+        # The release ran, shielded, although the sweep was cancelled.
+        assert await s.client.exists([LOCK_KEY]) == 0
+
+
+async def test_a_finished_sweep_logs_no_lost_lock(caplog: pytest.LogCaptureFixture) -> None:
+    async with stored() as s:
+        sweeper = RetentionService(s.conversations, 7, 50.0, clock=lambda: s.now[0])
+        with caplog.at_level(logging.WARNING, logger="appliance.privacy"):
+            assert await sweeper.take_turn() == 50.0
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "appliance.privacy" and r.levelno >= logging.WARNING
+    ]
+    assert warnings == []
+
+
+async def test_the_lock_is_renewed_while_sweeping_and_a_lost_lock_stops_the_sweep(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(retention, "LOCK_LEASE_SECONDS", 0.9)  # renewed every 0.3 s
+    async with stored() as s:
+        sweeper = RetentionService(s.conversations, 7, 50.0, clock=lambda: s.now[0])
+        state, token, _ = await sweeper.turns.begin()
+        assert state == "mine" and token is not None
+        held_past_the_lease = False
+        left: list[int] = []
+        with trio.move_on_after(10), trio.CancelScope() as sweeping:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sweeper._keep_lock, token, sweeping)
+                for _ in range(30):  # 1.5 s, longer than the lease
+                    await trio.sleep(0.05)
+                    left.append(await s.client.pttl(LOCK_KEY))
+                held_past_the_lease = await s.client.get(LOCK_KEY) == token.encode()
+                await s.client.delete([LOCK_KEY])  # expired, or taken by another appliance
+                await trio.sleep_forever()
+        assert held_past_the_lease
+        assert min(left) > 0 and min(left) < 800  # renewed now and then, not all the time
+        assert sweeping.cancelled_caught  # the sweep was stopped
+
+
+async def test_the_service_sweeps_once_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with stored() as s:
+        sweeper = RetentionService(s.conversations, 7, 0.3, clock=lambda: s.now[0])
+        before = await s.client.info("commandstats")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sweeper.run)
+            with trio.fail_after(20):
+                while sweeper.sweeps < 3:  # noqa: ASYNC110 (polls the service's counter)
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        after = await s.client.info("commandstats")
+    calls = after["cmdstat_eval"]["calls"] - before.get("cmdstat_eval", {"calls": 0})["calls"]
+    # A few turns (begin, finish) per sweep: the service waits between them, it never spins.
+    assert calls < 40

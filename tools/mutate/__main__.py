@@ -3,6 +3,7 @@
     python -m tools.mutate                 every listed module
     python -m tools.mutate appliance/envfile.py ...   only these
     python -m tools.mutate --list MODULE   print the mutants, run nothing
+    python -m tools.mutate MODULE --only 'settle'   only the mutants whose line has this
 
 Prints a score per module (caught / (mutants - equivalent)) and each survivor with file:line
 and the change; exits 1 when a module scores under its threshold or when the allow-list of
@@ -101,11 +102,15 @@ def choose(modules: list[Module], names: list[str]) -> list[Module]:
     return [by_path[name] for name in names]
 
 
-def mutate_module(module: Module, executor: Executor, allowed: dict[str, str]) -> Result:
+def mutate_module(
+    module: Module, executor: Executor, allowed: dict[str, str], only: str | None = None
+) -> Result:
     started = time.monotonic()
     target = executor.copy_root / module.path
     original = target.read_text()
     found = mutation.mutants(module.path, original)
+    if only is not None:
+        found = [mutant for mutant in found if only in mutant.describe()]
     mutation.unchanged(original)
     result = Result(module, mutants=len(found))
     stem = module.path.replace("/", ".").removesuffix(".py")
@@ -168,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", help="module paths from modules.toml")
     parser.add_argument("--list", action="store_true", help="print the mutants, run nothing")
     parser.add_argument(
+        "--only",
+        metavar="TEXT",
+        help="only the mutants whose printed line contains TEXT (e.g. to re-test a survivor)",
+    )
+    parser.add_argument(
         "--tests",
         nargs="+",
         metavar="TEST",
@@ -200,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     with tree_copy(ROOT) as copy_root:
         executor = Executor(copy_root, LOG_DIR)
         for module in modules:
-            result = mutate_module(module, executor, allowed)
+            result = mutate_module(module, executor, allowed, args.only)
             report(result)
             results.append(result)
     table(results)
