@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import coredis
+import msgspec
 import pytest
 import trio
 
@@ -21,6 +22,7 @@ from appliance.store.conversations import (
     KEY_IDS_KEY,
     OWNERS_KEY,
     Conversations,
+    Message,
     UnreadableRecord,
     messages_key,
     meta_key,
@@ -292,4 +294,91 @@ async def test_expiry_puts_an_active_conversation_back_where_it_belongs() -> Non
         await s.client.zadd(INDEX_KEY, {A: NOW})  # an index entry not yet refreshed
         assert await s.conversations.expire_older_than(NOW + 10) == 0
         assert await s.client.zscore(INDEX_KEY, A) == NOW + 50
+        assert await s.conversations.get(A) is not None
+
+
+async def test_a_write_the_full_store_refuses_leaves_no_index_entry() -> None:
+    async with stored() as s:
+        await s.write(B)
+        used = int((await s.client.info("memory"))["used_memory"])
+        # The index entries fit; the exchange (400 KB in the query buffer) does not.
+        await s.client.config_set({"maxmemory": str(used + 100_000)})
+        with pytest.raises(coredis.exceptions.RedisError, match=r"OOM|EXECABORT|RPUSH"):
+            await s.write(A, text="q" * 400_000)
+        assert await s.client.exists([meta_key(A), messages_key(A)]) == 0
+        assert await s.client.zscore(INDEX_KEY, A) is None
+        assert await s.client.smembers(owner_key("alice")) == {B.encode()}
+        assert await s.client.smembers(BYKEY_PREFIX + RING.current_id) == {B.encode()}
+        # A conversation that exists keeps its entries when its next exchange is refused.
+        with pytest.raises(coredis.exceptions.RedisError):
+            await s.write(B, text="q" * 400_000)
+        assert await s.client.zscore(INDEX_KEY, B) == NOW
+        assert await s.client.smembers(owner_key("alice")) == {B.encode()}
+        await s.client.config_set({"maxmemory": "64mb"})
+        await s.write(A)
+        assert await s.conversations.get(A) is not None
+
+
+def test_records_are_immutable() -> None:
+    message = Message(id="1", role="user", content="hi", created=1.0)
+    with pytest.raises(AttributeError):
+        message.content = "changed"  # type: ignore[misc]
+
+
+async def test_a_message_stored_without_its_token_count_reads_as_zero() -> None:
+    async with stored() as s:
+        await s.write(A)
+        old = msgspec.msgpack.encode({"id": "1", "role": "user", "content": "old", "created": 1.0})
+        await s.client.rpush(messages_key(A), [RING.seal(old, messages_key(A))])
+        conversation = await s.conversations.get(A)
+        assert conversation is not None
+        with pytest.raises(AttributeError):
+            conversation.meta.title = "changed"  # type: ignore[misc]
+        with pytest.raises(AttributeError):
+            conversation.messages = []  # type: ignore[misc]
+    assert conversation.messages[-1] == Message(id="1", role="user", content="old", created=1.0)
+    assert conversation.messages[-1].tokens == 0
+
+
+async def test_an_owner_listing_puts_a_conversation_without_index_entry_last() -> None:
+    async with stored() as s:
+        await s.write(A)
+        await s.write(B)
+        await s.client.zadd(INDEX_KEY, {A: 0.5})
+        await s.client.zrem(INDEX_KEY, [B])  # its writer died between the two index writes
+        metas, total = await s.conversations.page(0, 10, owner="alice")
+    assert ([m.id for m in metas], total) == ([A, B], 2)
+
+
+async def test_a_conversation_written_again_during_a_deletion_gets_its_entries_back() -> None:
+    async with stored() as s:
+        await s.write(A)
+        # The deletion's index clean-up finds the conversation written anew meanwhile.
+        await s.conversations._forget(A, {})
+        assert await s.client.zscore(INDEX_KEY, A) == NOW
+        assert await s.client.smembers(owner_key("alice")) == {A.encode()}
+        assert await s.client.smembers(BYKEY_PREFIX + RING.current_id) == {A.encode()}
+        assert await s.client.smembers(KEY_IDS_KEY) == {RING.current_id.encode()}
+        # A meta without an owner (half written) is not put back, and does not fail.
+        await s.client.hset(meta_key(B), {"id": B, "updated": "5.0"})
+        await s.client.zadd(INDEX_KEY, {B: 5.0})
+        await s.conversations._forget(B, {})
+        assert await s.client.zscore(INDEX_KEY, B) is None
+
+
+async def test_erasing_counts_a_conversation_without_messages() -> None:
+    async with stored() as s:
+        await s.client.hset(
+            meta_key(A), {"id": A, "owner": "alice", "created": "1", "updated": "1"}
+        )
+        await s.client.sadd(owner_key("alice"), [A])
+        assert await s.conversations.delete_owner("alice") == (1, 0)
+
+
+async def test_expiry_keeps_a_conversation_active_at_the_cutoff_under_a_stale_entry() -> None:
+    async with stored() as s:
+        await s.write(A)  # updated at NOW
+        await s.client.zadd(INDEX_KEY, {A: NOW - 50})  # its entry not refreshed yet
+        assert await s.conversations.expire_older_than(NOW) == 0
+        assert await s.client.zscore(INDEX_KEY, A) == NOW
         assert await s.conversations.get(A) is not None
