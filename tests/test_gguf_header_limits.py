@@ -7,6 +7,8 @@ from the checker, so that a changed limit or element size fails a test.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import struct
 from pathlib import Path
 
@@ -497,3 +499,59 @@ def test_an_array_of_strings_needs_room_for_every_length(tmp_path: Path) -> None
     )
     empty_strings = array("x.s", STRING, 3, bytes(24))
     assert passes(tmp_path, gguf([empty_strings, NAME_AFTER])).name == "after"
+
+
+def test_a_string_array_may_end_exactly_at_the_end_of_the_file(tmp_path: Path) -> None:
+    ending = array("x.s", STRING, 2, string("a") + string("bc"))
+    assert passes(tmp_path, gguf([ending], alignment=1)).kv_count == 1
+    empty_last = array("x.s", STRING, 2, string("a") + string(""))
+    assert passes(tmp_path, gguf([empty_last], alignment=1)).kv_count == 1
+
+
+def test_a_string_in_an_array_longer_than_the_rest_of_the_file_is_named(tmp_path: Path) -> None:
+    data = gguf([array("x.s", STRING, 2, string("a") + U64.pack(100) + b"abc")], alignment=1)
+    assert refused(tmp_path, data) == (
+        f"metadata key 'x.s' element 1 needs 100 bytes, larger than the rest of the file (3 "
+        f"bytes); the file is truncated or corrupt; {REFETCH}"
+    )
+
+
+@pytest.mark.parametrize("last", ["scalar", "strings"])
+def test_metadata_read_or_skipped_may_end_at_64_mib(tmp_path: Path, last: str) -> None:
+    head = 24
+    blobs = [kv_str(f"x.{c}", bytes(16 * MIB)) for c in "abc"]
+
+    def file(extra: int) -> bytes:
+        # The last entry, read (an integer) or walked (an array of strings), ends at
+        # 64 MiB + extra.
+        if last == "scalar":
+            tail = kv("x.e", UINT8, b"\0")
+        else:
+            tail = array("x.e", STRING, 1, string(b"x"))  # its last byte is the string's
+        fill = 64 * MIB + extra - head - sum(len(b) for b in blobs) - len(tail)
+        blob = kv_str("x.d", bytes(fill - len(kv_str("x.d", b""))))
+        data = gguf([*blobs, blob, tail], alignment=1)
+        assert len(data) == 64 * MIB + extra
+        return data
+
+    assert passes(tmp_path, file(0)).kv_count == 5
+    assert refused(tmp_path, file(1)) == (
+        f"metadata is larger than 67108864 bytes (at metadata key 'x.e'), more than any real "
+        f"model has; {CORRUPT}"
+    )
+
+
+def test_refused_non_files_leave_no_descriptor_open(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.gguf"
+    os.mkfifo(fifo)
+    before = len(os.listdir("/proc/self/fd"))
+    for path in [tmp_path, fifo] * 20:
+        with pytest.raises(GGUFHeaderError, match="not a regular file"):
+            check_gguf_header(path)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_checked_header_cannot_be_changed(tmp_path: Path) -> None:
+    header = passes(tmp_path, gguf([NAME_AFTER]))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        header.name = "other"  # type: ignore[misc]
