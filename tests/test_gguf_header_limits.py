@@ -466,6 +466,7 @@ def test_per_token_arrays_need_their_type_and_an_entry_per_token(
         f"metadata key '{key}' is {NAMES[etype]}; expected an array; {CORRUPT}"
     )
     assert passes(tmp_path, gguf([short])).kv_count == 1  # without tokens nothing is indexed
+    assert passes(tmp_path, gguf([array(key, etype, 0, b"")])).kv_count == 1
 
 
 @pytest.mark.parametrize("key", ["general.architecture", "general.name", "tokenizer.chat_template"])

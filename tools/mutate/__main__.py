@@ -103,14 +103,14 @@ def choose(modules: list[Module], names: list[str]) -> list[Module]:
 
 
 def mutate_module(
-    module: Module, executor: Executor, allowed: dict[str, str], only: str | None = None
+    module: Module, executor: Executor, allowed: dict[str, str], only: list[str] | None = None
 ) -> Result:
     started = time.monotonic()
     target = executor.copy_root / module.path
     original = target.read_text()
     found = mutation.mutants(module.path, original)
-    if only is not None:
-        found = [mutant for mutant in found if only in mutant.describe()]
+    if only:
+        found = [m for m in found if m.key in only or any(t in m.describe() for t in only)]
     mutation.unchanged(original)
     result = Result(module, mutants=len(found))
     stem = module.path.replace("/", ".").removesuffix(".py")
@@ -174,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the mutants, run nothing")
     parser.add_argument(
         "--only",
+        action="append",
         metavar="TEXT",
-        help="only the mutants whose printed line contains TEXT (e.g. to re-test a survivor)",
+        help="only the mutants whose printed line contains TEXT, or whose allow-list form is "
+        "TEXT (repeatable; e.g. to re-test survivors)",
     )
     parser.add_argument(
         "--tests",
