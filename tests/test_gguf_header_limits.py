@@ -509,8 +509,12 @@ def test_a_string_array_may_end_exactly_at_the_end_of_the_file(tmp_path: Path) -
     assert passes(tmp_path, gguf([empty_last], alignment=1)).kv_count == 1
 
 
-def test_a_string_in_an_array_longer_than_the_rest_of_the_file_is_named(tmp_path: Path) -> None:
-    data = gguf([array("x.s", STRING, 2, string("a") + U64.pack(100) + b"abc")], alignment=1)
+@pytest.mark.parametrize("padding", [0, 100_000])  # in the first read window, or a later one
+def test_a_string_in_an_array_longer_than_the_rest_of_the_file_is_named(
+    tmp_path: Path, padding: int
+) -> None:
+    pad = [kv_str("x.pad", bytes(padding))] if padding else []
+    data = gguf([*pad, array("x.s", STRING, 2, string("a") + U64.pack(100) + b"abc")], alignment=1)
     assert refused(tmp_path, data) == (
         f"metadata key 'x.s' element 1 needs 100 bytes, larger than the rest of the file (3 "
         f"bytes); the file is truncated or corrupt; {REFETCH}"
