@@ -47,6 +47,9 @@ def refusal(tmp_path: Path, text: str) -> str:
         ("# a comment\n\n   # indented comment\nA=1\n\n", {"A": "1"}),
         ("A=1 # not a comment\n", {"A": "1 # not a comment"}),
         ("A=1\r\nB=2\rC=3\n", {"A": "1", "B": "2", "C": "3"}),
+        # Lines end only at \n, \r and \r\n, as systemd reads them (str.splitlines would
+        # also split at these).
+        ("A=a\u2028b\x1cc\x0bd\x85e\n", {"A": "a\u2028b\x1cc\x0bd\x85e"}),
         ("A=1\nA=2\n", {"A": "2"}),  # the last one wins, as in systemd
         ('K="a\\$b\\`c\\\\d\\"e\\n"\n', {"K": 'a$b`c\\d"e\\n'}),
         ("K='a\\\"b\\\\'\n", {"K": 'a\\"b\\\\'}),  # no escapes in single quotes
