@@ -125,6 +125,14 @@ fuzz: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/run.py
 
+# `make mutate`: mutation testing of the modules that guard money, secrets and data, each
+# against its own fast tests (tools/mutate/modules.toml; equivalent mutants allowed in
+# tools/mutate/equivalent.txt). Slow, and not part of `make test`: see
+# docs/development-mutation.md. MUTATE_ARGS names modules, e.g. appliance/envfile.py.
+.PHONY: mutate
+mutate: $(VENV)/.installed
+	nice -n 10 $(BIN)/python -m tools.mutate $(MUTATE_ARGS)
+
 # llama.cpp's own server, built from the llama.cpp that llama-cpp-python $(LLAMA_VERSION)
 # vendors, with the same flags: the peer that `make bench` (batching) measures when it is
 # there. About 10 minutes on 2 cores; needs cmake (taken from PyPI when missing).

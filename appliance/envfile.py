@@ -50,9 +50,12 @@ def parse_env_file(path: Path) -> dict[str, str]:
 def _unquote(value: str, path: Path, number: int) -> str:
     if len(value) >= 1 and value[0] in "'\"":
         quote = value[0]
-        if len(value) < 2 or value[-1] != quote:
-            raise EnvFileError(f"env file {path} line {number}: unterminated {quote} quote")
         inner = value[1:-1]
+        # In double quotes a backslash escapes the next character: `"abc\"` ends in an
+        # escaped quote, so its quote is still open (a typo that would put `\` in a secret).
+        escaped_end = quote == '"' and (len(inner) - len(inner.rstrip("\\"))) % 2 == 1
+        if len(value) < 2 or value[-1] != quote or escaped_end:
+            raise EnvFileError(f"env file {path} line {number}: unterminated {quote} quote")
         if quote == '"':
             inner = re.sub(r"\\([\"\\$`])", r"\1", inner)
         return inner
