@@ -131,9 +131,11 @@ def _problems(node: Any, where: str, root: dict[str, Any]) -> Iterator[tuple[str
             if not kinds or any(kind not in _TYPES for kind in kinds):
                 yield here, f"type must be one of {', '.join(sorted(_TYPES))}"
         elif key == "format" and value not in _FORMATS_ALL:
-            yield here, f"format {value!r} is not supported; use one of {', '.join(sorted(_FORMATS))}"
+            known = ", ".join(sorted(_FORMATS))
+            yield here, f"format {value!r} is not supported; use one of {known}"
         elif key in ("minItems", "maxItems", "minLength", "maxLength"):
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_REPEAT:
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            if not whole or not 0 <= value <= MAX_REPEAT:
                 yield here, f"{key} must be a whole number from 0 to {MAX_REPEAT}"
         elif key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -174,8 +176,7 @@ def _problems(node: Any, where: str, root: dict[str, Any]) -> Iterator[tuple[str
         yield where or "items", "items together with prefixItems is not supported"
     if "allOf" in node and "properties" in node:
         yield where or "allOf", "allOf beside properties is not supported"
-    kinds = node.get("type")
-    if ("minimum" in node or "maximum" in node) and kinds not in ("integer", "number"):
+    if ("minimum" in node or "maximum" in node) and node.get("type") not in ("integer", "number"):
         yield where or "minimum", "bounds (minimum, maximum) need type integer or number"
 
 
@@ -189,14 +190,13 @@ def _follow(root: dict[str, Any], ref: str) -> Any:
 
 
 def _converter_class(base: type[Any]) -> type[Any]:
-    class Converter(base):  # type: ignore[misc,valid-type]
+    class Converter(base):  # type: ignore[misc]
         """The library's converter, with bounds on integers and numbers."""
 
         def visit(self, schema: dict[str, Any], name: str) -> Any:
             kind = schema.get("type")
             bounded = any(
-                k in schema
-                for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+                k in schema for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
             )
             if kind in ("integer", "number") and bounded and not _other_keys(schema):
                 rule_name = f"{name}-" if name in ("root", "integer", "number") else name or "root"

@@ -31,8 +31,8 @@ TYPICAL_P: Final = 1.0
 BAN_BIAS: Final = -100.0
 # While an answer cut by max_tokens is closed: what its closing tokens gain over others.
 CLOSING_BIAS: Final = 1000.0
+# The characters that close JSON: the tokens that hold only them are closing tokens.
 CLOSING_CHARS: Final = frozenset('"}]')
-# The characters that close JSON, as the tokens that hold only them.
 _TOKEN_DATA: Final = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
@@ -75,7 +75,7 @@ def sampler_chain(sampling: Sampling, n_vocab: int = 0) -> Any:
     if sampling.logit_bias:
         biases = (llama.llama_logit_bias * len(sampling.logit_bias))()
         for index, (token, bias) in enumerate(sampling.logit_bias):
-            biases[index].token = token
+            biases[index].token = token  # type: ignore[assignment]
             biases[index].bias = -math.inf if bias <= BAN_BIAS else bias
         add(chain, llama.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
     if sampling.temperature == 0:
@@ -134,7 +134,7 @@ class Candidates:
         data["logit"] = logits
         data["p"] = 0.0
         array = self._array
-        array.data = self._data.ctypes.data_as(ctypes.POINTER(llama.llama_token_data))
+        array.data = self._data.ctypes.data_as(ctypes.POINTER(llama.llama_token_data))  # type: ignore[assignment]
         array.size = self.n_vocab
         array.selected = -1
         array.sorted = False
@@ -148,7 +148,7 @@ class Candidates:
         return int(array.data[array.selected].id)
 
     def _allows(self, grammar: Any, token: int) -> bool:
-        self._one_data[0].id = token
+        self._one_data[0].id = token  # type: ignore[assignment]
         self._one_data[0].logit = 1.0
         self._one_data[0].p = 0.0
         self._one.size = 1
@@ -182,10 +182,8 @@ class Candidates:
         if self._closing is None:
             bias = np.zeros(self.n_vocab, dtype=np.float32)
             for token, piece in enumerate(self.pieces()):
-                text = piece.strip(b" ")
-                if text and all(chr(c) in CLOSING_CHARS for c in text) and len(text) == len(piece):
-                    bias[token] = CLOSING_BIAS
-                elif llama.llama_vocab_is_eog(self.vocab, token):
+                closes = bool(piece) and all(chr(c) in CLOSING_CHARS for c in piece)
+                if closes or llama.llama_vocab_is_eog(self.vocab, token):
                     bias[token] = CLOSING_BIAS
             self._closing = bias
         return self._closing
