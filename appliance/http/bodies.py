@@ -30,7 +30,8 @@ async def parse_body(kind: type[T]) -> T:
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = _PATH.search(message)
-        field = match.group(1) if match else None
+        # msgspec writes a dict's values as `[...]`: the param is the dict.
+        field = match.group(1).replace("[...]", "") if match else None
         reason = message.split(" - at ")[0]
         unknown = _UNKNOWN.search(reason)
         if unknown and field in (None, ""):
