@@ -108,7 +108,7 @@ def test_logprobs_are_the_models_and_the_greedy_choice_is_the_top_one(
     tiny: tuple[object, object],
 ) -> None:
     batcher = batcher_for(tiny)
-    texts, ends = run(
+    texts, _ = run(
         batcher, {0: [(1, tokens_of(tiny, "the"), Sampling(8, 0.0, 1.0, top_logprobs=5))]}
     )
     batcher.close()

@@ -204,8 +204,9 @@ def _converter_class(base: type[Any]) -> type[Any]:
                 if low is not None and high is not None and low > high:
                     raise ValueError(f"no {kind} lies within the bounds of {name or 'the root'}")
                 body = int_range(low, high)
-                if kind == "number":
-                    body = f"{body} | {_fraction_range(low, high)}" if high is not None else body
+                fraction = _fraction_range(low, high) if high is not None else None
+                if kind == "number" and fraction is not None:
+                    body = f"{body} | {fraction}"
                 return self._add_rule(rule_name, f"({body}) space")
             return super().visit(schema, name)
 
@@ -233,12 +234,13 @@ def _integer_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None]:
     return low, high
 
 
-def _fraction_range(low: int | None, high: int) -> str:
+def _fraction_range(low: int | None, high: int) -> str | None:
     """Numbers with a fraction that stay inside [low, high]: k.ddd for whole k with
-    max(low, 0) <= k < high (k.ddd lies in [k, k + 1), so within the bounds)."""
+    max(low, 0) <= k < high (k.ddd lies in [k, k + 1), so within the bounds); None when
+    there is no such k."""
     start = max(low or 0, 0)
     if start > high - 1:
-        return '"0" "." [0-9]+' if start == 0 and high >= 1 else int_range(start, start)
+        return None
     return f'({int_range(start, high - 1)}) "." [0-9] [0-9]*'
 
 
