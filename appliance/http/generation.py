@@ -106,10 +106,19 @@ def max_tokens_for(state: Runtime, requested: int | None, param: str = "max_toke
     return requested
 
 
+# The request field that a worker's refusal is about.
+_ERROR_PARAMS: Final = {
+    "invalid_logit_bias": "logit_bias",
+    "invalid_grammar": "grammar",
+    "invalid_input": "input",
+}
+
+
 def as_api_error(exc: InferenceError) -> ApiError:
     retry = isinstance(exc, QueueFull | WorkerCrashed) or exc.code == "context_full"
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if retry else {}
-    return ApiError(exc.status, exc.code, str(exc), headers=headers)
+    param = _ERROR_PARAMS.get(exc.code)
+    return ApiError(exc.status, exc.code, str(exc), param=param, headers=headers)
 
 
 class Events:
