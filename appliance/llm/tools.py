@@ -182,11 +182,15 @@ def read_answer(text: str, *, json_reply: bool) -> Answer:
         return Answer(text, [])
     calls = body.get("tool_calls")
     if isinstance(calls, list) and calls:
-        read = [
-            (str(c.get("name", "")), json.dumps(c.get("arguments", {}), ensure_ascii=False))
-            for c in calls
-            if isinstance(c, dict)
-        ]
+        read: list[tuple[str, str]] = []
+        for call in calls:
+            if not isinstance(call, dict):
+                continue
+            arguments = json.dumps(call.get("arguments", {}), ensure_ascii=False)
+            entry = (str(call.get("name", "")), arguments)
+            # A small model may repeat a call word for word: once is what it asks for.
+            if entry not in read:
+                read.append(entry)
         return Answer(None, read)
     reply = body.get("response", "")
     if isinstance(reply, str) and not json_reply:
