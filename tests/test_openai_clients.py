@@ -222,6 +222,28 @@ async def test_openai_client_structured_output_tools_embeddings_and_models() -> 
                                 entry["arguments"] += delta.function.arguments
                 return assembled, reasons
 
+            # Streamed with tool_choice auto: a reply comes as it grows, not at the end.
+            def streamed_auto() -> tuple[list[str], bool]:
+                pieces: list[str] = []
+                called = False
+                for chunk in client.chat.completions.create(
+                    model=MODEL,
+                    messages=question,
+                    tools=[WEATHER_TOOL],
+                    max_tokens=80,
+                    temperature=GREEDY,
+                    stream=True,
+                ):
+                    for part in chunk.choices:
+                        called = called or bool(part.delta.tool_calls)
+                        if part.delta.content:
+                            pieces.append(part.delta.content)
+                return pieces, called
+
+            pieces, called = await in_thread(streamed_auto)
+            if not called:
+                assert len(pieces) > 3 and "".join(pieces) == message.content
+
             assembled, reasons = await in_thread(streamed)
             assert reasons[-1] == "tool_calls"
             assert assembled and all(c["name"] == "get_weather" for c in assembled.values())

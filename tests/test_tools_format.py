@@ -11,7 +11,15 @@ import pytest
 
 from appliance.llm.grammar import schema_to_grammar
 from appliance.llm.protocol import ChatMessage
-from appliance.llm.tools import Call, Function, Turn, answer_schema, read_answer, render
+from appliance.llm.tools import (
+    Call,
+    Function,
+    ReplyStream,
+    Turn,
+    answer_schema,
+    read_answer,
+    render,
+)
 
 WEATHER = Function(
     "get_weather",
@@ -95,3 +103,17 @@ def test_answers_are_read_into_calls_or_a_reply() -> None:
     assert json.loads(structured.content or "") == {"a": 1}
     # Not whole JSON (a stop string cut it): the text is the reply as it is.
     assert read_answer('{"response": "hel', json_reply=False).content == '{"response": "hel'
+
+
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_a_reply_streams_as_its_string_grows(ensure_ascii: bool) -> None:
+    said = 'Hé said "hi"\\ then \U0001f600 and\nmore'
+    text = json.dumps({"response": said}, ensure_ascii=ensure_ascii)
+    stream = ReplyStream()
+    given = [stream.feed(char) for char in text]
+    assert "".join(given) == said == stream.sent
+    # Text came out before the answer ended, a piece at a time.
+    assert given.index(said[0]) < len(text) // 2
+    calls = ReplyStream()
+    assert not any(calls.feed(char) for char in json.dumps(CALL))
+    assert calls.replying is False and calls.text == json.dumps(CALL)

@@ -74,7 +74,7 @@ from appliance.http.openapi_doc import (
 )
 from appliance.http.remote_generation import REMOTE_PREFIX
 from appliance.llm.protocol import Done, SamplingOptions, Token, TokenLogprob
-from appliance.llm.tools import read_answer
+from appliance.llm.tools import ReplyStream, read_answer
 
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -296,11 +296,23 @@ async def chat_completions() -> Response:
         try:
             yield sse(chunk_body(ChunkDelta(role="assistant", content=""), None))
             if plan.tools:
-                # The answer is JSON until it ends: read whole, then sent as OpenAI's
-                # deltas (each call's id and name, then its arguments in pieces).
-                text, done, _ = await _collect(events)
-                answer = _Answer(plan, text, done)
-                for piece in _answer_deltas(answer):
+                # A reply is sent as its string grows; calls once the answer is whole
+                # (each call's id and name, then its arguments in pieces).
+                reply = ReplyStream()
+                done: Done | None = None
+                async for event in events:
+                    if isinstance(event, Done):
+                        done = event
+                    elif not plan.json_reply:
+                        fresh = reply.feed(event.text)
+                        if fresh:
+                            yield token_chunk(fresh)
+                    else:
+                        reply.text += event.text
+                if done is None:
+                    raise ApiError(503, "worker_crashed", "model worker crashed; retry")
+                answer = _Answer(plan, reply.text, done)
+                for piece in _answer_deltas(answer, reply.sent):
                     yield sse(chunk_body(piece, None))
                 for chunk in last_chunks(done, answer.finish):
                     yield chunk
@@ -320,9 +332,13 @@ async def chat_completions() -> Response:
     return stream_response(state, stream(), events)
 
 
-def _answer_deltas(answer: _Answer) -> list[ChunkDelta]:
+def _answer_deltas(answer: _Answer, sent: str) -> list[ChunkDelta]:
+    """What is left to send of a tool-format answer: the reply's rest (`sent` went out as
+    it grew) or the calls."""
     if not answer.calls:
-        return [ChunkDelta(content=answer.content or "")]
+        content = answer.content or ""
+        rest = content[len(sent) :] if content.startswith(sent) else ""
+        return [ChunkDelta(content=rest)] if rest else []
     deltas: list[ChunkDelta] = []
     for index, call in enumerate(answer.calls):
         head = ToolCallDelta(

@@ -13,6 +13,7 @@ knows user and assistant turns) renders them.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -196,3 +197,69 @@ def read_answer(text: str, *, json_reply: bool) -> Answer:
     if isinstance(reply, str) and not json_reply:
         return Answer(reply, [])
     return Answer(json.dumps(reply, ensure_ascii=False), [])
+
+
+_REPLY_START: Final = re.compile(r'\{ ?"response" ?: ?"')
+
+
+class ReplyStream:
+    """The reply of an answer in the generic format, as its tokens arrive: once the
+    answer is known to be `{"response": "...`, the string's text is given out as it
+    grows (escapes decoded whole), so a streamed reply is not held until the end."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.replying: bool | None = None  # None: not known yet
+        self._start = 0  # where the reply's string starts in `text`
+        self.sent = ""  # the reply's text given out so far
+        self._closed = False
+
+    def feed(self, piece: str) -> str:
+        """The reply's text that can be given out now ("" while undecided or a call)."""
+        self.text += piece
+        if self.replying is None:
+            found = _REPLY_START.match(self.text)
+            if found:
+                self.replying, self._start = True, found.end()
+            elif len(self.text) >= len('{ "response" : "') or '"tool_calls"' in self.text:
+                self.replying = False
+        if not self.replying or self._closed:
+            return ""
+        raw, self._closed = _whole_escapes(self.text[self._start :])
+        try:
+            decoded: str = json.loads(f'"{raw}"')
+        except ValueError:
+            # Not a JSON string after all: the rest comes with the whole answer.
+            self._closed = True
+            return ""
+        fresh = decoded[len(self.sent) :]
+        self.sent = decoded
+        return fresh
+
+
+def _whole_escapes(raw: str) -> tuple[str, bool]:
+    """The longest start of a JSON string's inside that ends on a whole character (no
+    escape cut in two), and whether the string's closing quote came."""
+    index = 0
+    while index < len(raw):
+        char = raw[index]
+        if char == '"':
+            return raw[:index], True
+        if char != "\\":
+            index += 1
+            continue
+        if index + 1 >= len(raw):
+            break
+        if raw[index + 1] != "u":
+            index += 2
+            continue
+        end = index + 6
+        if end > len(raw):
+            break
+        # A high surrogate needs its low half in the same piece.
+        if 0xD800 <= int(raw[index + 2 : end], 16) <= 0xDBFF:
+            end += 6
+        if end > len(raw):
+            break
+        index = end
+    return raw[:index], False
