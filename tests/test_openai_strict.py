@@ -7,8 +7,10 @@ client sees them as `openai.BadRequestError`. The fields that may be ignored (`u
 
 from __future__ import annotations
 
+import json
 from typing import Any, Final
 
+import llama_cpp
 import openai
 import trio
 
@@ -256,9 +258,90 @@ async def test_completions_stream_usage_when_asked() -> None:
                 if line.startswith("data: ")
             ]
             assert lines[-1] == "[DONE]"
-            import json
-
             last = json.loads(lines[-2])
             assert last["choices"] == []
             assert last["usage"]["completion_tokens"] == 4
             assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + 4
+
+
+def _token_id(path: str, piece: str) -> int:
+    """The id of the tiny model's token whose piece is `piece` (▁ for a space)."""
+    from llama_cpp._internals import LlamaModel
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = LlamaModel(path_model=path, params=params, verbose=False)
+    try:
+        wanted = piece.replace(" ", "\u2581")
+        return next(i for i in range(model.n_vocab()) if model.token_get_text(i) == wanted)
+    finally:
+        model.close()
+
+
+def _data(text: str) -> list[dict[str, Any]]:
+    return [
+        json.loads(line.removeprefix("data: "))
+        for line in text.splitlines()
+        if line.startswith("data: {")
+    ]
+
+
+async def test_sampling_fields_through_the_api_streamed_and_not() -> None:
+    greedy = {"model": "tiny", "prompt": "the water", "max_tokens": 12, "temperature": 0}
+    with trio.fail_after(120):
+        async with running_daemon() as daemon, daemon.client() as client:
+            sid = _token_id(str(daemon.state_dir / "models" / "tiny.gguf"), " sid")
+
+            async def text(**extra: Any) -> str:
+                answer = await client.post("/v1/completions", json={**greedy, **extra})
+                assert answer.status_code == 200, answer.text
+                return str(answer.json()["choices"][0]["text"])
+
+            free = await text()
+            assert " sid" in free
+            assert " sid" not in await text(logit_bias={str(sid): -100})
+            assert await text(frequency_penalty=2.0) != free
+            assert await text(presence_penalty=2.0) != free
+            assert await text(grammar='root ::= "yes" | "no"') in ("yes", "no")
+
+            # Completions' log probabilities, whole and streamed.
+            whole = (await client.post("/v1/completions", json={**greedy, "logprobs": 3})).json()
+            shaped = whole["choices"][0]["logprobs"]
+            assert len(shaped["tokens"]) == whole["usage"]["completion_tokens"] == 12
+            assert all(len(top) <= 3 for top in shaped["top_logprobs"])
+            assert shaped["text_offset"][0] == 0 and shaped["token_logprobs"][0] <= 0
+            streamed = await client.post(
+                "/v1/completions", json={**greedy, "logprobs": 3, "stream": True}
+            )
+            tokens = [
+                token
+                for chunk in _data(streamed.text)
+                if chunk["choices"] and chunk["choices"][0]["logprobs"]
+                for token in chunk["choices"][0]["logprobs"]["tokens"]
+            ]
+            assert tokens == shaped["tokens"]
+
+            # Chat's, whole and streamed: the same greedy tokens.
+            chat = {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "the water"}],
+                "max_tokens": 8,
+                "temperature": 0,
+                "logprobs": True,
+                "top_logprobs": 2,
+            }
+            answer = (await client.post("/v1/chat/completions", json=chat)).json()
+            content = answer["choices"][0]["logprobs"]["content"]
+            assert len(content) == answer["usage"]["completion_tokens"]
+            for entry in content:
+                assert len(entry["top_logprobs"]) == 2
+                assert entry["top_logprobs"][0]["logprob"] == entry["logprob"]
+                assert bytes(entry["bytes"]).decode("utf-8", "replace") == entry["token"]
+            streamed = await client.post("/v1/chat/completions", json={**chat, "stream": True})
+            pieces = [
+                entry["token"]
+                for chunk in _data(streamed.text)
+                if chunk["choices"] and chunk["choices"][0]["logprobs"]
+                for entry in chunk["choices"][0]["logprobs"]["content"]
+            ]
+            assert pieces == [entry["token"] for entry in content]

@@ -390,7 +390,14 @@ class Batcher:
             if running.adjust is not None:
                 llama.llama_sampler_accept(running.adjust, token)
         else:
-            token = candidates.constrained(running.adjust, running.chain, running.grammar, logits)
+            chain, ctx = running.chain, self._ctx
+            token = candidates.constrained(
+                running.adjust,
+                chain,
+                running.grammar,
+                logits,
+                lambda: int(llama.llama_sampler_sample(chain, ctx, row)),
+            )
         if sampling.top_logprobs is not None and not llama.llama_vocab_is_eog(self._vocab, token):
             running.logprobs.append(candidates.logprob(logits, token, sampling.top_logprobs))
         return token

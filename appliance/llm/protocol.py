@@ -101,7 +101,7 @@ class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
     top: list[TopLogprob] = []
 
 
-class Token(msgspec.Struct, frozen=True, tag="token"):
+class Token(msgspec.Struct, frozen=True, tag="token", omit_defaults=True):
     id: int
     text: str
     # The tokens that made `text`, when log probabilities were asked for.

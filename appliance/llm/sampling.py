@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -191,16 +192,28 @@ class Candidates:
         return not math.isinf(self._one_data[0].logit)
 
     def constrained(
-        self, adjust: Any, choose: Any, grammar: Any, logits: npt.NDArray[np.float32]
+        self,
+        adjust: Any,
+        choose: Any,
+        grammar: Any,
+        logits: npt.NDArray[np.float32],
+        sample: Callable[[], int],
     ) -> int:
-        """A token that `grammar` allows, by the sequence's samplers; all accept it."""
-        self._fill(logits)
-        token = self._pick(*((adjust, choose) if adjust is not None else (choose,)))
+        """A token that `grammar` allows, by the sequence's samplers; all accept it.
+        `sample` is llama.cpp's own sampling of the row by `choose` (used when nothing
+        adjusts the logits: the choosing samplers keep no state a refusal could spoil)."""
+        if adjust is None:
+            token = sample()
+        else:
+            self._fill(logits)
+            token = self._pick(adjust, choose)
         if not self._allows(grammar, token):
             token = self._refused(adjust, choose, grammar, logits)
-        for sampler in (grammar, adjust, choose):
+        for sampler in (grammar, adjust):
             if sampler is not None:
                 llama.llama_sampler_accept(sampler, token)
+        if adjust is not None:
+            llama.llama_sampler_accept(choose, token)
         return token
 
     def _refused(
@@ -209,13 +222,14 @@ class Candidates:
         """The choice again among what the grammar allows: among the GRAMMAR_FEW likeliest
         tokens first (for greedy decoding the same token as masking them all), the whole
         vocabulary only when none of those is allowed."""
-        self._fill(logits)
+        adjusted = logits
         if adjust is not None:
+            self._fill(logits)
             llama.llama_sampler_apply(adjust, ctypes.byref(self._array))
-        adjusted = self._data["logit"]
+            adjusted = self._data["logit"]
         few = self._few
         likeliest = np.argpartition(-adjusted, len(few) - 1)[: len(few)]
-        few["id"] = self._data["id"][likeliest]
+        few["id"] = likeliest
         few["logit"] = adjusted[likeliest]
         few["p"] = 0.0
         array = self._few_array
