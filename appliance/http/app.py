@@ -103,6 +103,7 @@ def register_blueprints(app: Quart) -> None:
     """Every route of the API (the OpenAPI document is built from these)."""
     from appliance.http.admin import blueprint as admin
     from appliance.http.chat import blueprint as chat
+    from appliance.http.embeddings import blueprint as embeddings
     from appliance.http.health import blueprint as health
     from appliance.http.keys import blueprint as keys
     from appliance.http.models import blueprint as models
@@ -110,7 +111,7 @@ def register_blueprints(app: Quart) -> None:
     from appliance.http.privacy import blueprint as privacy
     from appliance.http.usage import blueprint as usage
 
-    for blueprint in (health, chat, models, openai, privacy, admin, usage, keys):
+    for blueprint in (health, chat, models, openai, embeddings, privacy, admin, usage, keys):
         app.register_blueprint(blueprint)
 
 

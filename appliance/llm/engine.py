@@ -46,11 +46,14 @@ from appliance.llm.protocol import (
     Cancel,
     ChatMessage,
     Done,
+    Embed,
+    Embedded,
     Error,
     FromWorker,
     Generate,
     Load,
     Loaded,
+    SamplingOptions,
     Token,
 )
 from appliance.llm.registry import ModelRegistry, RegistryError
@@ -70,7 +73,14 @@ LOAD_DEATHS_TO_FAIL: Final = 2
 
 # Worker error codes and their HTTP status: the client's to fix (4xx), or a busy KV cache
 # that frees as other generations end (503, retry). Any other code is a 500.
-_ERROR_STATUS: Final = {"context_length_exceeded": 400, "template_error": 422, "context_full": 503}
+_ERROR_STATUS: Final = {
+    "context_length_exceeded": 400,
+    "template_error": 422,
+    "context_full": 503,
+    "invalid_grammar": 400,
+    "invalid_logit_bias": 400,
+    "invalid_input": 400,
+}
 
 
 def worker_command() -> list[str]:
@@ -318,6 +328,7 @@ class InferenceService(Service):
         stop: list[str] | None = None,
         seed: int | None = None,
         owner: str = "",
+        options: SamplingOptions | None = None,
     ) -> AsyncGenerator[Token | Done, None]:
         """Queue, then stream Token events and one final Done; raises InferenceError.
 
@@ -353,6 +364,7 @@ class InferenceService(Service):
                     seed=seed,
                     prompt=prompt,
                     messages=messages,
+                    options=options,
                 )
             )
             sent = True
@@ -382,6 +394,59 @@ class InferenceService(Service):
         finally:
             if link is not None:
                 # A Generate never written needs no Cancel (and no Done will come).
+                if sent and not finished:
+                    await _cancel(link, request_id, pending)
+                link.forget(request_id)
+            self._finish_running(owner)
+
+    async def embed(
+        self,
+        model: str,
+        *,
+        deadline: float,
+        texts: list[str] | None = None,
+        tokens: list[list[int]] | None = None,
+        owner: str = "",
+    ) -> list[Embedded]:
+        """The vectors of the inputs (in parts, in order), reached like `generate`: a slot
+        of the owner's share, then the model's worker. Raises InferenceError."""
+        if self.waiting >= self.settings.max_queue:
+            self.stats.rejected += 1
+            raise QueueFull(
+                f"{self.waiting} requests are already waiting (APPLIANCE_MAX_QUEUE="
+                f"{self.settings.max_queue}); retry in a few seconds"
+            )
+        await self._admit(model, deadline, owner)
+        link: WorkerLink | None = None
+        request_id = 0
+        sent = finished = False
+        self.running += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        parts: list[Embedded] = []
+        try:
+            link, request_id, pending = self._open()
+            await link.send(Embed(id=request_id, texts=texts or [], tokens=tokens or []))
+            sent = True
+            while True:
+                event: FromWorker | None = None
+                with trio.move_on_at(deadline):
+                    event = await link.receive(request_id, pending)
+                if event is None:
+                    raise DeadlineExceeded("the embeddings ran past the request's deadline")
+                if isinstance(event, Error):
+                    finished = True
+                    raise ModelFailed(_ERROR_STATUS.get(event.code, 500), event.code, event.message)
+                if isinstance(event, Embedded):
+                    parts.append(event)
+                    if event.last:
+                        finished = True
+                        return parts
+                elif isinstance(event, Done):  # cancelled
+                    finished = True
+                    raise WorkerCrashed("the embedding request was cancelled")
+        finally:
+            if link is not None:
                 if sent and not finished:
                     await _cancel(link, request_id, pending)
                 link.forget(request_id)
