@@ -13,6 +13,7 @@ import trio
 
 from tests.harness import Daemon, install_tiny_model, running_daemon, short_tempdir
 from tests.searxng import SearxngStandIn, searxng_standin
+from tests.test_remote_api import forwarding_pair
 
 PLANTED = ("alice.smith@example.com", "+1 415 555 0100", "4111 1111 1111 1111")
 QUESTION = (
@@ -141,50 +142,101 @@ async def test_always_sends_the_redacted_message_and_answers_with_stored_sources
     assert "alice.smith" not in messages[0]["content"]
 
 
-async def test_auto_searches_questions_about_the_world_and_says_so() -> None:
+# With the tiny model, greedy decoding calls web_search for this message, and sampling
+# with seed 1 replies instead (fixed weights and seeds: the same on every run).
+GOLD = "What is the price of gold today?"
+CALLS: dict[str, Any] = {"message": GOLD, "max_tokens": 8, "temperature": 0}
+REPLIES: dict[str, Any] = {"message": GOLD, "max_tokens": 8, "temperature": 1.0, "seed": 1}
+
+
+async def test_auto_lets_a_local_model_decide_and_says_so() -> None:
     with trio.fail_after(120):
         async with (
             searching_daemon(APPLIANCE_SEARCH_RESULTS="2") as (daemon, standin),
             daemon.client() as client,
         ):
-            asked = await client.post(
-                SEND,
-                json={
-                    "message": "Who won the world cup in 2018?",
-                    "max_tokens": 3,
-                    "search": "auto",
-                },
-            )
-            assert asked.status_code == 200, asked.text
-            report = asked.json()["search"]
-            assert report["mode"] == "auto" and report["searched"] is True
-            assert report["note"].startswith("searched: ")
-            assert asked.json()["sources"] == _expected_sources(standin, 2)
-            assert len(standin.received) == 1
+            for stream in (False, True):
+                asked = await client.post(SEND, json={**CALLS, "search": "auto", "stream": stream})
+                assert asked.status_code == 200, asked.text
+                body = asked.json() if not stream else _done(asked.text)
+                assert body["search"] == {
+                    "mode": "auto",
+                    "searched": True,
+                    "provider": "searxng",
+                    "results": 2,
+                    "note": "searched: the model called web_search",
+                }
+                assert body["sources"] == _expected_sources(standin, 2)
+            # The query is the user's message, not words the model chose.
+            assert [r.q for r in standin.received] == [GOLD, GOLD]
 
-            task = await client.post(
-                SEND,
-                json={
-                    "message": "Rewrite this so it sounds kind: go away",
-                    "search": "auto",
-                    "max_tokens": 3,
-                },
-            )
-            assert task.status_code == 200, task.text
-            assert "sources" not in task.json()
-            assert task.json()["search"] == {
-                "mode": "auto",
-                "searched": False,
-                "note": "not searched: the message does not look like a question about the world",
-            }
-            assert len(standin.received) == 1
+            for stream in (False, True):
+                replied = await client.post(
+                    SEND, json={**REPLIES, "search": "auto", "stream": stream}
+                )
+                assert replied.status_code == 200, replied.text
+                body = replied.json() if not stream else _done(replied.text)
+                assert "sources" not in body
+                assert body["search"] == {
+                    "mode": "auto",
+                    "searched": False,
+                    "note": "not searched: the model answered without calling web_search",
+                }
+                assert body["usage"]["completion_tokens"] >= 1
+            assert len(standin.received) == 2
+            # The reply is the answer, stored like any other.
+            conversation = _done(replied.text)
+            stored = await client.get(f"/api/v1/conversations/{conversation['conversation_id']}")
+            assert [m["role"] for m in stored.json()["messages"]] == ["user", "assistant"]
 
             wrong = await client.post(SEND, json={"message": "x", "search": "sometimes"})
             assert wrong.status_code in (400, 422) and "search" in wrong.text
 
 
+def _done(text: str) -> dict[str, Any]:
+    [done] = [data for name, data in _sse_events(text) if name == "done"]
+    assert isinstance(done, dict)
+    return done
+
+
+async def test_auto_with_the_remote_model_searches_questions_about_the_world() -> None:
+    """The remote model has no tool calling here: `auto` decides by the message."""
+    with trio.fail_after(180):
+        async with searxng_standin() as standin:
+            settings = _search_env(standin, APPLIANCE_SEARCH_RESULTS="1")
+            async with (
+                forwarding_pair(**settings) as (local, _, relay),
+                local.client(timeout=30) as client,
+            ):
+                ask = {"model": "remote:tiny", "max_tokens": 3, "search": "auto"}
+                asked = await client.post(
+                    SEND, json={**ask, "message": "Who won the world cup in 2018?"}
+                )
+                assert asked.status_code == 200, asked.text
+                report = asked.json()["search"]
+                assert report["searched"] is True
+                assert report["note"].startswith("searched: the message")
+                assert asked.json()["sources"] == _expected_sources(standin, 1)
+                assert len(standin.received) == 1
+                # The numbered result went to the remote model with the question.
+                assert b"[1] Result 1 title" in bytes(relay.sent)
+
+                task = await client.post(
+                    SEND, json={**ask, "message": "Rewrite this so it sounds kind: go away"}
+                )
+                assert task.status_code == 200, task.text
+                assert "sources" not in task.json()
+                assert task.json()["search"] == {
+                    "mode": "auto",
+                    "searched": False,
+                    "note": "not searched: the message does not look like a question about "
+                    "the world",
+                }
+                assert len(standin.received) == 1
+
+
 async def test_failing_providers_are_502_or_504_and_auto_answers_without_sources() -> None:
-    question = "What is the price of gold today?"
+    question = GOLD
     with trio.fail_after(180):
         async with (
             searching_daemon(APPLIANCE_SEARCH_TIMEOUT="1") as (daemon, standin),

@@ -8,11 +8,12 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from quart import Blueprint, Response, g
 
-from appliance.http.app import current_key, current_owner, runtime
+from appliance.http.app import Runtime, current_key, current_owner, runtime
 from appliance.http.bodies import parse_body, query_int
 from appliance.http.errors import ApiError
 from appliance.http.generation import (
     BudgetExhausted,
+    Events,
     FinishReason,
     MaxTokens,
     Seed,
@@ -39,7 +40,15 @@ from appliance.http.openapi_doc import (
     links,
 )
 from appliance.http.privacy import redact_off_loop
-from appliance.http.search import ChatSearch, SearchMode, SearchReport, search_for_chat
+from appliance.http.remote_generation import REMOTE_PREFIX
+from appliance.http.search import (
+    ChatSearch,
+    SearchMode,
+    SearchReport,
+    search_for_chat,
+    searcher,
+)
+from appliance.http.search_decision import CALLED, model_decides
 from appliance.llm.protocol import ChatMessage, Done, Token
 from appliance.search.context import context_message
 from appliance.search.results import Source
@@ -190,9 +199,11 @@ async def send() -> Response:
 
     `search` (`off` by default) puts web search results into the prompt as numbered
     context; the answer carries them as `sources`. Only the message, redacted, is sent to
-    the search provider. 403 while SEARCH_ENABLED=false or for a key not allowed to
-    search; 429 past SEARCH_BUDGET_DAILY; 502/504 naming the provider when `always`
-    cannot search (`auto` answers without sources and says so in `search.note`).
+    the search provider. With `auto` a local model decides (it calls web_search or
+    replies); the remote model searches when the message looks like a question about the
+    world; `search.note` says which happened. 403 while SEARCH_ENABLED=false or for a key
+    not allowed to search; 429 past SEARCH_BUDGET_DAILY; 502/504 naming the provider when
+    `always` cannot search (`auto` answers without sources and says so in `search.note`).
     """
     state = runtime()
     body = await parse_body(ChatSendRequest)
@@ -210,13 +221,12 @@ async def send() -> Response:
     model = await resolve_model(state, body.model)
     max_tokens = max_tokens_for(state, body.max_tokens)
     history, not_sent = _recent(history)
-    found = None
-    if body.search != "off":
-        found = await search_for_chat(state, current_key(), body.message, body.search)
+    found, replied = await _search(state, body, model, history, max_tokens)
     system = _system_text(body.system, found)
     messages = [ChatMessage("system", system)] if system else []
     messages += [*history, ChatMessage("user", body.message)]
-    events = await generate(
+    # With `auto`, a local model that chose to reply rather than search has answered.
+    events = replied or await generate(
         state,
         model,
         messages=messages,
@@ -294,6 +304,37 @@ async def send() -> Response:
             await events.aclose()
 
     return stream_response(state, stream(), events)
+
+
+async def _search(
+    state: Runtime,
+    body: ChatSendRequest,
+    model: str,
+    history: list[ChatMessage],
+    max_tokens: int,
+) -> tuple[ChatSearch | None, Events | None]:
+    """The search a message asks for, and the model's reply when `auto` let a local model
+    decide and it replied instead of calling web_search (appliance.http.search_decision)."""
+    if body.search == "off":
+        return None, None
+    key = current_key()
+    if body.search == "auto" and not model.startswith(REMOTE_PREFIX):
+        searcher(state, key)  # 403 before the model runs
+        system = [ChatMessage("system", body.system)] if body.system else []
+        replied = await model_decides(
+            state,
+            model,
+            [*system, *history, ChatMessage("user", body.message)],
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+        )
+        if replied is not None:
+            note = "not searched: the model answered without calling web_search"
+            return ChatSearch([], SearchReport("auto", False, note=note)), replied
+        return await search_for_chat(state, key, body.message, "auto", CALLED), None
+    return await search_for_chat(state, key, body.message, body.search), None
 
 
 def _system_text(system: str | None, found: ChatSearch | None) -> str:

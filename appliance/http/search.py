@@ -30,8 +30,9 @@ SearchMode = Annotated[
     Literal["off", "auto", "always"],
     msgspec.Meta(
         description="`always` searches the web for the message and answers from the "
-        "results; `auto` searches when the message looks like a question about the world "
-        "(and answers without sources if the search fails); 403 while SEARCH_ENABLED=false"
+        "results; `auto` lets a local model decide (it may call web_search) and, for the "
+        "remote model, searches when the message looks like a question about the world; "
+        "`auto` answers without sources if the search fails; 403 while SEARCH_ENABLED=false"
     ),
 ]
 SEARCH_PARAM: Final = "search"
@@ -99,14 +100,18 @@ def _as_api_error(error: SearchError) -> ApiError:
 
 
 async def search_for_chat(
-    state: Runtime, key: ApiKey, message: str, mode: Literal["auto", "always"]
+    state: Runtime,
+    key: ApiKey,
+    message: str,
+    mode: Literal["auto", "always"],
+    reason: str | None = None,
 ) -> ChatSearch:
     """The search a chat message asks for. `always` fails with the provider's 502/504;
-    `auto` answers without sources then, and says why in the report."""
+    `auto` answers without sources then, and says why in the report. `reason` is why
+    `auto` searches when the model decided it; without one, `world_question` decides."""
     search = searcher(state, key)
     name = search.provider.name
-    reason = None
-    if mode == "auto":
+    if mode == "auto" and reason is None:
         reason = world_question(message)
         if reason is None:
             return ChatSearch(
