@@ -134,9 +134,8 @@ class _Direct:
             str(path),
             embedding=True,
             pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+            # llama-cpp-python's defaults for the batch (512 tokens a decode).
             n_ctx=2048,
-            n_batch=2048,
-            n_ubatch=2048,
             n_threads=THREADS,
             n_threads_batch=THREADS,
             verbose=False,
@@ -190,7 +189,13 @@ def _timed(client: httpx.Client, body: dict[str, Any]) -> tuple[float, dict[str,
 def _tool_calls(client: httpx.Client, rounds: int) -> Iterator[dict[str, Any]]:
     question = [{"role": "user", "content": "What will the weather be in Lisbon in 3 days?"}]
     common = {"model": MODEL, "messages": question, "temperature": 0}
-    calling = {**common, "tools": [WEATHER_TOOL], "tool_choice": "required", "max_tokens": 64}
+    calling = {
+        **common,
+        "tools": [WEATHER_TOOL],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "max_tokens": 64,
+    }
     tool_times: list[float] = []
     plain_times: list[float] = []
     for _ in range(rounds):

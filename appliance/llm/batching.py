@@ -31,6 +31,7 @@ from appliance.llm.sampling import (
     Sampling,
     grammar_sampler,
     sampler_chain,
+    split_chains,
 )
 
 __all__ = ["BatchFull", "Batcher", "GrammarError", "Sampling", "open_model", "sampler_chain"]
@@ -141,6 +142,8 @@ class _Running:
     pending: list[int]  # prompt tokens not yet evaluated
     started: int  # order of joining (the youngest goes first when the cache is full)
     grammar: Any = None  # its grammar sampler, if the answer follows one
+    # Under a grammar, `chain` only chooses; this adjusts the logits first (or None).
+    adjust: Any = None
     generated: int = 0
     next_token: int | None = None  # sampled, to be evaluated in the next step
     logits_at: int = -1  # its row in the batch being decoded, or -1
@@ -241,10 +244,16 @@ class Batcher:
         llama.llama_memory_seq_rm(self._memory, slot.seq_id, common, -1)
         del slot.cached[common:]
         slot.last_used = next(self._clock)
+        adjust, chain = (
+            split_chains(sampling, self._n_vocab)
+            if grammar is not None
+            else (None, sampler_chain(sampling, self._n_vocab))
+        )
         slot.running = _Running(
             request_id=request_id,
             sampling=sampling,
-            chain=sampler_chain(sampling, self._n_vocab),
+            chain=chain,
+            adjust=adjust,
             grammar=grammar,
             text=TextStream(sampling.stop),
             prompt_tokens=len(prompt),
@@ -378,8 +387,10 @@ class Batcher:
             token = int(llama.llama_sampler_sample(running.chain, self._ctx, row))
         elif running.closing:
             token = candidates.closing(running.chain, running.grammar, logits)
+            if running.adjust is not None:
+                llama.llama_sampler_accept(running.adjust, token)
         else:
-            token = candidates.constrained(running.chain, running.grammar, logits)
+            token = candidates.constrained(running.adjust, running.chain, running.grammar, logits)
         if sampling.top_logprobs is not None and not llama.llama_vocab_is_eog(self._vocab, token):
             running.logprobs.append(candidates.logprob(logits, token, sampling.top_logprobs))
         return token
@@ -455,6 +466,9 @@ class Batcher:
 
 def _free(running: _Running) -> None:
     llama.llama_sampler_free(running.chain)
+    if running.adjust is not None:
+        llama.llama_sampler_free(running.adjust)
+        running.adjust = None
     if running.grammar is not None:
         llama.llama_sampler_free(running.grammar)
         running.grammar = None

@@ -3,8 +3,9 @@
 The context is made with embeddings on the first time a request asks (its memory is spent
 only by boxes that embed) and pools each input into one vector: by the pooling the GGUF
 names, else the mean of its tokens' hidden states. Inputs go through it in batches of at
-most `n_batch` tokens (one decode each, several inputs as sequences of their own), so the
-worker can run a generation step between two batches: a long embedding request slows the
+most EMBED_PACK tokens (one decode each, several inputs as sequences of their own; a
+longer input alone, up to `n_batch`), so the worker can run a generation step between
+two batches: a long embedding request slows the
 running generations a little, it never stops them.
 """
 
@@ -22,6 +23,10 @@ import numpy as np
 EMBED_BATCH: Final = 2048
 # Inputs of one decode at most (sequences of the embedding context).
 EMBED_SEQUENCES: Final = 64
+# Tokens of several inputs packed into one decode, at most: attention spans the whole
+# batch, so its cost grows with the square of what is packed (2048 tokens of short texts
+# in one decode are several times slower than four decodes of 512).
+EMBED_PACK: Final = 512
 
 
 class EmbedInputError(ValueError):
@@ -90,10 +95,11 @@ class Embedder:
         first = 0
         while first < len(inputs):
             count, used = 0, 0
+            # At least one input a decode, however long (up to n_batch).
             while (
                 first + count < len(inputs)
                 and count < self._seqs
-                and used + len(inputs[first + count]) <= self.n_batch
+                and (count == 0 or used + len(inputs[first + count]) <= EMBED_PACK)
             ):
                 used += len(inputs[first + count])
                 count += 1

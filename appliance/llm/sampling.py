@@ -5,9 +5,12 @@ tokens the sequence generated, a grammar knows where in the answer it is), so ea
 under continuous batching whatever the other sequences ask.
 
 A grammar is checked the way llama.cpp's own sampler does it: the chain picks a token
-from the free distribution and the grammar only checks that one token; only when the
-grammar refuses it is the whole vocabulary masked and the pick made again. Masking all
-of a 49k vocabulary with the grammar each step would cost more than the decode itself.
+from the free distribution and the grammar only checks that one token. When the grammar
+refuses it, the pick is made again among the 256 likeliest tokens the grammar allows
+(for greedy decoding exactly llama.cpp's answer; for sampling the same but for tokens
+too unlikely to pass top-k and min-p), and over the whole masked vocabulary only when
+none of those is allowed. Masking all of a 49k vocabulary with the grammar costs about
+as much as a decode step, and a JSON answer meets a refusal at every other token.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ TYPICAL_P: Final = 1.0
 BAN_BIAS: Final = -100.0
 # While an answer cut by max_tokens is closed: what its closing tokens gain over others.
 CLOSING_BIAS: Final = 1000.0
+# A token the grammar refuses: the choice is made again among this many likeliest tokens
+# (the whole vocabulary only when the grammar allows none of them).
+GRAMMAR_FEW: Final = 256
 # The characters that close JSON: the tokens that hold only them are closing tokens.
 CLOSING_CHARS: Final = frozenset('"}]')
 _TOKEN_DATA: Final = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
@@ -59,6 +65,24 @@ def sampler_chain(sampling: Sampling, n_vocab: int = 0) -> Any:
     """A C sampler chain like create_completion's, after the penalties and the logit bias
     (free it with llama_sampler_free)."""
     chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+    _add_adjustments(chain, sampling, n_vocab)
+    _add_choice(chain, sampling)
+    return chain
+
+
+def split_chains(sampling: Sampling, n_vocab: int) -> tuple[Any, Any]:
+    """The same samplers as two chains, for a sequence under a grammar: what adjusts the
+    logits (penalties, bias; None when there is none), then what chooses."""
+    adjust = None
+    if sampling.presence_penalty or sampling.frequency_penalty or sampling.logit_bias:
+        adjust = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        _add_adjustments(adjust, sampling, n_vocab)
+    choose = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+    _add_choice(choose, sampling)
+    return adjust, choose
+
+
+def _add_adjustments(chain: Any, sampling: Sampling, n_vocab: int) -> None:
     add = llama.llama_sampler_chain_add
     if sampling.presence_penalty or sampling.frequency_penalty:
         # Over every token the sequence generates (OpenAI's penalties count them all).
@@ -78,9 +102,13 @@ def sampler_chain(sampling: Sampling, n_vocab: int = 0) -> Any:
             biases[index].token = token  # type: ignore[assignment]
             biases[index].bias = -math.inf if bias <= BAN_BIAS else bias
         add(chain, llama.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
+
+
+def _add_choice(chain: Any, sampling: Sampling) -> None:
+    add = llama.llama_sampler_chain_add
     if sampling.temperature == 0:
         add(chain, llama.llama_sampler_init_greedy())
-        return chain
+        return
     seed = llama.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed & 0xFFFFFFFF
     add(chain, llama.llama_sampler_init_top_k(TOP_K))
     add(chain, llama.llama_sampler_init_typical(TYPICAL_P, 1))
@@ -88,7 +116,6 @@ def sampler_chain(sampling: Sampling, n_vocab: int = 0) -> Any:
     add(chain, llama.llama_sampler_init_min_p(MIN_P, 1))
     add(chain, llama.llama_sampler_init_temp(sampling.temperature))
     add(chain, llama.llama_sampler_init_dist(seed))
-    return chain
 
 
 def grammar_sampler(vocab: Any, grammar: str) -> Any:
@@ -111,6 +138,13 @@ class Candidates:
         self._array = llama.llama_token_data_array(
             data=self._data.ctypes.data_as(ctypes.POINTER(llama.llama_token_data)),
             size=n_vocab,
+            selected=-1,
+            sorted=False,
+        )
+        self._few = np.zeros(min(GRAMMAR_FEW, n_vocab), dtype=_TOKEN_DATA)
+        self._few_array = llama.llama_token_data_array(
+            data=self._few.ctypes.data_as(ctypes.POINTER(llama.llama_token_data)),
+            size=len(self._few),
             selected=-1,
             sorted=False,
         )
@@ -156,16 +190,46 @@ class Candidates:
         llama.llama_sampler_apply(grammar, ctypes.byref(self._one))
         return not math.isinf(self._one_data[0].logit)
 
-    def constrained(self, chain: Any, grammar: Any, logits: npt.NDArray[np.float32]) -> int:
-        """A token from `chain` that `grammar` allows; both samplers accept it."""
+    def constrained(
+        self, adjust: Any, choose: Any, grammar: Any, logits: npt.NDArray[np.float32]
+    ) -> int:
+        """A token that `grammar` allows, by the sequence's samplers; all accept it."""
         self._fill(logits)
-        token = self._pick(chain)
+        token = self._pick(*((adjust, choose) if adjust is not None else (choose,)))
         if not self._allows(grammar, token):
-            self._fill(logits)
-            token = self._pick(grammar, chain)
-        llama.llama_sampler_accept(grammar, token)
-        llama.llama_sampler_accept(chain, token)
+            token = self._refused(adjust, choose, grammar, logits)
+        for sampler in (grammar, adjust, choose):
+            if sampler is not None:
+                llama.llama_sampler_accept(sampler, token)
         return token
+
+    def _refused(
+        self, adjust: Any, choose: Any, grammar: Any, logits: npt.NDArray[np.float32]
+    ) -> int:
+        """The choice again among what the grammar allows: among the GRAMMAR_FEW likeliest
+        tokens first (for greedy decoding the same token as masking them all), the whole
+        vocabulary only when none of those is allowed."""
+        self._fill(logits)
+        if adjust is not None:
+            llama.llama_sampler_apply(adjust, ctypes.byref(self._array))
+        adjusted = self._data["logit"]
+        few = self._few
+        likeliest = np.argpartition(-adjusted, len(few) - 1)[: len(few)]
+        few["id"] = self._data["id"][likeliest]
+        few["logit"] = adjusted[likeliest]
+        few["p"] = 0.0
+        array = self._few_array
+        array.data = few.ctypes.data_as(ctypes.POINTER(llama.llama_token_data))  # type: ignore[assignment]
+        array.size = len(few)
+        array.selected = -1
+        array.sorted = False
+        llama.llama_sampler_apply(grammar, ctypes.byref(array))
+        if np.isfinite(few["logit"]).any():
+            llama.llama_sampler_apply(choose, ctypes.byref(array))
+            if array.selected >= 0:
+                return int(array.data[array.selected].id)
+        self._fill(logits)
+        return self._pick(*(s for s in (adjust, grammar, choose) if s is not None))
 
     def closing(self, chain: Any, grammar: Any, logits: npt.NDArray[np.float32]) -> int:
         """The likeliest token the grammar allows, closing tokens (and the end) first: an
