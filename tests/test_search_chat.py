@@ -70,7 +70,11 @@ def _expected_sources(standin: SearxngStandIn, count: int = 5) -> list[dict[str,
 async def test_always_sends_the_redacted_message_and_answers_with_stored_sources() -> None:
     state_dir = short_tempdir()
     with trio.fail_after(150):
-        async with searching_daemon(state_dir) as (daemon, standin), daemon.client() as client:
+        # DEBUG: not even the most verbose log level shows a query.
+        async with (
+            searching_daemon(state_dir, APPLIANCE_LOG_LEVEL="DEBUG") as (daemon, standin),
+            daemon.client() as client,
+        ):
             plain = await client.post(
                 SEND, json={"message": QUESTION, "max_tokens": 4, "temperature": 0}
             )
