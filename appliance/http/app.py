@@ -30,6 +30,7 @@ from appliance.metrics import ProcessSampler, RequestStats
 from appliance.privacy.keys import Keys
 from appliance.privacy.redaction import Redactor
 from appliance.privacy.retention import RetentionService
+from appliance.search.service import WebSearch
 from appliance.store.client import Store
 from appliance.store.conversations import Conversations
 from appliance.supervisor import Supervisor
@@ -64,6 +65,8 @@ class Runtime:
     pulls: Pulls
     # The remote LLM client, when REMOTE_LLM_ENABLED; None means no code path can reach it.
     remote: RemoteLLM | None = None
+    # The web search client, when SEARCH_ENABLED; None means no code path can search.
+    search: WebSearch | None = None
     urls: list[str] = field(default_factory=list)
     # Open streamed generations per key id (APPLIANCE_MAX_STREAMS_PER_KEY).
     streams: dict[str, int] = field(default_factory=dict)

@@ -74,6 +74,7 @@ from appliance.http.openapi_doc import (
     event_stream,
 )
 from appliance.http.remote_generation import REMOTE_PREFIX
+from appliance.http.web_search_tool import web_search_round
 from appliance.llm.protocol import Done, SamplingOptions, Token, TokenLogprob
 from appliance.llm.tools import ReplyStream, read_answer
 
@@ -215,19 +216,35 @@ async def chat_completions() -> Response:
     range or cannot apply (`param` names it); 403 for a `remote:` model while the remote
     LLM is off; 404 for an unknown model; 502/504 from the remote LLM. `user`,
     `metadata`, `store` and `service_tier` are accepted and ignored.
+
+    A tool named `web_search` is the server's own: when the model calls it, the appliance
+    searches the web and asks the model again with the results (docs/search.md); 403
+    while SEARCH_ENABLED=false or for a key that may not search.
     """
     state = runtime()
     body = await parse_body(ChatCompletionRequest)
     model = await resolve_model(state, body.model)
-    plan = chat_plan(body, remote=model.startswith(REMOTE_PREFIX))
-    events = await _events(
-        state,
-        body,
-        model,
-        plan.options,
-        remote_params=plan.remote_params,
-        messages=plan.messages,
-    )
+
+    def plan_of(request: ChatCompletionRequest) -> ChatPlan:
+        return chat_plan(request, remote=model.startswith(REMOTE_PREFIX))
+
+    async def events_of(request: ChatCompletionRequest, plan: ChatPlan) -> Events:
+        return await _events(
+            state,
+            request,
+            model,
+            plan.options,
+            remote_params=plan.remote_params,
+            messages=plan.messages,
+        )
+
+    # A listed web_search tool is run by the server (appliance.http.web_search_tool).
+    searched = await web_search_round(state, body, plan_of, events_of)
+    if searched is not None:
+        plan, events = searched
+    else:
+        plan = plan_of(body)
+        events = await events_of(body, plan)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if not body.stream:
