@@ -259,8 +259,10 @@ def _tool_calls(client: httpx.Client, rounds: int) -> Iterator[dict[str, Any]]:
 
 
 def _worker(client: httpx.Client) -> psutil.Process:
-    services = client.get("/api/v1/health/services").json()["services"]
-    return psutil.Process(next(s["pid"] for s in services if s["name"] == "worker"))
+    """The process of the model's own worker (loaded now if it is not resident yet)."""
+    loaded = client.post(f"/api/v1/models/{MODEL}/load")
+    loaded.raise_for_status()
+    return psutil.Process(loaded.json()["pid"])
 
 
 def run(quick: bool) -> Iterator[dict[str, Any]]:
