@@ -18,13 +18,14 @@ import trio
 
 from appliance import __version__
 from appliance.auth.arguments import add_api_key_parsers
-from appliance.config import ConfigError, Settings, load_settings, masked, startup_problems
+from appliance.config import ConfigError, Settings, load_settings, masked
 from appliance.envfile import DEFAULT_ENV_FILE, generate_env_file_text, write_new_env_file
 from appliance.model_arguments import add_model_parsers
 from appliance.ops.install import add_install_parser, run_install
 from appliance.ops.logs import add_logs_parser
 from appliance.ops.owner import handing_back
 from appliance.ops.update import add_update_parser
+from appliance.startup_checks import startup_problems
 from appliance.store.lock import StateDirBusy, StoreElsewhere
 
 LOGGER = logging.getLogger("appliance.cli")

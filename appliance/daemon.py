@@ -15,8 +15,9 @@ from appliance.auth.budgets import Budgets
 from appliance.auth.gate import Gate
 from appliance.backup.restore import recover_before_start
 from appliance.backup.service import Backups, BackupService
-from appliance.config import Settings, remote_config, search_config
-from appliance.http.app import Runtime, create_app
+from appliance.config import Settings
+from appliance.http.app import create_app
+from appliance.http.context import Runtime
 from appliance.http.service import HttpService, check_bind
 from appliance.llm.backends import backend_report
 from appliance.llm.engine import InferenceService
@@ -29,6 +30,7 @@ from appliance.privacy.redaction import Redactor
 from appliance.privacy.retention import DAY_SECONDS, RetentionService
 from appliance.privacy.rotation import check_keys
 from appliance.search.service import WebSearch
+from appliance.startup_checks import remote_config, search_config
 from appliance.store.access import daemon_lock
 from appliance.store.client import Store, is_cluster_url
 from appliance.store.conversations import Conversations

@@ -13,7 +13,8 @@ from typing import Any
 import trio
 
 from appliance.config import load_settings
-from appliance.http.app import Runtime, create_app
+from appliance.http.app import create_app
+from appliance.http.context import Runtime
 from tests.harness import Daemon, daemon_environment, running_daemon
 
 # Every route of the app and who may call it. A route missing here fails the walk: decide

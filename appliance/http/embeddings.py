@@ -16,8 +16,8 @@ import numpy as np
 import trio
 from quart import Blueprint, Response
 
-from appliance.http.app import current_key, runtime
 from appliance.http.bodies import parse_body
+from appliance.http.context import current_key, runtime
 from appliance.http.errors import ApiError
 from appliance.http.generation import as_api_error, reserve_budget, resolve_model
 from appliance.http.openai import strict_errors

@@ -14,15 +14,15 @@ from quart import Response, current_app, g, request
 
 from appliance.auth.apikeys import ApiKey
 from appliance.auth.budgets import MICROS, BudgetExceeded, Budgets, Kind, Reservation, key_limits
-from appliance.http.app import Runtime, current_key
+from appliance.config import InvalidKeepAlive, parse_keep_alive
+from appliance.http.context import Runtime, current_key
 from appliance.http.errors import ApiError, error_body
 from appliance.http.proxies import PEER
 from appliance.http.remote_generation import REMOTE_PREFIX, open_remote_stream, remote_model
 from appliance.http.stream_body import StreamBody
 from appliance.llm.engine import RETRY_AFTER_SECONDS
 from appliance.llm.errors import DeadlineExceeded, InferenceError, QueueFull, WorkerCrashed
-from appliance.llm.keep_alive import InvalidKeepAlive, parse_keep_alive
-from appliance.llm.protocol import ChatMessage, Done, SamplingOptions, Token
+from appliance.llm.protocol import ChatMessage, Done, Sampling, Token
 from appliance.llm.registry import InvalidModelName, ModelUnavailable, RegistryError, UnknownModel
 
 _JSON = msgspec.json.Encoder()
@@ -363,24 +363,19 @@ async def generate(
     state: Runtime,
     model: str,
     *,
+    sampling: Sampling,
     messages: list[ChatMessage] | None = None,
     prompt: str | None = None,
-    max_tokens: int,
-    temperature: float | None,
-    top_p: float | None,
-    stop: list[str] | None = None,
-    seed: int | None = None,
     stream: bool = False,
     keep_alive: float | None = None,
-    options: SamplingOptions | None = None,
     remote_params: dict[str, Any] | None = None,
 ) -> Events:
     """The events of a local generation (engine) or of the remote LLM (`remote:` models),
     under the request deadline, the key's token budget and its stream limit. Sampling
     fields left None take the model's defaults; `keep_alive` (seconds) replaces how long
-    the model stays resident once idle. `options` (grammar, logit bias, penalties, log
-    probabilities) are the local model's samplers; `remote_params` are OpenAI fields
-    forwarded as they are to the remote LLM."""
+    the model stays resident once idle. `sampling.options` (grammar, logit bias,
+    penalties, log probabilities) are the local model's samplers; `remote_params` are
+    OpenAI fields forwarded as they are to the remote LLM."""
     remote = remote_model(state.remote, model) if model.startswith(REMOTE_PREFIX) else None
     if remote is not None and messages is None:
         raise ApiError(
@@ -395,6 +390,7 @@ async def generate(
     try:
         if state.gate.enabled:
             estimate = _prompt_estimate(messages, prompt)
+            options = sampling.options
             if options is not None and options.grammar:
                 # The grammar (a schema's, a tool's) weighs on the answer's side as well.
                 estimate += len(options.grammar) // 16
@@ -402,9 +398,15 @@ async def generate(
                 # A longer conversation leaves turns out of the prompt (appliance.llm.fitting).
                 estimate = min(estimate, state.settings.context_size)
             budget = await reserve_budget(
-                state, key, estimate, max_tokens, "remote" if remote is not None else "local"
+                state,
+                key,
+                estimate,
+                sampling.max_tokens,
+                "remote" if remote is not None else "local",
             )
-        granted = min(max_tokens, budget.granted_tokens) if budget is not None else max_tokens
+        granted = sampling.max_tokens
+        if budget is not None:
+            granted = min(granted, budget.granted_tokens)
         timeout = state.settings.request_timeout
         if remote is not None:
             assert messages is not None  # refused above
@@ -413,26 +415,23 @@ async def generate(
                 state.redactor,
                 messages,
                 max_tokens=granted,
-                temperature=REMOTE_TEMPERATURE if temperature is None else temperature,
-                top_p=REMOTE_TOP_P if top_p is None else top_p,
-                stop=stop,
-                seed=seed,
+                temperature=(
+                    REMOTE_TEMPERATURE if sampling.temperature is None else sampling.temperature
+                ),
+                top_p=REMOTE_TOP_P if sampling.top_p is None else sampling.top_p,
+                stop=sampling.stop,
+                seed=sampling.seed,
                 extra=remote_params,
             )
         else:
             events = state.engine.generate(
                 model,
                 deadline=trio.current_time() + timeout,
+                sampling=msgspec.structs.replace(sampling, max_tokens=granted),
                 messages=messages,
                 prompt=prompt,
-                max_tokens=granted,
-                temperature=temperature,
-                top_p=top_p,
-                stop=stop,
-                seed=seed,
                 owner=key.id,
                 keep_alive=keep_alive,
-                options=options,
             )
     except BaseException:
         if release is not None:

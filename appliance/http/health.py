@@ -13,7 +13,7 @@ import trio
 from quart import Blueprint, Response, g, request
 
 from appliance import __version__
-from appliance.http.app import Runtime, runtime
+from appliance.http.context import Runtime, runtime
 from appliance.http.errors import ApiError
 from appliance.http.models import ResidentModel
 from appliance.http.openapi_doc import (
@@ -22,6 +22,7 @@ from appliance.http.openapi_doc import (
     errors,
     plain_text,
 )
+from appliance.http.responses import json_response
 from appliance.llm.memory import mb
 from appliance.llm.registry import RegistryError
 from appliance.metrics import count_models, system_metrics, to_prometheus, uptime_since
@@ -157,16 +158,12 @@ class Services(msgspec.Struct):
     services: list[ServiceState]
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(body), status=status, mimetype="application/json")
-
-
 @blueprint.get("/live")
 @document_response(Live)
 async def live() -> Response:
     """Alive whenever the process runs, with the version and uptime."""
     state = runtime()
-    return _json(
+    return json_response(
         Live(
             status="alive",
             version=__version__,
@@ -305,7 +302,7 @@ async def ready() -> Response:
         _services_check(state),
     ]
     is_ready = all(finding.check.state == "ok" for finding in findings)
-    return _json(
+    return json_response(
         Readiness(
             status="ready" if is_ready else "not_ready",
             checks=[finding.shown(detailed) for finding in findings],
@@ -464,7 +461,7 @@ async def metrics() -> Response:
         return Response(
             to_prometheus(msgspec.to_builtins(snapshot)), mimetype="text/plain; version=0.0.4"
         )
-    return _json(snapshot)
+    return json_response(snapshot)
 
 
 @blueprint.get("/services")
@@ -472,4 +469,4 @@ async def metrics() -> Response:
 async def services() -> Response:
     """Each supervised service: state, healthy, pid, restarts, last error, since."""
     state = runtime()
-    return _json(Services(services=state.supervisor.snapshot()))
+    return json_response(Services(services=state.supervisor.snapshot()))

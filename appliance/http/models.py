@@ -10,8 +10,8 @@ import msgspec
 import trio
 from quart import Blueprint, Response, request
 
-from appliance.http.app import runtime
 from appliance.http.bodies import parse_body
+from appliance.http.context import runtime
 from appliance.http.errors import ApiError
 from appliance.http.generation import KeepAlive, as_api_error, keep_alive_of
 from appliance.http.openapi_doc import (
@@ -21,6 +21,7 @@ from appliance.http.openapi_doc import (
     openapi_response,
     optional_body,
 )
+from appliance.http.responses import json_response
 from appliance.llm.errors import InferenceError
 from appliance.llm.manifest import ModelRecord
 from appliance.llm.model_defaults import MAX_STOP, MAX_STOP_CHARS, InvalidDefault
@@ -154,10 +155,6 @@ class OpenAPIDocument(msgspec.Struct):
     security: list[dict[str, list[str]]]
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(body), status=status, mimetype="application/json")
-
-
 def _registry_error(exc: RegistryError) -> ApiError:
     if isinstance(exc, UnknownModel):
         return ApiError(404, "model_not_found", str(exc), param="name")
@@ -199,7 +196,7 @@ async def list_models() -> Response:
         default=default,
         loaded=state.engine.loaded_model,
     )
-    return _json(body)
+    return json_response(body)
 
 
 def _resident() -> ResidentModels:
@@ -219,7 +216,7 @@ def _resident() -> ResidentModels:
 async def resident_models() -> Response:
     """The resident models (`appliance models ps`): memory (estimated and RSS), context,
     slots and what runs on them, idle time and keep-alive."""
-    return _json(_resident())
+    return json_response(_resident())
 
 
 @blueprint.post("/models/<name>/load")
@@ -246,7 +243,7 @@ async def load_model(name: str) -> Response:
         )
     except InferenceError as exc:
         raise as_api_error(exc) from None
-    return _json(msgspec.convert(state.engine.describe(worker), ResidentModel))
+    return json_response(msgspec.convert(state.engine.describe(worker), ResidentModel))
 
 
 @blueprint.post("/models/<name>/unload")
@@ -265,8 +262,8 @@ async def unload_model(name: str) -> Response:
             404, "not_resident", f"model {model!r} is not resident; resident: {resident}"
         ) from None
     if done:
-        return _json(Unloaded(name=model, unloaded=True, message=f"{model} unloaded"))
-    return _json(
+        return json_response(Unloaded(name=model, unloaded=True, message=f"{model} unloaded"))
+    return json_response(
         Unloaded(
             name=model,
             unloaded=False,
@@ -298,7 +295,7 @@ async def set_defaults(name: str) -> Response:
     except RegistryError as exc:
         raise _registry_error(exc) from None
     worker = state.engine.workers.get(model)
-    return _json(
+    return json_response(
         InstalledModel(**msgspec.structs.asdict(record), loaded=bool(worker and worker.ready))
     )
 
@@ -317,14 +314,14 @@ async def pull_model() -> Response:
         job = await state.pulls.start(body.url, body.name, body.sha256)
     except RegistryError as exc:
         raise _registry_error(exc) from None
-    return _json(job, status=202)
+    return json_response(job, status=202)
 
 
 @blueprint.get("/models/pulls")
 @document_response(PullList)
 async def list_pulls() -> Response:
     """The pulls since the daemon started: progress, and how each ended."""
-    return _json(PullList(pulls=list(runtime().pulls.jobs.values())))
+    return json_response(PullList(pulls=list(runtime().pulls.jobs.values())))
 
 
 @blueprint.get("/models/pulls/<pull_id>")
@@ -335,7 +332,7 @@ async def get_pull(pull_id: str) -> Response:
     job = runtime().pulls.jobs.get(pull_id)
     if job is None:
         raise ApiError(404, "not_found", f"there is no pull {pull_id[:40]!r}")
-    return _json(job)
+    return json_response(job)
 
 
 @blueprint.get("/openapi.json")

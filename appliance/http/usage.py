@@ -6,7 +6,7 @@ import msgspec
 from quart import Blueprint, Response
 
 from appliance.auth.budgets import APPLIANCE_OWNER, Usage, key_limits
-from appliance.http.app import current_key, runtime
+from appliance.http.context import current_key, runtime
 from appliance.http.openapi_doc import document_response
 
 blueprint = Blueprint("usage", __name__, url_prefix="/api/v1")
