@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import trio
 
@@ -19,7 +19,7 @@ from appliance.config import Settings
 from appliance.http.app import create_app
 from appliance.http.context import Runtime
 from appliance.http.service import HttpService, check_bind
-from appliance.llm.backends import backend_report
+from appliance.llm.backends import BackendReport, backend_report
 from appliance.llm.engine import InferenceService
 from appliance.llm.pulls import Pulls
 from appliance.llm.registry import ModelRegistry
@@ -143,12 +143,12 @@ async def _store_identity(settings: Settings, store: Store) -> str:
     return await external_identity(store.client)
 
 
-def _log_backend(settings: Settings, backend: dict[str, Any]) -> None:
-    LOGGER.info("inference backend: %s (%s)", backend["in_use"], backend["detail"])
-    if settings.gpu_layers != 0 and backend["in_use"] == "cpu":
-        LOGGER.warning("APPLIANCE_GPU_LAYERS=%d, but %s", settings.gpu_layers, backend["detail"])
-    if settings.npu_force_enable and not backend["npu"]["available"]:
-        LOGGER.warning("NPU_FORCE_ENABLE=true, but %s", backend["npu"]["detail"])
+def _log_backend(settings: Settings, backend: BackendReport) -> None:
+    LOGGER.info("inference backend: %s (%s)", backend.in_use, backend.detail)
+    if settings.gpu_layers != 0 and backend.in_use == "cpu":
+        LOGGER.warning("APPLIANCE_GPU_LAYERS=%d, but %s", settings.gpu_layers, backend.detail)
+    if settings.npu_force_enable and not backend.npu.available:
+        LOGGER.warning("NPU_FORCE_ENABLE=true, but %s", backend.npu.detail)
 
 
 async def _start_services(supervisor: Supervisor, settings: Settings, lock: StateLock) -> Runtime:

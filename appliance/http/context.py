@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 from quart import current_app, g
 
@@ -18,6 +18,7 @@ from appliance.auth.gate import Gate
 from appliance.backup.service import Backups
 from appliance.config import Settings
 from appliance.http.errors import ApiError
+from appliance.llm.backends import BackendReport
 from appliance.llm.engine import InferenceService
 from appliance.llm.pulls import Pulls
 from appliance.llm.registry import ModelRegistry
@@ -62,7 +63,7 @@ class Runtime:
     # Open streamed generations per key id (APPLIANCE_MAX_STREAMS_PER_KEY).
     streams: dict[str, int] = field(default_factory=dict)
     # llama.cpp backends built in and in use (appliance.llm.backends.backend_report).
-    backend: dict[str, Any] = field(default_factory=dict)
+    backend: BackendReport | None = None
     started: float = field(default_factory=time.monotonic)
     sampler: ProcessSampler = field(default_factory=ProcessSampler)
     requests: RequestStats = field(default_factory=RequestStats)

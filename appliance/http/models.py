@@ -34,6 +34,7 @@ from appliance.llm.registry import (
     UnknownModel,
     validate_model_name,
 )
+from appliance.metrics_snapshot import ResidentModel
 
 blueprint = Blueprint("models", __name__, url_prefix="/api/v1")
 
@@ -54,30 +55,6 @@ class InstalledModels(msgspec.Struct):
     models: list[InstalledModel]
     default: str | None
     loaded: str | None
-
-
-class ResidentModel(msgspec.Struct):
-    """A model loaded in a worker process of its own."""
-
-    name: str
-    state: Annotated[
-        str, msgspec.Meta(extra_json_schema={"enum": ["starting", "running", "backoff"]})
-    ]
-    pid: int | None
-    # What it counts against APPLIANCE_MODEL_MEMORY is the larger of the two.
-    estimated_bytes: int
-    rss_bytes: int
-    context: int
-    slots: int
-    running: int
-    waiting: int
-    idle_seconds: float
-    keep_alive: str
-    # Until an idle model is unloaded; null while it is busy or kept for ever.
-    expires_in_seconds: float | None
-    # Times it was loaded into a fresh worker process (a crash or recycle loads it again).
-    loads: int
-    restarts: int
 
 
 class ResidentModels(msgspec.Struct):
