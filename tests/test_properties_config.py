@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from appliance.cli import _env_text_with_admin_key
+from appliance.commands.init import _env_text_with_admin_key
 from appliance.config import (
     ENV_NAMES,
     SECRET_NAMES,
