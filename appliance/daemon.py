@@ -23,7 +23,7 @@ from appliance.llm.backends import BackendReport, backend_report
 from appliance.llm.engine import InferenceService
 from appliance.llm.pulls import Pulls
 from appliance.llm.registry import ModelRegistry
-from appliance.llm.remote import RemoteLLM
+from appliance.llm.remote.client import RemoteLLM
 from appliance.metrics import count_models
 from appliance.privacy.keys import load_keys
 from appliance.privacy.redaction import Redactor

@@ -8,7 +8,7 @@ leaf): production rules, the env file's mode, TLS files, web search and the remo
 from __future__ import annotations
 
 from appliance.config import Settings, env_file_problems, production_problems
-from appliance.llm.remote_config import RemoteConfig, RemoteConfigError, plaintext_problem
+from appliance.llm.remote.config import RemoteConfig, RemoteConfigError, plaintext_problem
 from appliance.search.config import SearchConfig, SearchConfigError, parse_allow
 from appliance.tls_files import tls_problems
 

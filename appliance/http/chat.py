@@ -26,10 +26,6 @@ from appliance.http.generation import (
     keep_alive_of,
     max_tokens_for,
     resolve_model,
-    sse,
-    sse_error,
-    sse_template,
-    stream_response,
     token_usage,
 )
 from appliance.http.openapi_doc import (
@@ -51,6 +47,7 @@ from appliance.http.search import (
     searcher,
 )
 from appliance.http.search_decision import CALLED, model_decides
+from appliance.http.sse import sse, sse_error, sse_template, stream_response
 from appliance.llm.protocol import ChatMessage, Done, Sampling, Token
 from appliance.privacy.redaction import redact_off_loop
 from appliance.search.context import context_message

@@ -22,7 +22,7 @@ from appliance.llm.backends import BackendReport
 from appliance.llm.engine import InferenceService
 from appliance.llm.pulls import Pulls
 from appliance.llm.registry import ModelRegistry
-from appliance.llm.remote import RemoteLLM
+from appliance.llm.remote.client import RemoteLLM
 from appliance.metrics import ProcessSampler, RequestStats
 from appliance.privacy.keys import Keys
 from appliance.privacy.redaction import Redactor

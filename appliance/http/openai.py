@@ -28,10 +28,6 @@ from appliance.http.generation import (
     keep_alive_of,
     max_tokens_for,
     resolve_model,
-    sse,
-    sse_error,
-    sse_template,
-    stream_response,
     token_usage,
 )
 from appliance.http.openai_plan import (
@@ -75,6 +71,7 @@ from appliance.http.openapi_doc import (
 )
 from appliance.http.remote_generation import REMOTE_PREFIX
 from appliance.http.responses import json_response
+from appliance.http.sse import sse, sse_error, sse_template, stream_response
 from appliance.http.web_search_tool import web_search_round
 from appliance.llm.protocol import Done, Sampling, SamplingOptions, Token, TokenLogprob
 from appliance.llm.tools import ReplyStream, read_answer
