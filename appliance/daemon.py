@@ -81,7 +81,7 @@ async def _report(
             nursery.start_soon(_keep_status, notifier, supervisor, state)
 
 
-def _prepare_directories(settings: Settings) -> None:
+def prepare_directories(settings: Settings) -> None:
     for path in (settings.state_dir, settings.runtime_dir, settings.models_dir):
         Path(path).mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -90,7 +90,7 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
     """Run until SIGTERM/SIGINT; return the exit code. ServiceFailed propagates."""
     notifier = notifier or Notifier()
     await trio.to_thread.run_sync(check_bind, settings)  # a taken port stops the start at once
-    await trio.to_thread.run_sync(_prepare_directories, settings)
+    await trio.to_thread.run_sync(prepare_directories, settings)
     # Before anything touches the state dir: one daemon per state dir (StateDirBusy).
     lock = await daemon_lock(settings)
     try:
@@ -121,7 +121,7 @@ async def _serve_locked(settings: Settings, notifier: Notifier, lock: StateLock)
             reporting = trio.CancelScope()
             with trio.CancelScope() as startup:
                 nursery.start_soon(wait_for_signal, startup)
-                state = await _start_services(supervisor, settings, lock)
+                state = await start_services(supervisor, settings, lock)
                 notifier.ready(status_line(supervisor, settings, state.urls, state.backups))
                 LOGGER.info("ready on %s", ", ".join(state.urls))
                 nursery.start_soon(_report, reporting, notifier, supervisor, state)
@@ -151,7 +151,11 @@ def _log_backend(settings: Settings, backend: BackendReport) -> None:
         LOGGER.warning("NPU_FORCE_ENABLE=true, but %s", backend.npu.detail)
 
 
-async def _start_services(supervisor: Supervisor, settings: Settings, lock: StateLock) -> Runtime:
+async def start_services(supervisor: Supervisor, settings: Settings, lock: StateLock) -> Runtime:
+    """Every service in start order under `supervisor`, HTTP last; what they share.
+
+    `serve` runs it between taking the state dir's lock and READY; tests of the HTTP
+    surface run it in their own nursery (`supervisor.stop_all` stops it again)."""
     if settings.embedded_redis:
         await trio.to_thread.run_sync(recover_before_start, settings)
         redis = EmbeddedRedis(

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, TypeVar
 import trio
 
 from appliance.commands.common import EXIT_ERROR, error, settings_of
+from appliance.config import Settings
 from appliance.store.lock import StateDirBusy
 
 if TYPE_CHECKING:
@@ -22,6 +23,17 @@ E = TypeVar("E", bound=BaseException)
 
 def add_parser(commands: Subparsers) -> None:
     commands.add_parser("serve", help="run the daemon (what systemd starts)")
+
+
+def logged_secrets(settings: Settings) -> tuple[str, ...]:
+    """The values the daemon's log lines never show (scrubbed when they would)."""
+    return (
+        settings.secret_key,
+        settings.privacy_salt,
+        settings.secret_key_previous,
+        settings.privacy_salt_previous,
+        settings.search_api_key,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,16 +51,7 @@ def run(args: argparse.Namespace) -> int:
         for problem in problems:
             error(problem)
         return EXIT_ERROR
-    configure_logging(
-        settings.log_level,
-        secrets=(
-            settings.secret_key,
-            settings.privacy_salt,
-            settings.secret_key_previous,
-            settings.privacy_salt_previous,
-            settings.search_api_key,
-        ),
-    )
+    configure_logging(settings.log_level, secrets=logged_secrets(settings))
     try:
         return trio.run(serve, settings)
     except (
