@@ -1,7 +1,7 @@
 """`make openapi`: write the API's OpenAPI document to docs/openapi.json (or check it).
 
 Apart from `appliance.http.openapi_doc` because it needs every blueprint (through the
-app), while the blueprints need the documentation helpers of openapi_doc.
+app), while the blueprints need the documentation decorators of openapi_doc.
 """
 
 from __future__ import annotations
