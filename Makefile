@@ -116,7 +116,7 @@ typecheck: $(VENV)/.installed
 FUZZ_EXAMPLES ?= 200
 
 openapi: $(VENV)/.installed
-	$(BIN)/python -m appliance.http.openapi_doc --output docs/openapi.json
+	$(BIN)/python -m appliance.http.openapi_file --output docs/openapi.json
 
 fuzz: $(VENV)/.installed
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py $(PYTEST_ARGS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
 import stat
@@ -20,10 +21,6 @@ import msgspec
 
 from appliance.config_docs import DOCS
 from appliance.envfile import DEFAULT_ENV_FILE, EnvFileError, parse_env_file
-from appliance.llm.keep_alive import InvalidKeepAlive, parse_keep_alive
-from appliance.llm.remote_config import RemoteConfig, RemoteConfigError, plaintext_problem
-from appliance.search.config import SearchConfig, SearchConfigError, parse_allow
-from appliance.tls_files import tls_problems
 
 PREFIX: Final = "APPLIANCE_"
 ENV_FILE_NAME: Final = "APPLIANCE_ENV_FILE"
@@ -349,6 +346,82 @@ def parse_size(text: str) -> int:
     return int(match[1]) * _SIZE_UNITS[match[2]]
 
 
+# How long an idle model stays resident (APPLIANCE_KEEP_ALIVE, and the APIs' keep_alive):
+# Ollama's values. A number is seconds; a string is a duration (`300`, `90s`, `5m`,
+# `1h30m`, `250ms`, Go's `time.ParseDuration` units). A negative value keeps the model
+# resident for ever; 0 unloads it as soon as its requests have ended.
+FOREVER: Final = math.inf
+# Beyond any real wish (about 30 years): a larger finite value is refused, not overflowed.
+MAX_SECONDS: Final = 1e9
+KEEP_ALIVE_FORM: Final = (
+    "a duration such as 5m, 1h30m, 90s or 300 (seconds); 0 unloads after the request, "
+    "a negative value (-1) keeps the model loaded"
+)
+
+_KEEP_ALIVE_UNITS: Final = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_KEEP_ALIVE_NUMBER: Final = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_KEEP_ALIVE_PLAIN: Final = re.compile(rf"[-+]?{_KEEP_ALIVE_NUMBER}")
+_KEEP_ALIVE_PART: Final = re.compile(rf"({_KEEP_ALIVE_NUMBER})(ns|us|µs|ms|s|m|h)")
+_KEEP_ALIVE_DURATION: Final = re.compile(rf"[-+]?(?:{_KEEP_ALIVE_NUMBER}(?:ns|us|µs|ms|s|m|h))+")
+
+
+class InvalidKeepAlive(ValueError):
+    """The value is not a keep-alive duration; the message says what is expected."""
+
+
+def parse_keep_alive(value: object) -> float:
+    """Seconds (`FOREVER` for ever) from a number or a duration string."""
+    if isinstance(value, bool):
+        raise InvalidKeepAlive(f"keep_alive is {value!r}; expected {KEEP_ALIVE_FORM}")
+    if isinstance(value, int | float):
+        return _keep_alive_checked(float(value), value)
+    if not isinstance(value, str):
+        raise InvalidKeepAlive(
+            f"keep_alive is a {type(value).__name__}; expected {KEEP_ALIVE_FORM}"
+        )
+    text = value.strip()
+    if _KEEP_ALIVE_PLAIN.fullmatch(text):
+        return _keep_alive_checked(float(text), value)
+    if not _KEEP_ALIVE_DURATION.fullmatch(text):
+        raise InvalidKeepAlive(f"keep_alive is {value[:40]!r}; expected {KEEP_ALIVE_FORM}")
+    sign = -1.0 if text.startswith("-") else 1.0
+    seconds = sum(
+        float(amount) * _KEEP_ALIVE_UNITS[unit] for amount, unit in _KEEP_ALIVE_PART.findall(text)
+    )
+    return _keep_alive_checked(sign * seconds, value)
+
+
+def _keep_alive_checked(seconds: float, original: object) -> float:
+    if math.isnan(seconds):
+        raise InvalidKeepAlive(f"keep_alive is {original!r}; expected {KEEP_ALIVE_FORM}")
+    if seconds < 0:
+        return FOREVER
+    if seconds > MAX_SECONDS:
+        raise InvalidKeepAlive(
+            f"keep_alive is {original!r}, over {MAX_SECONDS:.0f} seconds; use -1 to keep the "
+            "model loaded for ever"
+        )
+    return seconds
+
+
+def describe_keep_alive(seconds: float) -> str:
+    """`forever`, or the duration in the largest whole unit (`5m`, `90s`, `1.5s`)."""
+    if seconds == FOREVER:
+        return "forever"
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
 def parse_hosts(raw: str) -> tuple[str, ...]:
     """Host names, comma-separated; `*.example.com` stands for every name under it."""
     hosts = tuple(item.strip().lower().rstrip(".") for item in raw.split(",") if item.strip())
@@ -514,10 +587,6 @@ def production_problems(settings: Settings) -> list[str]:
             "PRIVACY_ENCRYPT_AT_REST=false is refused in production: conversations would lie "
             "readable in Redis, its files and every backup; remove the line (default true)"
         )
-    if settings.remote_llm_enabled and not settings.remote_llm_allow_plaintext:
-        plaintext = plaintext_problem(settings.remote_llm_url)
-        if plaintext:
-            problems.append(plaintext)
     return problems
 
 
@@ -536,85 +605,6 @@ def env_file_problems(settings: Settings) -> list[str]:
         f"env file {settings.env_file} has mode {mode:04o}: group or others may read its "
         f"secrets; production needs 0600 (run: chmod 600 {settings.env_file})"
     ]
-
-
-def startup_problems(settings: Settings) -> list[str]:
-    """Everything that stops the daemon from starting with these settings."""
-    problems = production_problems(settings)
-    problems.extend(env_file_problems(settings))
-    problems.extend(tls_problems(settings.tls_cert, settings.tls_key, settings.env))
-    if settings.search_enabled:
-        problems.extend(search_problems(settings))
-    if settings.remote_llm_enabled:
-        problems.extend(remote_problems(settings))
-    if settings.auth == "off":
-        if settings.env == "production":
-            problems.append("APPLIANCE_AUTH=off is refused in production; remove it")
-        elif not _loopback_host(settings.host):
-            problems.append(
-                f"APPLIANCE_AUTH=off needs a loopback APPLIANCE_BIND (127.0.0.1), not "
-                f"{settings.host}: without keys anyone who reaches the port is admin"
-            )
-    return problems
-
-
-def remote_problems(settings: Settings) -> list[str]:
-    """Why the remote LLM settings are unusable (reads the key file), one line at most."""
-    if not settings.remote_llm_url:
-        return [
-            "REMOTE_LLM_ENABLED=true needs APPLIANCE_REMOTE_LLM_URL (the remote server's "
-            "OpenAI-compatible base URL, e.g. https://api.example.com/v1)"
-        ]
-    if not settings.remote_llm_model:
-        return ["REMOTE_LLM_ENABLED=true needs APPLIANCE_REMOTE_LLM_MODEL (its model name)"]
-    try:
-        remote_config(settings)
-    except RemoteConfigError as exc:
-        return [str(exc)]
-    return []
-
-
-def remote_config(settings: Settings) -> RemoteConfig:
-    """The remote LLM's config from the settings, its key read from the key file."""
-    return RemoteConfig.load(
-        url=settings.remote_llm_url,
-        model=settings.remote_llm_model,
-        key_file=settings.remote_llm_key_file,
-        timeout=settings.remote_timeout,
-        price_per_1k=settings.remote_price_per_1k,
-    )
-
-
-def search_problems(settings: Settings) -> list[str]:
-    """Why the search settings are unusable, one line at most."""
-    try:
-        config = search_config(settings)
-    except SearchConfigError as exc:
-        return [str(exc)]
-    if not config.allow:
-        return [
-            "APPLIANCE_SEARCH_ALLOW is empty, so no key could search; name the scopes or keys "
-            "that may (e.g. admin, user), or set SEARCH_ENABLED=false"
-        ]
-    return []
-
-
-def search_config(settings: Settings) -> SearchConfig:
-    """The search provider's config from the settings (SearchConfigError when unusable)."""
-    return SearchConfig(
-        provider=settings.search_provider,
-        url=settings.search_url,
-        api_key=settings.search_api_key,
-        results=settings.search_results,
-        timeout=settings.search_timeout,
-        query_chars=settings.search_query_chars,
-        budget_daily=settings.search_budget_daily,
-        allow=parse_allow(settings.search_allow),
-    )
-
-
-def _loopback_host(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def masked(settings: Settings) -> dict[str, str]:

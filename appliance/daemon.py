@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import trio
 
@@ -15,20 +15,22 @@ from appliance.auth.budgets import Budgets
 from appliance.auth.gate import Gate
 from appliance.backup.restore import recover_before_start
 from appliance.backup.service import Backups, BackupService
-from appliance.config import Settings, remote_config, search_config
-from appliance.http.app import Runtime, create_app
+from appliance.config import Settings
+from appliance.http.app import create_app
+from appliance.http.context import Runtime
 from appliance.http.service import HttpService, check_bind
-from appliance.llm.backends import backend_report
+from appliance.llm.backends import BackendReport, backend_report
 from appliance.llm.engine import InferenceService
 from appliance.llm.pulls import Pulls
 from appliance.llm.registry import ModelRegistry
-from appliance.llm.remote import RemoteLLM
+from appliance.llm.remote.client import RemoteLLM
 from appliance.metrics import count_models
 from appliance.privacy.keys import load_keys
 from appliance.privacy.redaction import Redactor
 from appliance.privacy.retention import DAY_SECONDS, RetentionService
 from appliance.privacy.rotation import check_keys
 from appliance.search.service import WebSearch
+from appliance.startup_checks import remote_config, search_config
 from appliance.store.access import daemon_lock
 from appliance.store.client import Store, is_cluster_url
 from appliance.store.conversations import Conversations
@@ -79,7 +81,7 @@ async def _report(
             nursery.start_soon(_keep_status, notifier, supervisor, state)
 
 
-def _prepare_directories(settings: Settings) -> None:
+def prepare_directories(settings: Settings) -> None:
     for path in (settings.state_dir, settings.runtime_dir, settings.models_dir):
         Path(path).mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -88,7 +90,7 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
     """Run until SIGTERM/SIGINT; return the exit code. ServiceFailed propagates."""
     notifier = notifier or Notifier()
     await trio.to_thread.run_sync(check_bind, settings)  # a taken port stops the start at once
-    await trio.to_thread.run_sync(_prepare_directories, settings)
+    await trio.to_thread.run_sync(prepare_directories, settings)
     # Before anything touches the state dir: one daemon per state dir (StateDirBusy).
     lock = await daemon_lock(settings)
     try:
@@ -119,7 +121,7 @@ async def _serve_locked(settings: Settings, notifier: Notifier, lock: StateLock)
             reporting = trio.CancelScope()
             with trio.CancelScope() as startup:
                 nursery.start_soon(wait_for_signal, startup)
-                state = await _start_services(supervisor, settings, lock)
+                state = await start_services(supervisor, settings, lock)
                 notifier.ready(status_line(supervisor, settings, state.urls, state.backups))
                 LOGGER.info("ready on %s", ", ".join(state.urls))
                 nursery.start_soon(_report, reporting, notifier, supervisor, state)
@@ -141,15 +143,19 @@ async def _store_identity(settings: Settings, store: Store) -> str:
     return await external_identity(store.client)
 
 
-def _log_backend(settings: Settings, backend: dict[str, Any]) -> None:
-    LOGGER.info("inference backend: %s (%s)", backend["in_use"], backend["detail"])
-    if settings.gpu_layers != 0 and backend["in_use"] == "cpu":
-        LOGGER.warning("APPLIANCE_GPU_LAYERS=%d, but %s", settings.gpu_layers, backend["detail"])
-    if settings.npu_force_enable and not backend["npu"]["available"]:
-        LOGGER.warning("NPU_FORCE_ENABLE=true, but %s", backend["npu"]["detail"])
+def _log_backend(settings: Settings, backend: BackendReport) -> None:
+    LOGGER.info("inference backend: %s (%s)", backend.in_use, backend.detail)
+    if settings.gpu_layers != 0 and backend.in_use == "cpu":
+        LOGGER.warning("APPLIANCE_GPU_LAYERS=%d, but %s", settings.gpu_layers, backend.detail)
+    if settings.npu_force_enable and not backend.npu.available:
+        LOGGER.warning("NPU_FORCE_ENABLE=true, but %s", backend.npu.detail)
 
 
-async def _start_services(supervisor: Supervisor, settings: Settings, lock: StateLock) -> Runtime:
+async def start_services(supervisor: Supervisor, settings: Settings, lock: StateLock) -> Runtime:
+    """Every service in start order under `supervisor`, HTTP last; what they share.
+
+    `serve` runs it between taking the state dir's lock and READY; tests of the HTTP
+    surface run it in their own nursery (`supervisor.stop_all` stops it again)."""
     if settings.embedded_redis:
         await trio.to_thread.run_sync(recover_before_start, settings)
         redis = EmbeddedRedis(

@@ -8,13 +8,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import trio
 
-from appliance.config import load_settings
-from appliance.http.app import Runtime, create_app
+from appliance.http.app import create_app
+from appliance.http.context import Runtime
 from tests.harness import Daemon, daemon_environment, running_daemon
+from tests.inprocess import InProcessDaemon, inprocess_daemon
 
 # Every route of the app and who may call it. A route missing here fails the walk: decide
 # its scope when you add it.
@@ -36,14 +36,10 @@ USER_PREFIXES = (
 )
 
 
-def _routes() -> list[tuple[str, str]]:
-    """(method, path) of every rule in the app's URL map, path parameters filled in."""
-    settings = load_settings(environ={"APPLIANCE_STATE_DIR": "/tmp/unused"}, env_file=None)
-    fields: dict[str, Any] = {name: None for name in Runtime.__dataclass_fields__}
-    fields.update(settings=settings, urls=[], backend={})
-    app = create_app(Runtime(**fields))
+def _routes(state: Runtime) -> list[tuple[str, str]]:
+    """(method, path) of every rule of the daemon's app, path parameters filled in."""
     found = []
-    for rule in app.url_map.iter_rules():
+    for rule in create_app(state).url_map.iter_rules():
         if rule.endpoint == "static":
             continue
         path = re.sub(r"<(?:[^:>]+:)?[^>]+>", "0" * 32, rule.rule)
@@ -64,7 +60,7 @@ def _scope(method: str, path: str) -> str:
     raise AssertionError(f"{method} {path} is a new route: give it a scope in this test")
 
 
-def _keys_cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+def _keys_cli(daemon: Daemon | InProcessDaemon, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "appliance", "keys", *args],
         env=daemon_environment(daemon.state_dir, daemon.env),
@@ -75,10 +71,10 @@ def _keys_cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_every_route_refuses_missing_wrong_revoked_and_underprivileged_keys() -> None:
-    routes = _routes()
-    assert len(routes) >= 15
     with trio.fail_after(120):
-        async with running_daemon() as daemon:
+        async with inprocess_daemon() as daemon:
+            routes = _routes(daemon.state)
+            assert len(routes) >= 15
             user = await daemon.create_key("walker")
             revoked = await daemon.create_key("gone")
             done = await trio.to_thread.run_sync(lambda: _keys_cli(daemon, "revoke", "gone"))
@@ -118,7 +114,7 @@ async def test_every_route_refuses_missing_wrong_revoked_and_underprivileged_key
                 assert (await client.get("/api/v1/conversations")).status_code == 200
 
 
-async def _forget_failures(daemon: Daemon) -> None:
+async def _forget_failures(daemon: Daemon | InProcessDaemon) -> None:
     import coredis
 
     socket = daemon.state_dir / "run" / "redis.sock"
@@ -131,7 +127,7 @@ async def _forget_failures(daemon: Daemon) -> None:
 
 async def test_a_user_key_sees_only_its_own_conversations() -> None:
     with trio.fail_after(120):
-        async with running_daemon() as daemon:
+        async with inprocess_daemon() as daemon:
             alice, bob = await daemon.create_key("alice"), await daemon.create_key("bob")
             async with daemon.client(key=alice) as a, daemon.client(key=bob) as b:
                 sent = await a.post("/api/v1/chat/send", json={"message": "mine", "max_tokens": 2})

@@ -7,7 +7,7 @@ from pathlib import Path
 import trio
 
 from appliance.config import Settings, load_settings
-from appliance.llm.backends import backend_report, built_backends
+from appliance.llm.backends import NpuReport, backend_report, built_backends
 from tests.harness import running_daemon
 
 
@@ -27,20 +27,20 @@ def test_backends_come_from_the_shared_libraries_of_the_build(tmp_path: Path) ->
 def test_the_report_is_honest_about_gpu_and_npu() -> None:
     settings = _settings(APPLIANCE_GPU_LAYERS="-1", NPU_FORCE_ENABLE="true")
     cpu_only = backend_report(settings, built=["cpu"])
-    assert cpu_only["in_use"] == "cpu"
-    assert "no GPU backend" in cpu_only["detail"]
-    assert cpu_only["npu"] == {
-        "requested": True,
-        "available": False,
-        "backend": None,
-        "detail": "no NPU backend in this llama.cpp build; inference runs on CPU",
-    }
+    assert cpu_only.in_use == "cpu"
+    assert "no GPU backend" in cpu_only.detail
+    assert cpu_only.npu == NpuReport(
+        requested=True,
+        available=False,
+        backend=None,
+        detail="no NPU backend in this llama.cpp build; inference runs on CPU",
+    )
     if not Path("/dev/nvidia0").exists():
         cuda_without_device = backend_report(settings, built=["cpu", "cuda"])
-        assert cuda_without_device["in_use"] == "cpu"
-        assert "no such device" in cuda_without_device["detail"]
+        assert cuda_without_device.in_use == "cpu"
+        assert "no such device" in cuda_without_device.detail
     off = backend_report(_settings(), built=["cpu", "cuda"])
-    assert off["in_use"] == "cpu" and "APPLIANCE_GPU_LAYERS=0" in off["detail"]
+    assert off.in_use == "cpu" and "APPLIANCE_GPU_LAYERS=0" in off.detail
 
 
 async def test_metrics_and_log_report_the_backend_and_the_npu_request() -> None:

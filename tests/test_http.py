@@ -1,4 +1,7 @@
-"""The HTTP surface of the real daemon: health endpoints, CORS, limits, errors, logs."""
+"""The HTTP surface of the real daemon: health endpoints, CORS, limits, errors, logs.
+
+CORS, request ids and log lines are tested on the services started in the test's own
+nursery (tests.inprocess); the rest on the daemon's own process."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import running_daemon
+from tests.inprocess import inprocess_daemon
 
 SECRET = "s3cret-value-that-must-never-be-logged-0123456789"
 SALT = "salt-value-that-must-never-be-logged"
@@ -88,7 +92,7 @@ async def test_ready_fails_when_disk_space_is_below_the_minimum() -> None:
 async def test_cors_follows_the_configured_origins_exactly() -> None:
     env = {"BACKEND_CORS_ORIGINS": "https://good.example,https://also.example"}
     with trio.fail_after(60):
-        async with running_daemon(env) as daemon, daemon.client() as client:
+        async with inprocess_daemon(env) as daemon, daemon.client() as client:
             allowed = await client.get(
                 "/api/v1/health/live", headers={"Origin": "https://good.example"}
             )
@@ -109,7 +113,7 @@ async def test_cors_follows_the_configured_origins_exactly() -> None:
 
 async def test_without_cors_origins_no_origin_is_allowed() -> None:
     with trio.fail_after(60):
-        async with running_daemon() as daemon, daemon.client() as client:
+        async with inprocess_daemon() as daemon, daemon.client() as client:
             response = await client.get(
                 "/api/v1/health/live", headers={"Origin": "https://good.example"}
             )
@@ -119,7 +123,7 @@ async def test_without_cors_origins_no_origin_is_allowed() -> None:
 async def test_body_limit_unknown_routes_and_request_ids() -> None:
     with trio.fail_after(60):
         async with (
-            running_daemon({"APPLIANCE_MAX_BODY_BYTES": "2048"}) as daemon,
+            inprocess_daemon({"APPLIANCE_MAX_BODY_BYTES": "2048"}) as daemon,
             daemon.client() as client,
         ):
             big = await client.post("/api/v1/health/live", content=b"x" * 4096)
@@ -149,10 +153,8 @@ async def test_body_limit_unknown_routes_and_request_ids() -> None:
 async def test_access_log_line_fields_and_no_secrets_in_logs() -> None:
     env = {"SECRET_KEY": SECRET, "PRIVACY_SALT": SALT}
     with trio.fail_after(60):
-        async with running_daemon(env) as daemon:
-            async with daemon.client() as client:
-                await client.get("/api/v1/health/ready", headers={"X-Request-ID": "req-log-1"})
-            await daemon.stop()
+        async with inprocess_daemon(env) as daemon, daemon.client() as client:
+            await client.get("/api/v1/health/ready", headers={"X-Request-ID": "req-log-1"})
         lines = daemon.log_lines()
         access = [line for line in lines if line.get("request_id") == "req-log-1"]
         assert len(access) == 1
@@ -165,7 +167,7 @@ async def test_access_log_line_fields_and_no_secrets_in_logs() -> None:
         assert entry["logger"] == "appliance.access"
         assert entry["timestamp"].endswith("Z")
         assert isinstance(entry["duration_ms"], float)
-        raw = daemon.log_path.read_text()
+        raw = daemon.log_text()
         assert SECRET not in raw and SALT not in raw
         # Every line is one JSON object.
         assert all("raw" not in line for line in lines), [line for line in lines if "raw" in line]
@@ -173,10 +175,11 @@ async def test_access_log_line_fields_and_no_secrets_in_logs() -> None:
 
 
 async def test_log_level_setting_filters_lines() -> None:
+    # APPLIANCE_AUTH=off is said at start with a warning: something at the level is kept.
+    env = {"APPLIANCE_LOG_LEVEL": "warning", "APPLIANCE_AUTH": "off"}
     with trio.fail_after(60):
-        async with running_daemon({"APPLIANCE_LOG_LEVEL": "warning"}) as daemon:
-            async with daemon.client() as client:
-                await client.get("/api/v1/health/live")
-            await daemon.stop()
+        async with inprocess_daemon(env) as daemon, daemon.client() as client:
+            await client.get("/api/v1/health/live")
         levels = {line.get("level") for line in daemon.log_lines()}
+        assert "WARNING" in levels
         assert "INFO" not in levels

@@ -27,10 +27,10 @@ TIMEOUT: Final = 60.0
 # `appliance install` through the functions the CLI calls (the same parser and handler).
 INSTALL: Final = (
     "import argparse, sys\n"
-    "from appliance.ops.install import add_install_parser, run_install\n"
+    "from appliance.commands import install\n"
     "parser = argparse.ArgumentParser(prog='appliance')\n"
-    "add_install_parser(parser.add_subparsers(dest='command', required=True))\n"
-    "sys.exit(run_install(parser.parse_args(sys.argv[1:])))\n"
+    "install.add_parser(parser.add_subparsers(dest='command', required=True))\n"
+    "sys.exit(install.run(parser.parse_args(sys.argv[1:])))\n"
 )
 
 NOBODY: Final = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")

@@ -7,14 +7,15 @@ import math
 
 import pytest
 
-from appliance.config import ConfigError, load_settings
-from appliance.llm.gguf_header import check_gguf_header
-from appliance.llm.keep_alive import (
+from appliance.config import (
     FOREVER,
+    ConfigError,
     InvalidKeepAlive,
     describe_keep_alive,
+    load_settings,
     parse_keep_alive,
 )
+from appliance.llm.gguf_header import check_gguf_header
 from appliance.llm.memory import WORKER_OVERHEAD_BYTES, estimate
 from appliance.llm.model_defaults import (
     SMOLLM2_SHA256,

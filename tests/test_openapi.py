@@ -13,8 +13,9 @@ import schemathesis
 import trio
 
 from appliance.auth.gate import ADMIN_BLUEPRINTS, PUBLIC_PATHS
+from appliance.http.app import document_app
 from appliance.http.errors import error_body
-from appliance.http.openapi_doc import ErrorBody, build_document, document_app, render
+from appliance.http.openapi_doc import ErrorBody, build_document, render
 from tests.harness import running_daemon
 
 COMMITTED = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"

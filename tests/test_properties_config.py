@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from appliance.cli import _env_text_with_admin_key
+from appliance.commands.init import _env_text_with_admin_key
 from appliance.config import (
     ENV_NAMES,
     SECRET_NAMES,
@@ -22,9 +22,9 @@ from appliance.config import (
     load_settings,
     masked,
     production_problems,
-    remote_problems,
 )
 from appliance.envfile import EnvFileError, generate_env_file_text, parse_env_file
+from appliance.startup_checks import remote_problems
 from tests.conftest import examples
 
 NAMES = sorted(ENV_NAMES)

@@ -16,9 +16,9 @@ import trio.testing
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from appliance.llm.remote_errors import RemoteError
-from appliance.llm.remote_stream import RemoteStream, Upstream
-from appliance.llm.remote_wire import (
+from appliance.llm.remote.errors import RemoteError
+from appliance.llm.remote.stream import RemoteStream, Upstream
+from appliance.llm.remote.wire import (
     RemoteDelta,
     RemoteDone,
     SSEDecoder,

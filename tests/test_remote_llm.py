@@ -1,4 +1,4 @@
-"""Forwarding to a remote OpenAI-compatible LLM (appliance.llm.remote).
+"""Forwarding to a remote OpenAI-compatible LLM (appliance.llm.remote.client).
 
 The remote is the real appliance (a second daemon with the tiny model) where its behaviour
 is enough; where a test needs to see what was sent, or a remote that misbehaves on cue
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import trio
 
-from appliance.llm.remote import (
+from appliance.llm.remote.client import (
     RemoteConfig,
     RemoteConfigError,
     RemoteDone,
@@ -30,7 +30,7 @@ from appliance.llm.remote import (
     RemoteText,
     load_api_key,
 )
-from appliance.llm.remote_wire import SSEDecoder, estimate_prompt_tokens
+from appliance.llm.remote.wire import SSEDecoder, estimate_prompt_tokens
 from appliance.privacy.redaction import Redactor
 from tests.harness import free_port, running_daemon, short_tempdir
 

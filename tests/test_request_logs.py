@@ -1,4 +1,5 @@
-"""What the daemon logs about requests and its model, on the real daemon.
+"""What the daemon logs about requests and its model, on the real services (in the test's
+own nursery, tests.inprocess, for the request lines).
 
 A stream's access line comes at its end, with the stream's duration; a request's id stays
 on the lines of that request (services it restarts do not carry it on); llama.cpp's load
@@ -19,13 +20,14 @@ import trio
 
 from appliance.llm.batching import open_model
 from appliance.llm.llama_log import LlamaLog
-from tests.harness import Daemon, install_tiny_model, running_daemon, short_tempdir
+from tests.harness import install_tiny_model, running_daemon, short_tempdir
+from tests.inprocess import InProcessDaemon, inprocess_daemon
 
 # Lines of llama.cpp's own that a model load writes (context, tensors, buffers, graphs).
 LLAMA_CHATTER: Final = ("llama_context", "llama_kv_cache", "graph_reserve", "sched_reserve")
 
 
-async def _slowly_read_stream(daemon: Daemon, body: dict[str, Any]) -> tuple[str, float]:
+async def _slowly_read_stream(daemon: InProcessDaemon, body: dict[str, Any]) -> tuple[str, float]:
     """POST a streamed completion and read it a little at a time (a client on a slow
     link): the answer's request id and how long the whole stream took."""
     host, port = daemon.url.removeprefix("http://").rsplit(":", 1)
@@ -58,7 +60,7 @@ async def _slowly_read_stream(daemon: Daemon, body: dict[str, Any]) -> tuple[str
 
 async def test_a_streams_access_line_has_the_streams_duration() -> None:
     with trio.fail_after(120):
-        async with running_daemon() as daemon:
+        async with inprocess_daemon() as daemon:
             body = {
                 "model": "tiny",
                 "messages": [{"role": "user", "content": "a long answer please"}],
@@ -81,7 +83,7 @@ async def test_a_streams_access_line_has_the_streams_duration() -> None:
 async def test_a_requests_id_does_not_follow_the_services_it_restarted() -> None:
     restore_id = "req-restore-context-check"
     with trio.fail_after(120):
-        async with running_daemon() as daemon, daemon.client(timeout=60) as client:
+        async with inprocess_daemon() as daemon, daemon.client(timeout=60) as client:
             made = await client.post("/api/v1/admin/backups")
             assert made.status_code == 201, made.text
             restored = await client.post(

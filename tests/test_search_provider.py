@@ -9,13 +9,14 @@ import logging
 import pytest
 import trio
 
-from appliance.config import load_settings, search_config, startup_problems
+from appliance.config import load_settings
 from appliance.search.config import SearchConfig, SearchConfigError, parse_allow
 from appliance.search.context import context_message
 from appliance.search.errors import SearchError
 from appliance.search.query import search_query, world_question
 from appliance.search.results import MAX_SNIPPET_CHARS, MAX_TITLE_CHARS, clean_text
 from appliance.search.service import MAX_RESPONSE_BYTES, WebSearch
+from appliance.startup_checks import search_config, startup_problems
 from tests.searxng import HUGE_BYTES, result, searxng_standin
 
 

@@ -6,7 +6,7 @@ from typing import Any, Final
 
 import pytest
 
-from appliance.http.generation import sse, sse_template
+from appliance.http.sse import sse, sse_template
 from appliance.llm.protocol import (
     MAX_FRAME_BYTES,
     Done,

@@ -32,7 +32,7 @@ from typing import Final, Literal
 import coredis
 import msgspec
 
-from appliance.auth.arguments import SCOPES
+from appliance.auth.scopes import SCOPES
 from appliance.store.client import RedisClient, refuses_writes
 
 Scope = Literal["admin", "user"]

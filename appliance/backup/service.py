@@ -53,6 +53,14 @@ class BackupState(msgspec.Struct):
     previous_data_bytes: int = 0
 
 
+class BackupMetrics(BackupState, kw_only=True):
+    """The results and the schedule's settings, as metrics and the admin endpoint show them."""
+
+    interval_seconds: int
+    keep: int
+    previous_data_keep: int
+
+
 class Backups:
     """Backup and restore for one daemon; owns the results it reports."""
 
@@ -194,11 +202,16 @@ class Backups:
         for name in reversed(STORE_SERVICES):
             await self.supervisor.restart(name)
 
+    def report(self) -> BackupMetrics:
+        return BackupMetrics(
+            **msgspec.structs.asdict(self.state),
+            interval_seconds=self.settings.backup_interval_seconds,
+            keep=self.settings.backup_keep,
+            previous_data_keep=self.settings.restore_previous_keep,
+        )
+
     def metrics(self) -> dict[str, Any]:
-        body: dict[str, Any] = msgspec.to_builtins(self.state)
-        body["interval_seconds"] = self.settings.backup_interval_seconds
-        body["keep"] = self.settings.backup_keep
-        body["previous_data_keep"] = self.settings.restore_previous_keep
+        body: dict[str, Any] = msgspec.to_builtins(self.report())
         return body
 
     def status_phrase(self) -> str:

@@ -17,8 +17,8 @@ from appliance.backup.archive import BackupError, BackupInfo, verify_archive
 from appliance.backup.jobs import BUSY_MESSAGE, ExternalStore
 from appliance.backup.previous import PreviousData, PreviousDataFull
 from appliance.backup.restore import RestoreOptions, RestoreReport
-from appliance.http.app import runtime
 from appliance.http.bodies import parse_body
+from appliance.http.context import runtime
 from appliance.http.errors import ApiError
 from appliance.http.openapi_doc import (
     document_request,
@@ -26,6 +26,7 @@ from appliance.http.openapi_doc import (
     errors,
     optional_body,
 )
+from appliance.http.responses import json_response
 
 blueprint = Blueprint("admin", __name__, url_prefix="/api/v1/admin")
 
@@ -77,10 +78,6 @@ class BackupList(msgspec.Struct):
     status: dict[str, Any]
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(body), status=status, mimetype="application/json")
-
-
 def describe(info: BackupInfo) -> Backup:
     return Backup(
         name=info.name,
@@ -113,7 +110,7 @@ async def list_backups() -> Response:
         previous = await trio.to_thread.run_sync(backups.refresh_previous)
     except BackupError as exc:
         raise ApiError(500, "backup_dir_unreadable", str(exc)) from None
-    return _json(
+    return json_response(
         BackupList(
             backups=[describe(info) for info in found],
             previous_data=[describe_previous(item) for item in previous],
@@ -134,7 +131,7 @@ async def create_backup() -> Response:
         info = await runtime().backups.backup(with_models=body.with_models)
     except BackupError as exc:
         raise _refusal(exc) from None
-    return _json(describe(info), status=201)
+    return json_response(describe(info), status=201)
 
 
 class VerifyRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -170,7 +167,7 @@ async def verify_backup() -> Response:
         )
     for info in await trio.to_thread.run_sync(state.backups.listing):
         if info.name == body.archive:
-            return _json(describe(info))
+            return json_response(describe(info))
     raise ApiError(404, "not_found", f"there is no backup named {body.archive}")
 
 
@@ -208,7 +205,7 @@ async def restore() -> Response:
         if str(exc).startswith("the restored data did not load"):
             raise ApiError(500, "restore_failed", str(exc)) from None
         raise ApiError(422, "archive_refused", str(exc)) from None
-    return _json(msgspec.to_builtins(report))
+    return json_response(msgspec.to_builtins(report))
 
 
 async def _has_body() -> bool:

@@ -6,93 +6,33 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import quart_cors
-from quart import Quart, Response, current_app, g, request
+from quart import Quart, Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from appliance.auth.apikeys import ApiKey, KeyStore
-from appliance.auth.budgets import Budgets
-from appliance.auth.gate import FAILURE_WINDOW, FAILURES_ALLOWED, Gate, Refused
-from appliance.backup.service import Backups
-from appliance.config import Settings
+from appliance.auth.gate import FAILURE_WINDOW, FAILURES_ALLOWED, Refused
+from appliance.http.admin import blueprint as admin
+from appliance.http.chat import blueprint as chat
 from appliance.http.console import install_console
+from appliance.http.context import PROBE_USER_AGENT, Runtime
+from appliance.http.embeddings import blueprint as embeddings
 from appliance.http.errors import ApiError, register_error_handlers
-from appliance.llm.engine import InferenceService
-from appliance.llm.pulls import Pulls
-from appliance.llm.registry import ModelRegistry
-from appliance.llm.remote import RemoteLLM
+from appliance.http.health import blueprint as health
+from appliance.http.keys import blueprint as keys
+from appliance.http.models import blueprint as models
+from appliance.http.openai import blueprint as openai
+from appliance.http.privacy import blueprint as privacy
+from appliance.http.usage import blueprint as usage
 from appliance.logs import request_context
-from appliance.metrics import ProcessSampler, RequestStats
-from appliance.privacy.keys import Keys
-from appliance.privacy.redaction import Redactor
-from appliance.privacy.retention import RetentionService
-from appliance.search.service import WebSearch
-from appliance.store.client import Store
-from appliance.store.conversations import Conversations
-from appliance.supervisor import Supervisor
 
 ACCESS_LOGGER = logging.getLogger("appliance.access")
 SECURITY_LOGGER = logging.getLogger("appliance.auth")
 
 REQUEST_ID_HEADER: Final = "X-Request-ID"
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
-# The HTTP service's own liveness probe; its requests are not access-logged.
-PROBE_USER_AGENT: Final = "appliance-self-probe"
-
-
-@dataclass
-class Runtime:
-    """What the handlers need from the daemon; owned by the daemon, shared by reference."""
-
-    settings: Settings
-    supervisor: Supervisor
-    store: Store
-    registry: ModelRegistry
-    engine: InferenceService
-    keys: Keys
-    redactor: Redactor
-    conversations: Conversations
-    retention: RetentionService
-    backups: Backups
-    apikeys: KeyStore
-    gate: Gate
-    budgets: Budgets
-    # Model downloads started through the API (POST /api/v1/models/pull).
-    pulls: Pulls
-    # The remote LLM client, when REMOTE_LLM_ENABLED; None means no code path can reach it.
-    remote: RemoteLLM | None = None
-    # The web search client, when SEARCH_ENABLED; None means no code path can search.
-    search: WebSearch | None = None
-    urls: list[str] = field(default_factory=list)
-    # Open streamed generations per key id (APPLIANCE_MAX_STREAMS_PER_KEY).
-    streams: dict[str, int] = field(default_factory=dict)
-    # llama.cpp backends built in and in use (appliance.llm.backends.backend_report).
-    backend: dict[str, Any] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
-    sampler: ProcessSampler = field(default_factory=ProcessSampler)
-    requests: RequestStats = field(default_factory=RequestStats)
-
-
-def runtime() -> Runtime:
-    value: Runtime = current_app.extensions["appliance"]
-    return value
-
-
-def current_key() -> ApiKey:
-    """The API key of this request (every route but live/ready has one)."""
-    key: ApiKey | None = g.get("api_key")
-    if key is None:
-        raise ApiError(401, "invalid_api_key", "a valid API key is needed")
-    return key
-
-
-def current_owner() -> str:
-    """Who owns what this request stores: the key's id, so a key sees only its own."""
-    return current_key().id
 
 
 def request_id_from(header: str | None) -> str:
@@ -104,18 +44,15 @@ def request_id_from(header: str | None) -> str:
 
 def register_blueprints(app: Quart) -> None:
     """Every route of the API (the OpenAPI document is built from these)."""
-    from appliance.http.admin import blueprint as admin
-    from appliance.http.chat import blueprint as chat
-    from appliance.http.embeddings import blueprint as embeddings
-    from appliance.http.health import blueprint as health
-    from appliance.http.keys import blueprint as keys
-    from appliance.http.models import blueprint as models
-    from appliance.http.openai import blueprint as openai
-    from appliance.http.privacy import blueprint as privacy
-    from appliance.http.usage import blueprint as usage
-
     for blueprint in (health, chat, models, openai, embeddings, privacy, admin, usage, keys):
         app.register_blueprint(blueprint)
+
+
+def document_app() -> Quart:
+    """An app with every route of the daemon's, for writing the document without one."""
+    app: Quart = QuartTrio("appliance")
+    register_blueprints(app)
+    return app
 
 
 def create_app(state: Runtime) -> Quart:

@@ -8,8 +8,8 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from quart import Blueprint, Response, g
 
-from appliance.http.app import Runtime, current_key, current_owner, runtime
 from appliance.http.bodies import parse_body, query_int
+from appliance.http.context import Runtime, current_key, current_owner, runtime
 from appliance.http.errors import ApiError
 from appliance.http.generation import (
     BudgetExhausted,
@@ -26,10 +26,6 @@ from appliance.http.generation import (
     keep_alive_of,
     max_tokens_for,
     resolve_model,
-    sse,
-    sse_error,
-    sse_template,
-    stream_response,
     token_usage,
 )
 from appliance.http.openapi_doc import (
@@ -41,8 +37,8 @@ from appliance.http.openapi_doc import (
     event_stream,
     links,
 )
-from appliance.http.privacy import redact_off_loop
 from appliance.http.remote_generation import REMOTE_PREFIX
+from appliance.http.responses import json_response
 from appliance.http.search import (
     ChatSearch,
     SearchMode,
@@ -51,7 +47,9 @@ from appliance.http.search import (
     searcher,
 )
 from appliance.http.search_decision import CALLED, model_decides
-from appliance.llm.protocol import ChatMessage, Done, Token
+from appliance.http.sse import sse, sse_error, sse_template, stream_response
+from appliance.llm.protocol import ChatMessage, Done, Sampling, Token
+from appliance.privacy.redaction import redact_off_loop
 from appliance.search.context import context_message
 from appliance.search.results import Source
 from appliance.store.conversations import ConversationMeta, Message, new_id, valid_id
@@ -166,10 +164,6 @@ class Deleted(msgspec.Struct):
     messages_removed: int
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(body), status=status, mimetype="application/json")
-
-
 def _not_found(conversation_id: str) -> ApiError:
     return ApiError(
         404,
@@ -234,10 +228,12 @@ async def send() -> Response:
         state,
         model,
         messages=messages,
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
+        sampling=Sampling(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+        ),
         stream=body.stream,
         keep_alive=keep_alive_of(body.keep_alive),
     )
@@ -264,7 +260,7 @@ async def send() -> Response:
     if not body.stream:
         answer, done = await collect(events)
         message_id = await store(answer, done)
-        return _json(
+        return json_response(
             ChatReply(
                 conversation_id=conversation_id,
                 model=model,
@@ -382,7 +378,9 @@ async def list_conversations() -> Response:
     """The caller's conversations, newest first; `?offset=&limit=` (1-100)."""
     offset, limit = _page_arguments()
     metas, total = await runtime().conversations.page(offset, limit, current_owner())
-    return _json(ConversationPage(conversations=metas, total=total, offset=offset, limit=limit))
+    return json_response(
+        ConversationPage(conversations=metas, total=total, offset=offset, limit=limit)
+    )
 
 
 @blueprint.get("/conversations/<conversation_id>")
@@ -395,7 +393,9 @@ async def get_conversation(conversation_id: str) -> Response:
         found = await runtime().conversations.get(conversation_id, current_owner())
     if found is None:
         raise _not_found(conversation_id)
-    return _json(ConversationDetail(**msgspec.structs.asdict(found.meta), messages=found.messages))
+    return json_response(
+        ConversationDetail(**msgspec.structs.asdict(found.meta), messages=found.messages)
+    )
 
 
 @blueprint.delete("/conversations/<conversation_id>")
@@ -408,4 +408,4 @@ async def delete_conversation(conversation_id: str) -> Response:
         removed = await runtime().conversations.delete(conversation_id, current_owner())
     if removed < 0:
         raise _not_found(conversation_id)
-    return _json(Deleted(deleted=conversation_id, messages_removed=removed))
+    return json_response(Deleted(deleted=conversation_id, messages_removed=removed))

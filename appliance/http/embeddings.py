@@ -16,13 +16,14 @@ import numpy as np
 import trio
 from quart import Blueprint, Response
 
-from appliance.http.app import current_key, runtime
 from appliance.http.bodies import parse_body
+from appliance.http.context import current_key, runtime
 from appliance.http.errors import ApiError
 from appliance.http.generation import as_api_error, reserve_budget, resolve_model
 from appliance.http.openai import strict_errors
 from appliance.http.openapi_doc import document_request, document_response, errors
 from appliance.http.remote_generation import REMOTE_PREFIX
+from appliance.http.responses import json_response
 from appliance.llm.errors import DeadlineExceeded, InferenceError
 
 blueprint = Blueprint("embeddings", __name__, url_prefix="/v1")
@@ -166,4 +167,4 @@ async def embeddings() -> Response:
             )
             data.append(Embedding("embedding", part.first + offset, value))
     answer = EmbeddingList("list", data, model, EmbeddingUsage(used, used))
-    return Response(msgspec.json.encode(answer), mimetype="application/json")
+    return json_response(answer)

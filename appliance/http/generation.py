@@ -1,4 +1,5 @@
-"""What the chat and OpenAI endpoints share: model choice, limits, deadlines, errors, SSE."""
+"""What the chat and OpenAI endpoints share: model choice, limits, deadlines, errors (the
+SSE framing of their streams is appliance.http.sse's)."""
 
 from __future__ import annotations
 
@@ -10,25 +11,18 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 import trio
-from quart import Response, current_app, g, request
 
 from appliance.auth.apikeys import ApiKey
 from appliance.auth.budgets import MICROS, BudgetExceeded, Budgets, Kind, Reservation, key_limits
-from appliance.http.app import Runtime, current_key
-from appliance.http.errors import ApiError, error_body
-from appliance.http.proxies import PEER
+from appliance.config import InvalidKeepAlive, parse_keep_alive
+from appliance.http.context import Runtime, current_key
+from appliance.http.errors import ApiError
 from appliance.http.remote_generation import REMOTE_PREFIX, open_remote_stream, remote_model
-from appliance.http.stream_body import StreamBody
 from appliance.llm.engine import RETRY_AFTER_SECONDS
 from appliance.llm.errors import DeadlineExceeded, InferenceError, QueueFull, WorkerCrashed
-from appliance.llm.keep_alive import InvalidKeepAlive, parse_keep_alive
-from appliance.llm.protocol import ChatMessage, Done, SamplingOptions, Token
+from appliance.llm.protocol import ChatMessage, Done, Sampling, Token
 from appliance.llm.registry import InvalidModelName, ModelUnavailable, RegistryError, UnknownModel
 
-_JSON = msgspec.json.Encoder()
-# Stands for the text in an SSE template; no field of an event body holds NUL characters.
-_MARKER: Final = "\x00text\x00"
-_MARKER_JSON: Final = _JSON.encode(_MARKER)
 # A model name quoted back in an error, at most (the name is the client's own text).
 MAX_SHOWN_NAME: Final = 64
 # What a remote model gets when the request names no temperature or top_p (OpenAI's).
@@ -363,24 +357,19 @@ async def generate(
     state: Runtime,
     model: str,
     *,
+    sampling: Sampling,
     messages: list[ChatMessage] | None = None,
     prompt: str | None = None,
-    max_tokens: int,
-    temperature: float | None,
-    top_p: float | None,
-    stop: list[str] | None = None,
-    seed: int | None = None,
     stream: bool = False,
     keep_alive: float | None = None,
-    options: SamplingOptions | None = None,
     remote_params: dict[str, Any] | None = None,
 ) -> Events:
     """The events of a local generation (engine) or of the remote LLM (`remote:` models),
     under the request deadline, the key's token budget and its stream limit. Sampling
     fields left None take the model's defaults; `keep_alive` (seconds) replaces how long
-    the model stays resident once idle. `options` (grammar, logit bias, penalties, log
-    probabilities) are the local model's samplers; `remote_params` are OpenAI fields
-    forwarded as they are to the remote LLM."""
+    the model stays resident once idle. `sampling.options` (grammar, logit bias,
+    penalties, log probabilities) are the local model's samplers; `remote_params` are
+    OpenAI fields forwarded as they are to the remote LLM."""
     remote = remote_model(state.remote, model) if model.startswith(REMOTE_PREFIX) else None
     if remote is not None and messages is None:
         raise ApiError(
@@ -395,6 +384,7 @@ async def generate(
     try:
         if state.gate.enabled:
             estimate = _prompt_estimate(messages, prompt)
+            options = sampling.options
             if options is not None and options.grammar:
                 # The grammar (a schema's, a tool's) weighs on the answer's side as well.
                 estimate += len(options.grammar) // 16
@@ -402,9 +392,15 @@ async def generate(
                 # A longer conversation leaves turns out of the prompt (appliance.llm.fitting).
                 estimate = min(estimate, state.settings.context_size)
             budget = await reserve_budget(
-                state, key, estimate, max_tokens, "remote" if remote is not None else "local"
+                state,
+                key,
+                estimate,
+                sampling.max_tokens,
+                "remote" if remote is not None else "local",
             )
-        granted = min(max_tokens, budget.granted_tokens) if budget is not None else max_tokens
+        granted = sampling.max_tokens
+        if budget is not None:
+            granted = min(granted, budget.granted_tokens)
         timeout = state.settings.request_timeout
         if remote is not None:
             assert messages is not None  # refused above
@@ -413,26 +409,23 @@ async def generate(
                 state.redactor,
                 messages,
                 max_tokens=granted,
-                temperature=REMOTE_TEMPERATURE if temperature is None else temperature,
-                top_p=REMOTE_TOP_P if top_p is None else top_p,
-                stop=stop,
-                seed=seed,
+                temperature=(
+                    REMOTE_TEMPERATURE if sampling.temperature is None else sampling.temperature
+                ),
+                top_p=REMOTE_TOP_P if sampling.top_p is None else sampling.top_p,
+                stop=sampling.stop,
+                seed=sampling.seed,
                 extra=remote_params,
             )
         else:
             events = state.engine.generate(
                 model,
                 deadline=trio.current_time() + timeout,
+                sampling=msgspec.structs.replace(sampling, max_tokens=granted),
                 messages=messages,
                 prompt=prompt,
-                max_tokens=granted,
-                temperature=temperature,
-                top_p=top_p,
-                stop=stop,
-                seed=seed,
                 owner=key.id,
                 keep_alive=keep_alive,
-                options=options,
             )
     except BaseException:
         if release is not None:
@@ -453,54 +446,6 @@ async def collect(events: Events) -> tuple[str, Done]:
             else:
                 return "".join(parts), event
     raise ApiError(503, "worker_crashed", "model worker crashed; retry")
-
-
-def stream_response(
-    state: Runtime, chunks: AsyncGenerator[bytes, None], events: Events
-) -> Response:
-    """The SSE response of a generation; a watch beside it ends the stream when its client
-    stops reading (APPLIANCE_STREAM_STALL_SECONDS), and the request's access line waits
-    for the body's end (`g.stream_body`), so that its duration is the stream's."""
-    scope: dict[str, Any] = request.scope  # type: ignore[assignment]
-    # The connection's own ends (behind a trusted proxy "client" is the one behind it).
-    client, server = scope.get(PEER) or scope.get("client"), scope.get("server")
-    body = StreamBody(
-        chunks,
-        events,
-        stall_seconds=state.settings.stream_stall_seconds,
-        peer=(tuple(client), tuple(server)) if client and server else None,
-    )
-    current_app.add_background_task(body.watch)
-    g.stream_body = body
-    return Response(body, mimetype="text/event-stream", headers={"Cache-Control": "no-store"})
-
-
-def sse(data: Any, event: str | None = None) -> bytes:
-    head = f"event: {event}\n".encode() if event else b""
-    body = data if isinstance(data, bytes) else _JSON.encode(data)
-    return head + b"data: " + body + b"\n\n"
-
-
-def sse_template(
-    body_with: Callable[[str], Any], event: str | None = None
-) -> Callable[[str], bytes]:
-    """`lambda text: sse(body_with(text), event)`, for a stream whose events differ in one
-    string only (a token's text): the rest is encoded once and each text, JSON-escaped on
-    its own, is spliced in. The bytes are the same as sse's."""
-    head, found, tail = sse(body_with(_MARKER), event).partition(_MARKER_JSON)
-    if not found or _MARKER_JSON in tail:
-        raise ValueError("the event body must hold the text exactly once")
-    encode = _JSON.encode
-
-    def event_of(text: str) -> bytes:
-        return head + encode(text) + tail
-
-    return event_of
-
-
-def sse_error(error: ApiError, request_id: str) -> bytes:
-    body = error_body(error.status, error.code, error.message, error.param, request_id)
-    return sse(body, event="error")
 
 
 FinishReason = Literal["stop", "length"]

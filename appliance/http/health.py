@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, NamedTuple
+from typing import Annotated, Final, Literal, NamedTuple
 
 import coredis
 import msgspec
@@ -13,18 +13,31 @@ import trio
 from quart import Blueprint, Response, g, request
 
 from appliance import __version__
-from appliance.http.app import Runtime, runtime
+from appliance.http.context import Runtime, runtime
 from appliance.http.errors import ApiError
-from appliance.http.models import ResidentModel
 from appliance.http.openapi_doc import (
     document_querystring,
     document_response,
     errors,
     plain_text,
 )
+from appliance.http.responses import json_response
 from appliance.llm.memory import mb
 from appliance.llm.registry import RegistryError
 from appliance.metrics import count_models, system_metrics, to_prometheus, uptime_since
+from appliance.metrics_snapshot import (
+    HttpMetrics,
+    LlmMetrics,
+    Metrics,
+    ModelCount,
+    PrivacyMetrics,
+    ProcessMetrics,
+    RedisMetrics,
+    ResidentModel,
+    ServiceMetrics,
+    SystemMetrics,
+    TimeToFirstToken,
+)
 from appliance.privacy.rotation import key_usage, old_key_count
 from appliance.store.client import StoreUnavailable
 from appliance.supervisor import ServiceState
@@ -60,88 +73,6 @@ class Readiness(msgspec.Struct):
     checks: list[Check]
 
 
-class RedisMetrics(msgspec.Struct):
-    healthy: bool
-    used_memory_bytes: int | msgspec.UnsetType = msgspec.UNSET
-    maxmemory_bytes: int | msgspec.UnsetType = msgspec.UNSET
-    # With noeviction, writes are refused once this reaches 100.
-    memory_percent: float | msgspec.UnsetType = msgspec.UNSET
-
-
-class ModelCount(msgspec.Struct):
-    count: int
-
-
-class ServiceMetrics(msgspec.Struct):
-    redis: RedisMetrics
-    models: ModelCount
-    supervised: list[ServiceState]
-
-
-class HttpMetrics(msgspec.Struct):
-    by_status: dict[str, int]
-    in_flight: int
-
-
-class TimeToFirstToken(msgspec.Struct):
-    last: float
-    p50: float | None
-    p99: float | None
-
-
-class LlmMetrics(msgspec.Struct):
-    # The most recently used resident model.
-    loaded_model: str | None
-    busy: bool
-    running: int
-    parallel: int
-    queue_depth: int
-    max_queue: int
-    completed: int
-    failed: int
-    rejected: int
-    worker_crashes: int
-    tokens_generated: int
-    last_tokens_per_second: float
-    last_queue_wait_seconds: float
-    time_to_first_token_seconds: TimeToFirstToken
-    # llama.cpp backends built in and in use.
-    backend: dict[str, Any]
-    resident: list[ResidentModel]
-    memory_budget_bytes: int
-    memory_used_bytes: int
-    # Models loaded and unloaded since start (keep-alive, room for another, requests).
-    model_loads: int
-    model_unloads: int
-
-
-class PrivacyMetrics(msgspec.Struct):
-    encrypt_at_rest: bool
-    current_key_id: str | None
-    redaction: str
-    retention_days: int
-    retention_last_sweep: float | None
-    retention_last_removed: int
-    retention_removed_total: int
-    conversations_by_key: dict[str, int] | None
-    conversations_under_old_keys: int | None
-
-
-class Metrics(msgspec.Struct):
-    """System, process and service metrics (the JSON form)."""
-
-    version: str
-    uptime_seconds: float
-    system: dict[str, Any]
-    process: dict[str, Any] | None
-    processes: dict[str, dict[str, Any] | None]
-    services: ServiceMetrics
-    http: HttpMetrics
-    llm: LlmMetrics
-    privacy: PrivacyMetrics
-    backups: dict[str, Any]
-
-
 class MetricsQuery(msgspec.Struct):
     # `prometheus` (or `Accept: text/plain`) answers in Prometheus' text format.
     format: Literal["json", "prometheus"] | msgspec.UnsetType = msgspec.UNSET
@@ -157,16 +88,12 @@ class Services(msgspec.Struct):
     services: list[ServiceState]
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(body), status=status, mimetype="application/json")
-
-
 @blueprint.get("/live")
 @document_response(Live)
 async def live() -> Response:
     """Alive whenever the process runs, with the version and uptime."""
     state = runtime()
-    return _json(
+    return json_response(
         Live(
             status="alive",
             version=__version__,
@@ -305,7 +232,7 @@ async def ready() -> Response:
         _services_check(state),
     ]
     is_ready = all(finding.check.state == "ok" for finding in findings)
-    return _json(
+    return json_response(
         Readiness(
             status="ready" if is_ready else "not_ready",
             checks=[finding.shown(detailed) for finding in findings],
@@ -319,14 +246,14 @@ async def metrics_snapshot(state: Runtime) -> Metrics:
     pids = {"appliance": os.getpid()}
     pids.update({s.name: s.pid for s in services if s.pid is not None})
 
-    def sample() -> dict[str, Any]:
-        return {
-            "system": system_metrics(Path(state.settings.state_dir)),
-            "processes": {name: state.sampler.sample(pid) for name, pid in pids.items()},
-            "models": count_models(Path(state.settings.models_dir)),
-        }
+    def sample() -> tuple[SystemMetrics, dict[str, ProcessMetrics | None], int]:
+        return (
+            system_metrics(Path(state.settings.state_dir)),
+            {name: state.sampler.sample(pid) for name, pid in pids.items()},
+            count_models(Path(state.settings.models_dir)),
+        )
 
-    sampled = await trio.to_thread.run_sync(sample)
+    system, processes, models = await trio.to_thread.run_sync(sample)
     redis = RedisMetrics(healthy=state.store.healthy())
     try:
         with trio.fail_after(READY_PROBE_TIMEOUT):
@@ -340,18 +267,16 @@ async def metrics_snapshot(state: Runtime) -> Metrics:
     return Metrics(
         version=__version__,
         uptime_seconds=uptime_since(state.started),
-        system=sampled["system"],
-        process=sampled["processes"]["appliance"],
-        processes=sampled["processes"],
-        services=ServiceMetrics(
-            redis=redis, models=ModelCount(sampled["models"]), supervised=services
-        ),
+        system=system,
+        process=processes["appliance"],
+        processes=processes,
+        services=ServiceMetrics(redis=redis, models=ModelCount(models), supervised=services),
         http=HttpMetrics(
             by_status=dict(state.requests.by_status), in_flight=state.requests.in_flight
         ),
         llm=llm_metrics(state),
         privacy=await privacy_metrics(state),
-        backups=state.backups.metrics(),
+        backups=state.backups.report(),
     )
 
 
@@ -461,10 +386,8 @@ async def metrics() -> Response:
         await trio.sleep(sample_seconds)
     snapshot = await metrics_snapshot(state)
     if prometheus:
-        return Response(
-            to_prometheus(msgspec.to_builtins(snapshot)), mimetype="text/plain; version=0.0.4"
-        )
-    return _json(snapshot)
+        return Response(to_prometheus(snapshot), mimetype="text/plain; version=0.0.4")
+    return json_response(snapshot)
 
 
 @blueprint.get("/services")
@@ -472,4 +395,4 @@ async def metrics() -> Response:
 async def services() -> Response:
     """Each supervised service: state, healthy, pid, restarts, last error, since."""
     state = runtime()
-    return _json(Services(services=state.supervisor.snapshot()))
+    return json_response(Services(services=state.supervisor.snapshot()))

@@ -10,10 +10,11 @@ from quart import Blueprint, Response
 
 from appliance.auth.apikeys import ApiKey, ApiKeyError
 from appliance.auth.budgets import Usage, key_limits
-from appliance.http.app import current_key, runtime
 from appliance.http.bodies import parse_body
+from appliance.http.context import current_key, runtime
 from appliance.http.errors import ApiError
 from appliance.http.openapi_doc import document_request, document_response, errors
+from appliance.http.responses import json_response
 
 blueprint = Blueprint("keys", __name__, url_prefix="/api/v1/admin/keys")
 
@@ -61,10 +62,6 @@ class RevokedKey(msgspec.Struct):
     revoked: ApiKey
 
 
-def _json(body: object, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(body), status=status, mimetype="application/json")
-
-
 @blueprint.get("")
 @document_response(KeyList)
 async def list_keys() -> Response:
@@ -83,7 +80,7 @@ async def list_keys() -> Response:
         )
         report = await state.budgets.report(key.id, *limits)
         entries.append(KeyEntry(key=key, usage=KeyUsage(report["local"], report["remote"])))
-    return _json(KeyList(keys=entries))
+    return json_response(KeyList(keys=entries))
 
 
 @blueprint.post("")
@@ -103,7 +100,7 @@ async def create_key() -> Response:
     except ApiKeyError as exc:
         status, code = (409, "name_taken") if "exists" in str(exc) else (422, "invalid_field")
         raise ApiError(status, code, str(exc), param="name") from None
-    return _json(CreatedKey(key=key, token=token), status=201)
+    return json_response(CreatedKey(key=key, token=token), status=201)
 
 
 @blueprint.delete("/<name>")
@@ -127,4 +124,4 @@ async def revoke_key(name: str) -> Response:
         revoked = await apikeys.revoke(name)
     except ApiKeyError as exc:
         raise ApiError(404, "key_not_found", str(exc)) from None
-    return _json(RevokedKey(revoked=revoked))
+    return json_response(RevokedKey(revoked=revoked))

@@ -10,8 +10,8 @@ import msgspec
 import trio
 from quart import Blueprint, Response, request
 
-from appliance.http.app import runtime
 from appliance.http.bodies import parse_body
+from appliance.http.context import runtime
 from appliance.http.errors import ApiError
 from appliance.http.generation import KeepAlive, as_api_error, keep_alive_of
 from appliance.http.openapi_doc import (
@@ -21,6 +21,7 @@ from appliance.http.openapi_doc import (
     openapi_response,
     optional_body,
 )
+from appliance.http.responses import json_response
 from appliance.llm.errors import InferenceError
 from appliance.llm.manifest import ModelRecord
 from appliance.llm.model_defaults import MAX_STOP, MAX_STOP_CHARS, InvalidDefault
@@ -33,6 +34,7 @@ from appliance.llm.registry import (
     UnknownModel,
     validate_model_name,
 )
+from appliance.metrics_snapshot import ResidentModel
 
 blueprint = Blueprint("models", __name__, url_prefix="/api/v1")
 
@@ -53,30 +55,6 @@ class InstalledModels(msgspec.Struct):
     models: list[InstalledModel]
     default: str | None
     loaded: str | None
-
-
-class ResidentModel(msgspec.Struct):
-    """A model loaded in a worker process of its own."""
-
-    name: str
-    state: Annotated[
-        str, msgspec.Meta(extra_json_schema={"enum": ["starting", "running", "backoff"]})
-    ]
-    pid: int | None
-    # What it counts against APPLIANCE_MODEL_MEMORY is the larger of the two.
-    estimated_bytes: int
-    rss_bytes: int
-    context: int
-    slots: int
-    running: int
-    waiting: int
-    idle_seconds: float
-    keep_alive: str
-    # Until an idle model is unloaded; null while it is busy or kept for ever.
-    expires_in_seconds: float | None
-    # Times it was loaded into a fresh worker process (a crash or recycle loads it again).
-    loads: int
-    restarts: int
 
 
 class ResidentModels(msgspec.Struct):
@@ -154,10 +132,6 @@ class OpenAPIDocument(msgspec.Struct):
     security: list[dict[str, list[str]]]
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(body), status=status, mimetype="application/json")
-
-
 def _registry_error(exc: RegistryError) -> ApiError:
     if isinstance(exc, UnknownModel):
         return ApiError(404, "model_not_found", str(exc), param="name")
@@ -199,7 +173,7 @@ async def list_models() -> Response:
         default=default,
         loaded=state.engine.loaded_model,
     )
-    return _json(body)
+    return json_response(body)
 
 
 def _resident() -> ResidentModels:
@@ -219,7 +193,7 @@ def _resident() -> ResidentModels:
 async def resident_models() -> Response:
     """The resident models (`appliance models ps`): memory (estimated and RSS), context,
     slots and what runs on them, idle time and keep-alive."""
-    return _json(_resident())
+    return json_response(_resident())
 
 
 @blueprint.post("/models/<name>/load")
@@ -246,7 +220,7 @@ async def load_model(name: str) -> Response:
         )
     except InferenceError as exc:
         raise as_api_error(exc) from None
-    return _json(msgspec.convert(state.engine.describe(worker), ResidentModel))
+    return json_response(msgspec.convert(state.engine.describe(worker), ResidentModel))
 
 
 @blueprint.post("/models/<name>/unload")
@@ -265,8 +239,8 @@ async def unload_model(name: str) -> Response:
             404, "not_resident", f"model {model!r} is not resident; resident: {resident}"
         ) from None
     if done:
-        return _json(Unloaded(name=model, unloaded=True, message=f"{model} unloaded"))
-    return _json(
+        return json_response(Unloaded(name=model, unloaded=True, message=f"{model} unloaded"))
+    return json_response(
         Unloaded(
             name=model,
             unloaded=False,
@@ -298,7 +272,7 @@ async def set_defaults(name: str) -> Response:
     except RegistryError as exc:
         raise _registry_error(exc) from None
     worker = state.engine.workers.get(model)
-    return _json(
+    return json_response(
         InstalledModel(**msgspec.structs.asdict(record), loaded=bool(worker and worker.ready))
     )
 
@@ -317,14 +291,14 @@ async def pull_model() -> Response:
         job = await state.pulls.start(body.url, body.name, body.sha256)
     except RegistryError as exc:
         raise _registry_error(exc) from None
-    return _json(job, status=202)
+    return json_response(job, status=202)
 
 
 @blueprint.get("/models/pulls")
 @document_response(PullList)
 async def list_pulls() -> Response:
     """The pulls since the daemon started: progress, and how each ended."""
-    return _json(PullList(pulls=list(runtime().pulls.jobs.values())))
+    return json_response(PullList(pulls=list(runtime().pulls.jobs.values())))
 
 
 @blueprint.get("/models/pulls/<pull_id>")
@@ -335,7 +309,7 @@ async def get_pull(pull_id: str) -> Response:
     job = runtime().pulls.jobs.get(pull_id)
     if job is None:
         raise ApiError(404, "not_found", f"there is no pull {pull_id[:40]!r}")
-    return _json(job)
+    return json_response(job)
 
 
 @blueprint.get("/openapi.json")

@@ -18,8 +18,8 @@ import msgspec
 import trio
 from quart import Blueprint, Response, g
 
-from appliance.http.app import Runtime, runtime
 from appliance.http.bodies import parse_body
+from appliance.http.context import Runtime, runtime
 from appliance.http.errors import ApiError, error_response
 from appliance.http.generation import (
     Events,
@@ -28,10 +28,6 @@ from appliance.http.generation import (
     keep_alive_of,
     max_tokens_for,
     resolve_model,
-    sse,
-    sse_error,
-    sse_template,
-    stream_response,
     token_usage,
 )
 from appliance.http.openai_plan import (
@@ -74,8 +70,10 @@ from appliance.http.openapi_doc import (
     event_stream,
 )
 from appliance.http.remote_generation import REMOTE_PREFIX
+from appliance.http.responses import json_response
+from appliance.http.sse import sse, sse_error, sse_template, stream_response
 from appliance.http.web_search_tool import web_search_round
-from appliance.llm.protocol import Done, SamplingOptions, Token, TokenLogprob
+from appliance.llm.protocol import Done, Sampling, SamplingOptions, Token, TokenLogprob
 from appliance.llm.tools import ReplyStream, read_answer
 
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
@@ -107,10 +105,6 @@ def strict_errors(area: Blueprint) -> None:
 strict_errors(blueprint)
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(body), status=status, mimetype="application/json")
-
-
 def _stop_list(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
@@ -140,15 +134,17 @@ async def _events(
     events = await generate(
         state,
         model,
-        max_tokens=max_tokens_for(state, requested, param),
-        # Left out: the model's default (its manifest), else the appliance's.
-        temperature=body.temperature,
-        top_p=body.top_p,
-        stop=_stop_list(body.stop),
-        seed=body.seed,
+        sampling=Sampling(
+            max_tokens=max_tokens_for(state, requested, param),
+            # Left out: the model's default (its manifest), else the appliance's.
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=_stop_list(body.stop),
+            seed=body.seed,
+            options=options,
+        ),
         stream=bool(body.stream),
         keep_alive=keep_alive_of(body.keep_alive),
-        options=options,
         remote_params=remote_params,
         **source,
     )
@@ -259,7 +255,7 @@ async def chat_completions() -> Response:
         choice_logprobs = None
         if plan.options.top_logprobs is not None:
             choice_logprobs = ChoiceLogprobs(token_logprobs(logprobs))
-        return _json(
+        return json_response(
             ChatCompletion(
                 id=completion_id,
                 object="chat.completion",
@@ -430,7 +426,7 @@ async def completions() -> Response:
 
     if not body.stream:
         text, done, logprobs = await _collect(events)
-        return _json(body_of(text, _finish(done), token_usage(done), logprobs))
+        return json_response(body_of(text, _finish(done), token_usage(done), logprobs))
 
     token_chunk: Callable[[str], bytes] = sse_template(lambda text: body_of(text, None))
     request_id = g.request_id
@@ -492,7 +488,7 @@ async def _listed(state: Runtime) -> list[OpenAIModel]:
 async def models() -> Response:
     """Usable models, in OpenAI's list shape, each with what it serves here
     (`capabilities`: chat, completions, embeddings, tools, structured_output)."""
-    return _json(ModelList(object="list", data=await _listed(runtime())))
+    return json_response(ModelList(object="list", data=await _listed(runtime())))
 
 
 @blueprint.get("/models/<path:model_id>")
@@ -502,7 +498,7 @@ async def model(model_id: str) -> Response:
     """One usable model in OpenAI's shape; 404 (`model_not_found`) for any other name."""
     for listed in await _listed(runtime()):
         if listed.id == model_id:
-            return _json(listed)
+            return json_response(listed)
     raise ApiError(
         404,
         "model_not_found",

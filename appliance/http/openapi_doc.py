@@ -10,18 +10,15 @@ errors, 500, and `X-Request-ID` on every answer.
 quart-schema is used for the document only: it is not initialised on the app, so it
 changes no response and serves none of its own pages (no unauthenticated docs). The
 document is served to admins at `GET /api/v1/openapi.json` and kept in the repository as
-docs/openapi.json; `python -m appliance.http.openapi_doc` (`make openapi`) rewrites it.
+docs/openapi.json; `python -m appliance.http.openapi_file` (`make openapi`) rewrites it.
 """
 
 from __future__ import annotations
 
-import argparse
 import http
 import inspect
 import json
-import sys
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -42,7 +39,6 @@ from appliance.auth.gate import ADMIN_BLUEPRINTS, PUBLIC_PATHS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-DOCUMENT_PATH: Final = Path("docs/openapi.json")
 SECURITY_SCHEME: Final = "bearerAuth"
 REF_TEMPLATE: Final = "#/components/schemas/{name}"
 _EXTENSION_KEY: Final = "appliance.openapi"
@@ -404,43 +400,3 @@ def openapi_response() -> Response:
         text = render(build_document(app)).encode()
         app.extensions[_EXTENSION_KEY] = text
     return Response(text, mimetype="application/json")
-
-
-def document_app() -> Quart:
-    """An app with every route of the daemon's, for writing the document without one."""
-    from quart_trio import QuartTrio
-
-    from appliance.http.app import register_blueprints
-
-    app: Quart = QuartTrio("appliance")
-    register_blueprints(app)
-    return app
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m appliance.http.openapi_doc",
-        description="Write the API's OpenAPI document (what `make openapi` does).",
-    )
-    parser.add_argument("--output", type=Path, default=DOCUMENT_PATH, help="%(default)s")
-    parser.add_argument(
-        "--check", action="store_true", help="only say whether the file is up to date"
-    )
-    args = parser.parse_args(argv)
-    text = render(build_document(document_app()))
-    output: Path = args.output
-    current = output.read_text(encoding="utf-8") if output.exists() else None
-    if args.check:
-        if current != text:
-            print(f"{output} is out of date: run `make openapi`", file=sys.stderr)
-            return 1
-        return 0
-    if current != text:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text, encoding="utf-8")
-        print(f"wrote {output}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

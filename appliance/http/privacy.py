@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final
+from typing import Annotated, Final
 
 import msgspec
-import trio
 from quart import Blueprint, Response
 
-from appliance.http.app import current_owner, runtime
 from appliance.http.bodies import parse_body
+from appliance.http.context import current_owner, runtime
 from appliance.http.errors import ApiError
 from appliance.http.openapi_doc import document_request, document_response
-from appliance.privacy.redaction import LEVELS, Level, RedactionResult, Redactor
+from appliance.http.responses import json_response
+from appliance.privacy.redaction import LEVELS, Level, Redactor, redact_off_loop
 
 blueprint = Blueprint("privacy", __name__, url_prefix="/api/v1/privacy")
 
@@ -51,21 +51,6 @@ class Erased(msgspec.Struct):
     messages_removed: int
 
 
-# Short texts redact in well under a millisecond; longer ones go to a thread so a
-# 100 KB body (tens of milliseconds, more on hostile input) never stalls the event loop.
-INLINE_REDACT_CHARS: Final = 4096
-
-
-async def redact_off_loop(redactor: Redactor, text: str) -> RedactionResult:
-    if len(text) <= INLINE_REDACT_CHARS:
-        return redactor.redact(text)
-    return await trio.to_thread.run_sync(redactor.redact, text)
-
-
-def _json(body: Any) -> Response:
-    return Response(msgspec.json.encode(body), mimetype="application/json")
-
-
 @blueprint.post("/redact")
 @document_request(RedactRequest)
 @document_response(Redaction)
@@ -81,7 +66,7 @@ async def redact() -> Response:
             )
         redactor = Redactor(body.level)
     result = await redact_off_loop(redactor, body.text)
-    return _json(
+    return json_response(
         Redaction(
             text=result.text,
             level=redactor.level,
@@ -96,4 +81,4 @@ async def redact() -> Response:
 async def erase() -> Response:
     """Everything stored for the calling client, removed now (index entries included)."""
     conversations, messages = await runtime().conversations.delete_owner(current_owner())
-    return _json(Erased(conversations_removed=conversations, messages_removed=messages))
+    return json_response(Erased(conversations_removed=conversations, messages_removed=messages))

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from appliance.http.errors import ApiError
 from appliance.llm.protocol import ChatMessage, Done, Token
-from appliance.llm.remote import RemoteDone, RemoteError, RemoteLLM, RemoteStream, RemoteText
+from appliance.llm.remote.client import RemoteDone, RemoteError, RemoteLLM, RemoteStream, RemoteText
 from appliance.privacy.redaction import Redactor
 
 REMOTE_PREFIX: Final = "remote:"

@@ -16,9 +16,9 @@ import msgspec
 
 from appliance.auth.apikeys import ApiKey
 from appliance.auth.budgets import SearchBudgetExceeded
-from appliance.http.app import Runtime
+from appliance.http.context import Runtime
 from appliance.http.errors import ApiError
-from appliance.http.privacy import redact_off_loop
+from appliance.privacy.redaction import redact_off_loop
 from appliance.search.config import KEY_PREFIX
 from appliance.search.context import NOTHING_FOUND, numbered
 from appliance.search.errors import SearchError

@@ -16,11 +16,11 @@ import contextlib
 from collections.abc import AsyncGenerator
 from typing import Final
 
-from appliance.http.app import Runtime
+from appliance.http.context import Runtime
 from appliance.http.errors import ApiError
 from appliance.http.generation import Events, generate
 from appliance.llm.grammar import schema_to_grammar
-from appliance.llm.protocol import ChatMessage, Done, SamplingOptions, Token
+from appliance.llm.protocol import ChatMessage, Done, Sampling, SamplingOptions, Token
 from appliance.llm.tools import Function, Turn, answer_schema, instructions, read_answer, render
 
 WEB_SEARCH: Final = "web_search"
@@ -54,11 +54,13 @@ async def model_decides(
         state,
         model,
         messages=render(turns, _INSTRUCTIONS),
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        options=SamplingOptions(grammar=_GRAMMAR, close_json=True),
+        sampling=Sampling(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            options=SamplingOptions(grammar=_GRAMMAR, close_json=True),
+        ),
     )
     text, done = await _collected(events)
     answer = read_answer(text, json_reply=False)

@@ -15,7 +15,7 @@ from hypercorn.trio import serve
 from quart import Quart
 
 from appliance.config import Settings
-from appliance.http.app import PROBE_USER_AGENT
+from appliance.http.context import PROBE_USER_AGENT
 from appliance.http.framing import RejectAmbiguousFraming, use_json_protocol_errors
 from appliance.http.proxies import ClientAddress
 from appliance.metrics import RequestStats

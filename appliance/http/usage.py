@@ -6,8 +6,9 @@ import msgspec
 from quart import Blueprint, Response
 
 from appliance.auth.budgets import APPLIANCE_OWNER, Usage, key_limits
-from appliance.http.app import current_key, runtime
+from appliance.http.context import current_key, runtime
 from appliance.http.openapi_doc import document_response
+from appliance.http.responses import json_response
 
 blueprint = Blueprint("usage", __name__, url_prefix="/api/v1")
 
@@ -60,4 +61,4 @@ async def usage() -> Response:
             budget_monthly=budget or None,
             price_per_1k_tokens=settings.remote_price_per_1k,
         )
-    return Response(msgspec.json.encode(body), mimetype="application/json")
+    return json_response(body)

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import msgspec
 
-from appliance.http.app import Runtime, current_key
+from appliance.http.context import Runtime, current_key
 from appliance.http.errors import ApiError
 from appliance.http.generation import Events
 from appliance.http.openai_plan import ChatPlan

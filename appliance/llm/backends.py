@@ -14,7 +14,9 @@ import importlib.util
 import os
 import re
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
+
+import msgspec
 
 from appliance.config import Settings
 
@@ -54,7 +56,24 @@ def _device_present(patterns: tuple[str, ...]) -> bool:
     return any(glob.glob(pattern) for pattern in patterns)
 
 
-def backend_report(settings: Settings, built: list[str] | None = None) -> dict[str, Any]:
+class NpuReport(msgspec.Struct):
+    requested: bool
+    available: bool
+    backend: str | None
+    detail: str
+
+
+class BackendReport(msgspec.Struct):
+    """The llama.cpp backends built in, the one in use, and the NPU's state."""
+
+    built: list[str]
+    in_use: str
+    gpu_layers: int
+    detail: str
+    npu: NpuReport
+
+
+def backend_report(settings: Settings, built: list[str] | None = None) -> BackendReport:
     """What metrics show: the backends built in, the one in use, and the NPU's honest state."""
     built = built_backends() if built is None else built
     gpus = [name for name in built if name in GPU_BACKENDS]
@@ -80,15 +99,15 @@ def backend_report(settings: Settings, built: list[str] | None = None) -> dict[s
         npu_detail = f"built with {', '.join(npus)}, but no NPU device is present"
     else:
         npu_detail = "no NPU backend in this llama.cpp build; inference runs on " + in_use.upper()
-    return {
-        "built": built,
-        "in_use": in_use,
-        "gpu_layers": settings.gpu_layers,
-        "detail": detail,
-        "npu": {
-            "requested": settings.npu_force_enable,
-            "available": bool(npu_usable),
-            "backend": npu_usable[0] if npu_usable else None,
-            "detail": npu_detail,
-        },
-    }
+    return BackendReport(
+        built=built,
+        in_use=in_use,
+        gpu_layers=settings.gpu_layers,
+        detail=detail,
+        npu=NpuReport(
+            requested=settings.npu_force_enable,
+            available=bool(npu_usable),
+            backend=npu_usable[0] if npu_usable else None,
+            detail=npu_detail,
+        ),
+    )

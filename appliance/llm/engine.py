@@ -28,10 +28,9 @@ from typing import Any, Final
 
 import trio
 
-from appliance.config import Settings
+from appliance.config import Settings, describe_keep_alive
 from appliance.llm.errors import DeadlineExceeded, InferenceError, ModelFailed, QueueFull
 from appliance.llm.gguf_header import GGUFHeaderError, check_gguf_header
-from appliance.llm.keep_alive import describe_keep_alive
 from appliance.llm.memory import N_BATCH, default_budget, estimate, mb
 from appliance.llm.model_defaults import FALLBACK, ModelDefaults, pick, with_system
 from appliance.llm.model_worker import GenerationStats, LoadPlan, ModelWorker
@@ -41,6 +40,7 @@ from appliance.llm.protocol import (
     Embed,
     Embedded,
     Generate,
+    Sampling,
     SamplingOptions,
     Token,
 )
@@ -337,17 +337,11 @@ class InferenceService(Service):
         model: str,
         *,
         deadline: float,
+        sampling: Sampling,
         messages: list[ChatMessage] | None = None,
         prompt: str | None = None,
-        max_tokens: int,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        stop: list[str] | None = None,
-        seed: int | None = None,
         owner: str = "",
         keep_alive: float | None = None,
-        presence_penalty: float | None = None,
-        options: SamplingOptions | None = None,
     ) -> AsyncGenerator[Token | Done, None]:
         """Queue, then stream Token events and one final Done; raises InferenceError.
 
@@ -372,22 +366,22 @@ class InferenceService(Service):
         try:
             request = Generate(
                 id=0,
-                max_tokens=max_tokens,
-                temperature=pick(temperature, defaults.temperature, FALLBACK.temperature),
-                top_p=pick(top_p, defaults.top_p, FALLBACK.top_p),
-                stop=stop or defaults.stop or [],
-                seed=seed,
+                max_tokens=sampling.max_tokens,
+                temperature=pick(sampling.temperature, defaults.temperature, FALLBACK.temperature),
+                top_p=pick(sampling.top_p, defaults.top_p, FALLBACK.top_p),
+                stop=sampling.stop or defaults.stop or [],
+                seed=sampling.seed,
                 prompt=prompt,
                 messages=with_system(messages, defaults.system),
                 top_k=pick(None, defaults.top_k, FALLBACK.top_k),
                 min_p=pick(None, defaults.min_p, FALLBACK.min_p),
                 repeat_penalty=pick(None, defaults.repeat_penalty, FALLBACK.repeat_penalty),
                 presence_penalty=pick(
-                    _asked_presence(presence_penalty, options),
+                    _asked_presence(sampling.options),
                     defaults.presence_penalty,
                     FALLBACK.presence_penalty,
                 ),
-                options=options,
+                options=sampling.options,
             )
             events = worker.generate(request, deadline=deadline, owner=owner, queued_at=queued_at)
             try:
@@ -453,11 +447,9 @@ class InferenceService(Service):
         }
 
 
-def _asked_presence(asked: float | None, options: SamplingOptions | None) -> float | None:
-    """The presence penalty the request asked for: the argument, else OpenAI's field in
-    `options` when set (0 is OpenAI's default, so it leaves the model's default)."""
-    if asked is not None:
-        return asked
+def _asked_presence(options: SamplingOptions | None) -> float | None:
+    """The presence penalty the request asked for: OpenAI's field in `options` when set
+    (0 is OpenAI's default, so it leaves the model's default)."""
     if options is not None and options.presence_penalty:
         return options.presence_penalty
     return None

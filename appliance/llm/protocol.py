@@ -54,6 +54,19 @@ class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True):
     top_logprobs: int | None = None
 
 
+class Sampling(msgspec.Struct, frozen=True, kw_only=True):
+    """What a request asks of a generation's sampling, from the API to the engine. Fields
+    left None take the model's defaults (its manifest), then the appliance's."""
+
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    # Grammar, logit bias, penalties, log probabilities (the local model's samplers).
+    options: SamplingOptions | None = None
+
+
 class Generate(msgspec.Struct, frozen=True, tag="generate"):
     """One generation; `messages` are rendered with the model's chat template, else `prompt`."""
 

@@ -37,24 +37,6 @@ _NAMES_BY_PRIORITY: Final = {
 _FIELDS: Final = ("REQUEST_ID", "ENDPOINT", "METHOD", "STATUS", "DURATION_MS", "CLIENT")
 
 
-def add_logs_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    logs = commands.add_parser("logs", help="the daemon's log entries from the journal")
-    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
-    logs.add_argument("--since", help='journalctl time, e.g. "1 hour ago" or "2026-11-25 03:00"')
-    logs.add_argument("--request-id", help="only the entries of one request (X-Request-ID)")
-    logs.add_argument(
-        "--level",
-        type=str.upper,
-        choices=sorted(LEVELS),
-        help="this level and more severe (journal priority; --level error: errors only)",
-    )
-    logs.add_argument(
-        "--access", action="store_true", help="only the access lines (one per request)"
-    )
-    logs.add_argument("-n", "--lines", type=int, default=200, help="how many recent entries")
-    logs.add_argument("--json", action="store_true", help="one JSON object per line")
-
-
 def journalctl_command(args: argparse.Namespace, journalctl: str) -> list[str]:
     command = [journalctl, "--no-pager", "--output=json", f"SYSLOG_IDENTIFIER={IDENTIFIER}"]
     if args.request_id:

@@ -34,22 +34,6 @@ class UpdateError(RuntimeError):
     """The update did not happen (nothing was changed) or was rolled back; says which."""
 
 
-def add_update_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    update = commands.add_parser(
-        "update", help="back up, install a new build, restart; roll back if it is not ready"
-    )
-    update.add_argument("new", type=Path, help="the new build: its directory or its executable")
-    update.add_argument(
-        "--install-dir",
-        type=Path,
-        help="the installed build (default: the directory of the running program)",
-    )
-    update.add_argument(
-        "--timeout", type=float, default=DEFAULT_READY_TIMEOUT, help="seconds to wait for ready"
-    )
-    update.add_argument("--no-backup", action="store_true", help="skip the backup (not advised)")
-
-
 def _build_dir(path: Path) -> Path:
     directory = path if path.is_dir() else path.parent
     executable = directory / EXECUTABLE

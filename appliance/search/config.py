@@ -1,7 +1,7 @@
 """The search settings as plain values (`SearchConfig`), checked before the daemon starts.
 
-A leaf: `appliance.config` calls `search_problems` for its start-up checks, so this module
-imports nothing of the appliance. Every error names the setting and what to do, and none
+A leaf: `appliance.startup_checks` calls it before the daemon starts, and it imports
+nothing of the appliance. Every error names the setting and what to do, and none
 shows the API key.
 """
 

@@ -12,7 +12,6 @@ its Retry-After when it rate-limits. The API key is never part of a message or a
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -24,13 +23,14 @@ import msgspec
 import trio
 
 from appliance import __version__
-from appliance.llm.remote_config import (
+from appliance.llm.remote.config import (
     DEFAULT_TIMEOUT_SECONDS,
     RemoteConfig,
     RemoteConfigError,
     load_api_key,
+    loopback,
 )
-from appliance.llm.remote_errors import (
+from appliance.llm.remote.errors import (
     RemoteError,
     Scrub,
     malformed,
@@ -39,7 +39,7 @@ from appliance.llm.remote_errors import (
     timeout_error,
     transport_error,
 )
-from appliance.llm.remote_stream import (
+from appliance.llm.remote.stream import (
     CLOSE_SECONDS,
     RemoteStream,
     Upstream,
@@ -48,7 +48,7 @@ from appliance.llm.remote_stream import (
     log_success,
     read_body,
 )
-from appliance.llm.remote_wire import (
+from appliance.llm.remote.wire import (
     RemoteDelta,
     RemoteDone,
     RemoteText,
@@ -58,6 +58,7 @@ from appliance.llm.remote_wire import (
     finish_reason_of,
     usage_of,
 )
+from appliance.privacy.redaction import INLINE_REDACT_CHARS
 from appliance.supervisor import Service
 
 __all__ = [
@@ -80,8 +81,6 @@ LOGGER = logging.getLogger("appliance.remote")
 
 MAX_RESPONSE_BYTES: Final = 8 * 1024 * 1024
 MAX_ERROR_BODY_BYTES: Final = 16 * 1024
-# Redaction of more text than this runs in a thread, off the event loop.
-INLINE_REDACT_CHARS: Final = 4096
 # The OpenAI parameters that are forwarded; anything else is a caller's mistake.
 PARAMS: Final = frozenset(
     {
@@ -147,7 +146,7 @@ class RemoteLLM(Service):
             headers={"User-Agent": f"appliance/{__version__}"},
         )
         host = self._upstream.host
-        if urlsplit(self.config.url).scheme == "http" and not _loopback(host):
+        if urlsplit(self.config.url).scheme == "http" and not loopback(host):
             LOGGER.warning(
                 "APPLIANCE_REMOTE_LLM_URL uses plain http to %s: the API key and the (redacted) "
                 "messages cross the network unencrypted",
@@ -312,12 +311,3 @@ async def _redacted(messages: Sequence[Mapping[str, str]], redact: Redact) -> li
     else:
         redacted = await trio.to_thread.run_sync(lambda: [redact(c) for c in contents])
     return [{"role": r, "content": c} for r, c in zip(roles, redacted, strict=True)]
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -1,13 +1,19 @@
-"""The `appliance models` command line (kept light: the CLI builds it on every start)."""
+"""`appliance models ...`: its arguments; the work is appliance.llm.commands'."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+from appliance.commands.common import settings_of
+from appliance.ops.owner import handing_back
+
+if TYPE_CHECKING:
+    from appliance.commands.common import Subparsers
 
 
-def add_model_parsers(commands: Any) -> None:
-    """The `models` command and its actions."""
+def add_parser(commands: Subparsers) -> None:
     models = commands.add_parser(
         "models", help="list, import, pull, verify, remove, set, load, unload and ps models"
     )
@@ -39,3 +45,11 @@ def add_model_parsers(commands: Any) -> None:
     unload.add_argument("name", help="the model")
     ps = actions.add_parser("ps", help="resident models: memory, slots, idle time")
     ps.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def run(args: argparse.Namespace) -> int:
+    from appliance.llm.commands import run_models_command
+
+    settings = settings_of(args)
+    with handing_back(settings):
+        return run_models_command(settings, args)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Final, NamedTuple
 
 import msgspec
 
-from appliance.llm.remote_errors import RemoteError, Scrub, malformed, message_of
+from appliance.llm.remote.errors import RemoteError, Scrub, malformed, message_of
 
 # OpenAI's rule of thumb for English text; used only when the remote reports no usage.
 CHARS_PER_TOKEN: Final = 4

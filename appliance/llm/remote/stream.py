@@ -16,7 +16,7 @@ from typing import Final, NamedTuple
 import httpx
 import trio
 
-from appliance.llm.remote_errors import (
+from appliance.llm.remote.errors import (
     RemoteError,
     Scrub,
     malformed,
@@ -24,7 +24,7 @@ from appliance.llm.remote_errors import (
     transport_error,
     went_away,
 )
-from appliance.llm.remote_wire import (
+from appliance.llm.remote.wire import (
     RemoteDelta,
     RemoteDone,
     RemoteText,

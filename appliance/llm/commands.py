@@ -18,8 +18,7 @@ import httpx
 import msgspec
 import trio
 
-from appliance.config import Settings
-from appliance.llm.keep_alive import InvalidKeepAlive, parse_keep_alive
+from appliance.config import InvalidKeepAlive, Settings, parse_keep_alive
 from appliance.llm.model_defaults import InvalidDefault, parse_assignment
 from appliance.llm.pull import Puller
 from appliance.llm.registry import ModelRegistry, RegistryError

@@ -124,7 +124,7 @@ def plaintext_problem(url: str) -> str | None:
         host = parts.hostname
     except ValueError:
         return None
-    if parts.scheme != "http" or not host or _loopback(host):
+    if parts.scheme != "http" or not host or loopback(host):
         return None
     return (
         f"APPLIANCE_REMOTE_LLM_URL is plain http:// to {host[:100]!r}: prompts and the remote "
@@ -133,7 +133,8 @@ def plaintext_problem(url: str) -> str | None:
     )
 
 
-def _loopback(host: str) -> bool:
+def loopback(host: str) -> bool:
+    """localhost or a loopback address (plain HTTP to it never leaves the box)."""
     if host == "localhost":
         return True
     try:
