@@ -4,10 +4,12 @@ The file comes into a hidden temp file in the models dir (`.<name>.gguf.pull-<ur
 never listed), hashed as it comes. A download that is cut off is resumed with a Range
 request (`If-Range` the validator the server gave, so a file that changed meanwhile starts
 over), a few times in one pull and, failing that, by the next pull of the same URL and
-name. A response that does not begin with the GGUF magic is refused at once; a complete
-file goes through the bounded header check (appliance.llm.gguf_header), its SHA-256 is
-compared with the one given, and only then is it renamed into place and recorded in the
-manifest (with its SHA-256 and URL). Anything refused is deleted.
+name. What arrives is written and hashed on threads of their own while the next buffer is
+received (appliance.llm.pull_sink). A response that does not begin with the GGUF magic is
+refused at once; a complete file goes through the bounded header check
+(appliance.llm.gguf_header), its SHA-256 is compared with the one given, and only then is
+it renamed into place and recorded in the manifest (with its SHA-256 and URL). Anything
+refused is deleted.
 
 Outbound policy, as for the remote LLM: loopback is always allowed (a local mirror, the
 tests); another host only over https:// and only when APPLIANCE_PULL_HOSTS names it (every
@@ -458,9 +460,9 @@ class Puller:
 
 
 def _connection(scheme: str, host: str, port: int | None) -> http.client.HTTPConnection:
-    """A connection of the standard library's client: its responses read straight into a
-    buffer (no per-chunk objects), which keeps a pull as fast as curl on loopback. No proxy
-    or credentials from the environment apply (like the remote LLM's client)."""
+    """A connection of the standard library's client: a body is read straight into the
+    sink's buffers (no per-chunk objects). No proxy or credentials from the environment
+    apply (like the remote LLM's client)."""
     if scheme == "https":
         return http.client.HTTPSConnection(
             host, port, timeout=NETWORK_TIMEOUT, context=ssl.create_default_context()
