@@ -24,8 +24,9 @@ from typing import Final
 BUFFER_BYTES: Final = 1024 * 1024
 # Buffers in flight between the three threads (memory: BUFFERS * BUFFER_BYTES).
 BUFFERS: Final = 8
-# Bytes written between two starts of write-back.
-WRITEBACK_BYTES: Final = 16 * 1024 * 1024
+# Bytes written between two starts of write-back: large, as each start costs the writing
+# thread time in the filesystem, and what is left for the fsync is at most this much.
+WRITEBACK_BYTES: Final = 64 * 1024 * 1024
 _SYNC_FILE_RANGE_WRITE: Final = 2
 
 _Chunk = tuple[memoryview, int]
