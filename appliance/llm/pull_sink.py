@@ -5,9 +5,9 @@ The receiving thread fills a buffer from the socket and hands it on; a writing t
 it in the file and passes it to a hashing thread, which gives it back to be filled again. So
 receiving, writing and hashing overlap on separate cores (recv_into, os.write and hashlib
 let go of the GIL for big buffers), and no buffer is allocated per chunk. As the file grows
-the writing thread starts its write-back (sync_file_range, which waits for nothing), so the
-fsync before the file is listed has little left to do. The digest is of what was written,
-also when a write fails part-way.
+the writing thread starts its write-back (sync_file_range, which does not wait for the
+disk), so the fsync before the file is listed has little left to do. The digest is of what
+was written, also when a write fails part-way.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Sink:
         self._digest = digest
         self._end = os.fstat(fd).st_size  # where the next write lands
         self._written_back = self._end  # write-back started up to here
-        self._failure: OSError | None = None
+        self._failure: Exception | None = None
         self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
         for _ in range(BUFFERS):
             self._free.put(memoryview(bytearray(BUFFER_BYTES)))
@@ -68,7 +68,7 @@ class Sink:
             thread.start()
 
     def buffer(self) -> memoryview:
-        """A free buffer to fill; raises the OSError of a write that failed."""
+        """A free buffer to fill; raises the error of a write that failed."""
         buffer = self._free.get()
         if self._failure is not None:
             self._free.put(buffer)
@@ -90,7 +90,8 @@ class Sink:
         return self._digest
 
     def check(self) -> None:
-        """Raise the OSError of a write that failed (the file holds what came before it)."""
+        """Raise the error of a write that failed (an OSError, or a fault of ours); the file
+        holds what came before it."""
         if self._failure is not None:
             raise self._failure
 
@@ -98,7 +99,12 @@ class Sink:
         try:
             while (item := self._to_write.get()) is not None:
                 buffer, count = item
-                written = self._write(buffer, count) if self._failure is None else 0
+                written = 0
+                if self._failure is None:
+                    try:
+                        written = self._write(buffer, count)
+                    except Exception as exc:  # never leave the receiver waiting for a buffer
+                        self._failure = exc
                 if written:
                     self._to_hash.put((buffer, written))
                 else:
