@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 import trio
 
-from appliance.llm.pull import MAX_ATTEMPTS, PULL_PREFIX, Puller, PullError, PullRefused
+from appliance.llm.pull import (
+    MAX_ATTEMPTS,
+    PULL_PREFIX,
+    PullCancelled,
+    Puller,
+    PullError,
+    PullRefused,
+)
 from appliance.llm.registry import ModelExists, ModelRegistry
 from tests.file_server import FileServer, file_server, hostile_gguf, sha256_of
 from tests.harness import daemon_environment, running_daemon, short_tempdir
@@ -297,3 +304,73 @@ async def test_the_daemon_pulls_in_the_background_with_progress(model_file: Path
             )
             assert refused.status_code == 403
     assert not any(PULL_PREFIX in name for name in os.listdir(daemon.state_dir / "models"))
+
+
+# A child that pulls with its file size limit (RLIMIT_FSIZE) at `limit` bytes, as a disk
+# that fills up: the write that crosses it is short, the next fails with EFBIG. The limit
+# is lifted when the pull logs the cut-off, so the same pull resumes and completes.
+_FULL_DISK_PULL = """
+import logging, resource, sys
+from pathlib import Path
+from appliance.llm.pull import Puller
+from appliance.llm.registry import ModelRegistry
+
+url, models, sha256, limit = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+class Lift(logging.Handler):
+    def emit(self, record):
+        if "cut off" in record.getMessage():
+            print("cut:", record.getMessage(), file=sys.stderr)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+
+logging.getLogger("appliance.llm").addHandler(Lift())
+logging.getLogger("appliance.llm").setLevel(logging.INFO)
+pulling = Puller(ModelRegistry(Path(models)), allowed_hosts=(), max_bytes=1 << 30)
+print(pulling.pull(url, sha256=sha256).sha256, pulling.attempts)
+"""
+
+
+def test_a_write_that_fails_part_way_is_resumed_with_the_right_checksum(
+    server: FileServer, model_file: Path
+) -> None:
+    # The limit falls inside a receive buffer: the bytes written before the failure are in
+    # the file and must be in the checksum too, or the resumed pull has the wrong sha256.
+    limit = 3 * MB // 2 + 123
+    url = server.serve("/full/tiny.gguf", model_file)
+    models = short_tempdir("pw") / "models"
+    argv = [url, str(models), sha256_of(model_file), str(limit)]
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_PULL, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"cut off at {limit} bytes (OSError)" in done.stderr
+    assert done.stdout.split() == [sha256_of(model_file), "2"]
+    assert (models / "tiny.gguf").read_bytes() == model_file.read_bytes()
+    assert server.ranges_asked("/full/tiny.gguf")[1] == f"bytes={limit}-"
+
+
+def test_a_cancelled_pull_keeps_what_it_reported_and_the_next_resumes(
+    server: FileServer, model_file: Path
+) -> None:
+    url = server.serve("/cancel/tiny.gguf", model_file)
+    models = registry()
+    seen: list[int] = []
+    stopping = puller(
+        models,
+        progress=lambda done, total: seen.append(done),
+        cancelled=lambda: seen[-1] >= 3 * MB,
+    )
+    with pytest.raises(PullCancelled, match="the next pull resumes it"):
+        stopping.pull(url)
+    assert models.list() == []
+    # Every byte reported as received was written: the next pull goes on from there.
+    resuming = puller(models)
+    record = resuming.pull(url, sha256=sha256_of(model_file))
+    assert resuming.resumed_from == seen[-1] >= 3 * MB
+    assert record.sha256 == sha256_of(model_file)
+    assert leftovers(models) == []

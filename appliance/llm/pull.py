@@ -4,10 +4,12 @@ The file comes into a hidden temp file in the models dir (`.<name>.gguf.pull-<ur
 never listed), hashed as it comes. A download that is cut off is resumed with a Range
 request (`If-Range` the validator the server gave, so a file that changed meanwhile starts
 over), a few times in one pull and, failing that, by the next pull of the same URL and
-name. A response that does not begin with the GGUF magic is refused at once; a complete
-file goes through the bounded header check (appliance.llm.gguf_header), its SHA-256 is
-compared with the one given, and only then is it renamed into place and recorded in the
-manifest (with its SHA-256 and URL). Anything refused is deleted.
+name. What arrives is written and hashed on threads of their own while the next buffer is
+received (appliance.llm.pull_sink). A response that does not begin with the GGUF magic is
+refused at once; a complete file goes through the bounded header check
+(appliance.llm.gguf_header), its SHA-256 is compared with the one given, and only then is
+it renamed into place and recorded in the manifest (with its SHA-256 and URL). Anything
+refused is deleted.
 
 Outbound policy, as for the remote LLM: loopback is always allowed (a local mirror, the
 tests); another host only over https:// and only when APPLIANCE_PULL_HOSTS names it (every
@@ -25,11 +27,9 @@ import ipaddress
 import json
 import logging
 import os
-import queue
 import re
 import shutil
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +38,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 from appliance.llm.gguf_header import GGUF_MAGIC
 from appliance.llm.manifest import FILE_MODE, ModelRecord, RegistryError
+from appliance.llm.pull_sink import Sink
 from appliance.llm.registry import (
     NOT_GGUF,
     SUFFIX,
@@ -51,8 +52,6 @@ LOGGER = logging.getLogger("appliance.llm")
 
 CHUNK_BYTES: Final = 1024 * 1024
 USER_AGENT: Final = "appliance-models-pull"
-# Buffers between the receiving and the hashing thread.
-HASH_BUFFERS: Final = 4
 MAX_REDIRECTS: Final = 10
 # Connections cut in one pull before it gives up (the next pull resumes).
 MAX_ATTEMPTS: Final = 5
@@ -227,50 +226,10 @@ class _Part:
             offset += len(chunk)
         return digest
 
-    def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
-
     def delete(self) -> None:
         for path in (self.path, self.meta):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-
-
-class _Hashing:
-    """The SHA-256 of what is written, on a thread of its own: a second core hashes one
-    buffer while the first receives the next (hashlib lets go of the GIL)."""
-
-    def __init__(self, digest: hashlib._Hash) -> None:
-        self._digest = digest
-        self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
-        for _ in range(HASH_BUFFERS):
-            self._free.put(memoryview(bytearray(CHUNK_BYTES)))
-        self._todo: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="pull-hash", daemon=True)
-        self._thread.start()
-
-    def buffer(self) -> memoryview:
-        return self._free.get()
-
-    def add(self, buffer: memoryview, count: int) -> None:
-        self._todo.put((buffer, count))
-
-    def give_back(self, buffer: memoryview) -> None:
-        self._free.put(buffer)
-
-    def finish(self) -> hashlib._Hash:
-        """The digest once everything added is hashed."""
-        self._todo.put(None)
-        self._thread.join()
-        return self._digest
-
-    def _run(self) -> None:
-        while (item := self._todo.get()) is not None:
-            buffer, count = item
-            self._digest.update(buffer[:count])
-            self._free.put(buffer)
 
 
 class Puller:
@@ -391,39 +350,39 @@ class Puller:
                 self._digest = hashlib.sha256()  # the server sent the whole file: start over
             part.remember(response.getheader("ETag") or response.getheader("Last-Modified"))
             self._report(done, total)
-            hashing = _Hashing(self._digest)
+            sink = Sink(part.fd, self._digest)
             try:
-                done = self._receive(response, part, hashing, done, total)
+                done = self._receive(response, part, sink, done, total)
             finally:
-                self._digest = hashing.finish()
+                self._digest = sink.finish()
+            sink.check()
         return total is None or done == total
 
     def _receive(
         self,
         response: http.client.HTTPResponse,
         part: _Part,
-        hashing: _Hashing,
+        sink: Sink,
         done: int,
         total: int | None,
     ) -> int:
-        """The body into `part` (and `hashing`); the file's size when it ends."""
+        """The body into `sink` (the file and the digest); the file's size when it ends."""
         magic = len(GGUF_MAGIC)
         while True:
-            buffer = hashing.buffer()
+            buffer = sink.buffer()
             count = response.readinto(buffer)
             if not count:
-                hashing.give_back(buffer)
+                sink.give_back(buffer)
                 return done
-            chunk = buffer[:count]
-            if done < magic and not GGUF_MAGIC[done:].startswith(chunk[: magic - done]):
+            head = buffer[: min(count, magic - done)] if done < magic else b""
+            if head and not GGUF_MAGIC[done:].startswith(head):
                 part.delete()
                 raise PullRefused(f"cannot pull {shown_url(part.url)}: {NOT_GGUF}")
             done += count
             if done > self.max_bytes:
                 part.delete()
                 raise PullRefused(self._too_big(done))
-            part.write(chunk)
-            hashing.add(buffer, count)
+            sink.add(buffer, count)
             self._report(done, total)
             if self.cancelled():
                 raise PullCancelled("the pull was stopped; the next pull resumes it")
@@ -501,9 +460,9 @@ class Puller:
 
 
 def _connection(scheme: str, host: str, port: int | None) -> http.client.HTTPConnection:
-    """A connection of the standard library's client: its responses read straight into a
-    buffer (no per-chunk objects), which keeps a pull as fast as curl on loopback. No proxy
-    or credentials from the environment apply (like the remote LLM's client)."""
+    """A connection of the standard library's client: a body is read straight into the
+    sink's buffers (no per-chunk objects). No proxy or credentials from the environment
+    apply (like the remote LLM's client)."""
     if scheme == "https":
         return http.client.HTTPSConnection(
             host, port, timeout=NETWORK_TIMEOUT, context=ssl.create_default_context()
