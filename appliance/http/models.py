@@ -226,7 +226,7 @@ async def load_model(name: str) -> Response:
 @blueprint.post("/models/<name>/unload")
 @document_response(Unloaded)
 @document_response(Unloaded, 202)
-@errors(404)
+@errors(404, 422)
 async def unload_model(name: str) -> Response:
     """Unload a resident model: at once when idle (200), else when its requests end (202)."""
     engine = runtime().engine
