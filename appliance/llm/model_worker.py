@@ -37,6 +37,7 @@ from appliance.children import (
     terminate,
 )
 from appliance.config import Settings
+from appliance.llm.core_share import CORE_SHARE_FILE
 from appliance.llm.errors import (
     DeadlineExceeded,
     InferenceError,
@@ -73,6 +74,11 @@ CRASH_WINDOW_SECONDS: Final = 60.0
 
 # Worker error codes and their HTTP status: the client's to fix (4xx), or a busy KV cache
 # that frees as other generations end (503, retry). Any other code is a 500.
+def _core_share(settings: Settings) -> str:
+    runtime = settings.runtime_dir
+    return str(Path(runtime) / CORE_SHARE_FILE) if runtime else ""
+
+
 _ERROR_STATUS: Final = {
     "context_length_exceeded": 400,
     "template_error": 422,
@@ -362,6 +368,7 @@ class ModelWorker:
                     n_threads=self.settings.threads or usable_cores(),
                     n_gpu_layers=self.settings.gpu_layers,
                     parallel=self.settings.parallel,
+                    core_share=_core_share(self.settings),
                 )
             )
             reply = await link.receive(request_id, pending)
