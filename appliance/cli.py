@@ -213,6 +213,7 @@ def _serve(args: argparse.Namespace) -> int:
             settings.privacy_salt,
             settings.secret_key_previous,
             settings.privacy_salt_previous,
+            settings.search_api_key,
         ),
     )
     try:

@@ -22,6 +22,7 @@ from appliance.config_docs import DOCS
 from appliance.envfile import DEFAULT_ENV_FILE, EnvFileError, parse_env_file
 from appliance.llm.keep_alive import InvalidKeepAlive, parse_keep_alive
 from appliance.llm.remote_config import RemoteConfig, RemoteConfigError, plaintext_problem
+from appliance.search.config import SearchConfig, SearchConfigError, parse_allow
 from appliance.tls_files import tls_problems
 
 PREFIX: Final = "APPLIANCE_"
@@ -29,7 +30,13 @@ ENV_FILE_NAME: Final = "APPLIANCE_ENV_FILE"
 # Names read from the environment that are not settings themselves.
 CONTROL_NAMES: Final = frozenset({"APPLIANCE_ENV_FILE", "APPLIANCE_SYSTEMCTL"})
 SECRET_NAMES: Final = frozenset(
-    {"SECRET_KEY", "PRIVACY_SALT", "SECRET_KEY_PREVIOUS", "PRIVACY_SALT_PREVIOUS"}
+    {
+        "SECRET_KEY",
+        "PRIVACY_SALT",
+        "SECRET_KEY_PREVIOUS",
+        "PRIVACY_SALT_PREVIOUS",
+        "APPLIANCE_SEARCH_API_KEY",
+    }
 )
 MIN_SECRET_KEY_CHARS: Final = 32
 # Where the packaged daemon keeps its data and (RuntimeDirectory=) its sockets.
@@ -180,6 +187,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     keep_alive: str = msgspec.field(default="5m", name="APPLIANCE_KEEP_ALIVE")
     pull_hosts: str = msgspec.field(default="", name="APPLIANCE_PULL_HOSTS")
     pull_max_bytes: str = msgspec.field(default="64gb", name="APPLIANCE_PULL_MAX_BYTES")
+    # Web search, under SEARCH_ENABLED (docs/search.md).
+    search_provider: Literal["searxng", "brave"] = msgspec.field(
+        default="searxng", name="APPLIANCE_SEARCH_PROVIDER"
+    )
+    search_url: str = msgspec.field(default="", name="APPLIANCE_SEARCH_URL")
+    search_api_key: str = msgspec.field(default="", name="APPLIANCE_SEARCH_API_KEY")
+    search_results: Annotated[int, msgspec.Meta(ge=1, le=20)] = msgspec.field(
+        default=5, name="APPLIANCE_SEARCH_RESULTS"
+    )
+    search_timeout: PositiveFloat = msgspec.field(default=5.0, name="APPLIANCE_SEARCH_TIMEOUT")
+    search_query_chars: Annotated[int, msgspec.Meta(ge=16, le=1000)] = msgspec.field(
+        default=200, name="APPLIANCE_SEARCH_QUERY_CHARS"
+    )
+    search_budget_daily: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(
+        default=100, name="SEARCH_BUDGET_DAILY"
+    )
+    search_allow: str = msgspec.field(default="admin,user", name="APPLIANCE_SEARCH_ALLOW")
 
     def __post_init__(self) -> None:
         bind = _BIND.match(self.bind)
@@ -362,7 +386,12 @@ def _normalise(name: str, value: str) -> Any:
                 return False
         if name == "APPLIANCE_LOG_LEVEL":
             return value.upper()
-        if name in ("APPLIANCE_ENV", "PRIVACY_REDACT_AGGRESSIVENESS", "APPLIANCE_PROXY_HEADER"):
+        if name in (
+            "APPLIANCE_ENV",
+            "PRIVACY_REDACT_AGGRESSIVENESS",
+            "APPLIANCE_PROXY_HEADER",
+            "APPLIANCE_SEARCH_PROVIDER",
+        ):
             return value.lower()
     return value
 
@@ -514,11 +543,8 @@ def startup_problems(settings: Settings) -> list[str]:
     problems = production_problems(settings)
     problems.extend(env_file_problems(settings))
     problems.extend(tls_problems(settings.tls_cert, settings.tls_key, settings.env))
-    # The switches must be honest: a feature this version cannot provide is refused.
     if settings.search_enabled:
-        problems.append(
-            "SEARCH_ENABLED=true, but this version has no search provider; set it to false"
-        )
+        problems.extend(search_problems(settings))
     if settings.remote_llm_enabled:
         problems.extend(remote_problems(settings))
     if settings.auth == "off":
@@ -556,6 +582,34 @@ def remote_config(settings: Settings) -> RemoteConfig:
         key_file=settings.remote_llm_key_file,
         timeout=settings.remote_timeout,
         price_per_1k=settings.remote_price_per_1k,
+    )
+
+
+def search_problems(settings: Settings) -> list[str]:
+    """Why the search settings are unusable, one line at most."""
+    try:
+        config = search_config(settings)
+    except SearchConfigError as exc:
+        return [str(exc)]
+    if not config.allow:
+        return [
+            "APPLIANCE_SEARCH_ALLOW is empty, so no key could search; name the scopes or keys "
+            "that may (e.g. admin, user), or set SEARCH_ENABLED=false"
+        ]
+    return []
+
+
+def search_config(settings: Settings) -> SearchConfig:
+    """The search provider's config from the settings (SearchConfigError when unusable)."""
+    return SearchConfig(
+        provider=settings.search_provider,
+        url=settings.search_url,
+        api_key=settings.search_api_key,
+        results=settings.search_results,
+        timeout=settings.search_timeout,
+        query_chars=settings.search_query_chars,
+        budget_daily=settings.search_budget_daily,
+        allow=parse_allow(settings.search_allow),
     )
 
 

@@ -127,7 +127,9 @@ DOCS: Final[dict[str, SettingDoc]] = {
     "PRIVACY_REDACT_AGGRESSIVENESS": SettingDoc("off | standard | strict", "redaction level"),
     "PRIVACY_RETENTION_DAYS": SettingDoc("whole number of days, 1 or more", "retention period"),
     "BUDGET_ENFORCE": SettingDoc("true | false", "enforce token budgets"),
-    "SEARCH_ENABLED": SettingDoc("true | false", "web search (off: nothing is contacted)"),
+    "SEARCH_ENABLED": SettingDoc(
+        "true | false", "web search through APPLIANCE_SEARCH_URL (off: nothing is contacted)"
+    ),
     "REMOTE_LLM_ENABLED": SettingDoc("true | false", "remote LLM (off: no outbound connection)"),
     "APPLIANCE_REMOTE_LLM_URL": SettingDoc(
         "https:// base URL ending in /v1", "OpenAI-compatible server of the remote LLM"
@@ -205,5 +207,32 @@ DOCS: Final[dict[str, SettingDoc]] = {
     ),
     "APPLIANCE_PULL_MAX_BYTES": SettingDoc(
         "a size such as 64gb", "largest model file a pull accepts"
+    ),
+    "APPLIANCE_SEARCH_PROVIDER": SettingDoc(
+        "searxng | brave", "the search service at APPLIANCE_SEARCH_URL (docs/search.md)"
+    ),
+    "APPLIANCE_SEARCH_URL": SettingDoc(
+        "http:// or https:// URL, no query",
+        "SearXNG's base URL, or Brave's endpoint; the only host a search contacts",
+    ),
+    "APPLIANCE_SEARCH_API_KEY": SettingDoc(
+        "the provider's API key (brave); https:// only off the box",
+        "sent in a header to APPLIANCE_SEARCH_URL only",
+    ),
+    "APPLIANCE_SEARCH_RESULTS": SettingDoc(
+        "whole number, 1 to 20", "results put into the prompt as numbered sources"
+    ),
+    "APPLIANCE_SEARCH_TIMEOUT": SettingDoc(
+        "seconds, above 0", "wait for the provider's whole answer (504 beyond)"
+    ),
+    "APPLIANCE_SEARCH_QUERY_CHARS": SettingDoc(
+        "whole number, 16 to 1000", "the redacted query sent out is cut to this length"
+    ),
+    "SEARCH_BUDGET_DAILY": SettingDoc(
+        "searches, 0 = no limit", "searches per API key per day (429 beyond, under BUDGET_ENFORCE)"
+    ),
+    "APPLIANCE_SEARCH_ALLOW": SettingDoc(
+        "comma-separated scopes (admin, user) and key:<name or id> entries",
+        "the API keys that may search (403 for others)",
     ),
 }

@@ -15,7 +15,7 @@ from appliance.auth.budgets import Budgets
 from appliance.auth.gate import Gate
 from appliance.backup.restore import recover_before_start
 from appliance.backup.service import Backups, BackupService
-from appliance.config import Settings, remote_config
+from appliance.config import Settings, remote_config, search_config
 from appliance.http.app import Runtime, create_app
 from appliance.http.service import HttpService, check_bind
 from appliance.llm.backends import backend_report
@@ -28,6 +28,7 @@ from appliance.privacy.keys import load_keys
 from appliance.privacy.redaction import Redactor
 from appliance.privacy.retention import DAY_SECONDS, RetentionService
 from appliance.privacy.rotation import check_keys
+from appliance.search.service import WebSearch
 from appliance.store.access import daemon_lock
 from appliance.store.client import Store, is_cluster_url
 from appliance.store.conversations import Conversations
@@ -207,6 +208,12 @@ async def _start_services(supervisor: Supervisor, settings: Settings, lock: Stat
         remote = RemoteLLM(await trio.to_thread.run_sync(remote_config, settings))
         await supervisor.start(remote)
         LOGGER.info("remote LLM on: remote:%s at %s", remote.model, settings.remote_llm_url)
+    search = None
+    if settings.search_enabled:
+        # startup_problems has checked the settings; nothing is contacted until a search.
+        search = WebSearch(search_config(settings), keys.client_hash)
+        await supervisor.start(search)
+        LOGGER.info("web search on: %s at %s", search.provider.name, search.config.host)
     state = Runtime(
         settings=settings,
         supervisor=supervisor,
@@ -224,6 +231,7 @@ async def _start_services(supervisor: Supervisor, settings: Settings, lock: Stat
         pulls=pulls,
         backend=backend,
         remote=remote,
+        search=search,
     )
     http = HttpService(create_app(state), settings, state.requests)
     await supervisor.start(http)

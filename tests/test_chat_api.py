@@ -206,19 +206,20 @@ async def test_bad_input_gets_clear_errors_and_nothing_breaks() -> None:
                             "n": 2,
                         }
                     },
-                    422,
+                    # /v1 answers as OpenAI does: 400 for every invalid field.
+                    400,
                     "invalid_field",
                 ),
                 (
                     "/v1/chat/completions",
                     {"json": {"model": "tiny", "messages": []}},
-                    422,
+                    400,
                     "invalid_field",
                 ),
                 (
                     "/v1/completions",
                     {"json": {"model": "tiny", "prompt": ["a", "b"]}},
-                    422,
+                    400,
                     "invalid_field",
                 ),
                 # Far longer than the tiny model's 512-token context.

@@ -166,7 +166,7 @@ async def test_remote_model_end_to_end_redacted_and_counted() -> None:
                 completion = await client.post(
                     "/v1/completions", json={"model": "remote:tiny", "prompt": "the"}
                 )
-                assert completion.status_code == 422
+                assert completion.status_code == 400
                 assert "/v1/chat/completions" in completion.json()["error"]["message"]
                 other = await client.post(
                     "/v1/chat/completions",
@@ -187,6 +187,50 @@ async def test_remote_model_end_to_end_redacted_and_counted() -> None:
             async with remote.client() as admin:
                 listed = await admin.get("/api/v1/health/services")
             assert listed.status_code == 200
+
+
+async def test_remote_model_gets_response_format_and_refuses_tools_by_name() -> None:
+    with trio.fail_after(120):
+        async with forwarding_pair() as (local, _, relay), local.client() as client:
+            question = [{"role": "user", "content": "the water"}]
+            answer = await client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "remote:tiny",
+                    "messages": question,
+                    "max_tokens": 12,
+                    "temperature": 0,
+                    "frequency_penalty": 0.5,
+                    "response_format": {"type": "json_object"},
+                },
+            )
+            assert answer.status_code == 200, answer.text
+            # The remote (an appliance too) constrained its answer: it parses.
+            assert isinstance(json.loads(answer.json()["choices"][0]["message"]["content"]), dict)
+            wire = bytes(relay.sent)
+            assert b'"response_format":{"type":"json_object"}' in wire
+            assert b'"frequency_penalty":0.5' in wire
+            tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+            for extra, param in (
+                ({"tools": [tool]}, "tools"),
+                ({"logprobs": True}, "logprobs"),
+                ({"grammar": 'root ::= "a"'}, "grammar"),
+                (
+                    {
+                        "messages": [
+                            *question,
+                            {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+                        ]
+                    },
+                    "messages",
+                ),
+            ):
+                refused = await client.post(
+                    "/v1/chat/completions",
+                    json={"model": "remote:tiny", "messages": question, **extra},
+                )
+                assert refused.status_code == 400, (param, refused.text)
+                assert refused.json()["error"]["param"] == param
 
 
 async def test_token_and_spending_budgets_stop_remote_requests() -> None:

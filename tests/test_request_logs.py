@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import subprocess
+import sys
 from typing import Any, Final
 
 import pytest
@@ -165,3 +167,26 @@ def test_pieces_make_whole_lines(caplog: pytest.LogCaptureFixture) -> None:
         (logging.WARNING, "second line"),
         (logging.ERROR, "broken"),
     ]
+
+
+def test_an_installed_log_outlives_its_callers_reference() -> None:
+    """llama.cpp keeps only the callback's C pointer: a log installed and then dropped by its
+    caller must still be there at the next model load (a collected callback crashes it)."""
+    path = install_tiny_model(short_tempdir())
+    script = (
+        "import gc, sys\n"
+        "from appliance.llm.batching import open_model\n"
+        "from appliance.llm.llama_log import LlamaLog\n"
+        "LlamaLog().install()\n"
+        "gc.collect()\n"
+        "for _ in range(3):\n"
+        "    model, context = open_model(sys.argv[1], n_ctx=256, n_threads=1,"
+        " n_gpu_layers=0, parallel=1, n_batch=64)\n"
+        "    context.close(); model.close()\n"
+        "print('loaded')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "loaded"

@@ -150,6 +150,8 @@ async def test_with_remote_and_search_off_nothing_connects_outside_the_box() -> 
         "PYTHONPATH": os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")])),
         "NETWORK_AUDIT_LOG": str(log),
         "APPLIANCE_BACKUP_INTERVAL": "0",
+        # Configured but switched off (SEARCH_ENABLED=false): never contacted.
+        "APPLIANCE_SEARCH_URL": "http://192.0.2.10:8888",
     }
     with trio.fail_after(120):
         async with running_daemon(env) as daemon:
@@ -173,6 +175,10 @@ async def test_with_remote_and_search_off_nothing_connects_outside_the_box() -> 
                     json={"model": "remote:gpt-4o", "messages": [{"role": "user", "content": "x"}]},
                 )
                 assert remote.status_code == 403
+                searched = await client.post(
+                    "/api/v1/chat/send", json={"message": "Who wrote Hamlet?", "search": "always"}
+                )
+                assert searched.status_code == 403
                 for path in ("/v1/models", "/api/v1/usage", "/api/v1/health/metrics"):
                     assert (await client.get(path)).status_code == 200
                 backup = await client.post("/api/v1/admin/backups")

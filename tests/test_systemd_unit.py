@@ -124,6 +124,7 @@ def test_drop_in_examples_verify_cleanly(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "appliance.service.d").iterdir()) == [
         "gpu.conf",
         "lan.conf",
+        "search.conf",
     ]
     done = _analyze("verify", "--man=no", str(unit))
     output = done.stdout + done.stderr

@@ -6,6 +6,7 @@ atomically, so several appliances on one Redis never hand out more than the budg
 the generation the unused part is given back. A request whose reservation is smaller than
 its max_tokens is cut when it reaches the reservation: the budget, not the model, ended it.
 Local and remote usage are separate counters; remote usage is also counted in money.
+Web searches are counted per key and day too (SEARCH_BUDGET_DAILY), one at a time.
 A key's counters share its hash tag (`usage:{<key id>}:...`), so the script and the
 settling transaction stay in one slot of a Redis Cluster.
 """
@@ -68,6 +69,16 @@ class SpendingExceeded(BudgetExceeded):
             f"the monthly remote spending budget of this appliance is used up: "
             f"{self.used / MICROS:.4f} of {self.limit / MICROS:.4f} "
             f"(APPLIANCE_REMOTE_BUDGET_MONTHLY); it resets at {_when(self.resets)}"
+        )
+
+
+class SearchBudgetExceeded(BudgetExceeded):
+    """A key's daily search budget is used up."""
+
+    def __str__(self) -> str:
+        return (
+            f"the daily search budget of this key is used up: {self.used} of {self.limit} "
+            f"searches (SEARCH_BUDGET_DAILY); it resets at {_when(self.resets)}"
         )
 
 
@@ -156,6 +167,22 @@ class Budgets:
         if granted == 0:
             raise SpendingExceeded("monthly remote spending", month_used, limit, _periods(now)[3])
         return Reservation(APPLIANCE_OWNER, "spend", granted, day_key, month_key)
+
+    async def count_search(
+        self, key_id: str, per_day: int | None, now: datetime.datetime | None = None
+    ) -> None:
+        """Count one search of a key, or SearchBudgetExceeded when `per_day` are done
+        today (with budgets not enforced, it is only counted)."""
+        now = now or datetime.datetime.now(datetime.UTC)
+        day_key, month_key = counter_keys(key_id, "search", now)
+        limit = per_day if self.enforce and per_day else -1
+        granted, day_used, _ = await self._reserve(day_key, month_key, 1, limit, -1, 1)
+        if granted == 0:
+            raise SearchBudgetExceeded("daily search", day_used, limit, _periods(now)[2])
+
+    async def searches_today(self, key_id: str, now: datetime.datetime | None = None) -> int:
+        day_key, _ = counter_keys(key_id, "search", now or datetime.datetime.now(datetime.UTC))
+        return int(await self._client().get(day_key) or 0)
 
     async def record_spending(self, key_id: str, micros: int) -> None:
         """Count what a key's remote requests cost (for its usage report)."""

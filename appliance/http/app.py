@@ -30,6 +30,7 @@ from appliance.metrics import ProcessSampler, RequestStats
 from appliance.privacy.keys import Keys
 from appliance.privacy.redaction import Redactor
 from appliance.privacy.retention import RetentionService
+from appliance.search.service import WebSearch
 from appliance.store.client import Store
 from appliance.store.conversations import Conversations
 from appliance.supervisor import Supervisor
@@ -64,6 +65,8 @@ class Runtime:
     pulls: Pulls
     # The remote LLM client, when REMOTE_LLM_ENABLED; None means no code path can reach it.
     remote: RemoteLLM | None = None
+    # The web search client, when SEARCH_ENABLED; None means no code path can search.
+    search: WebSearch | None = None
     urls: list[str] = field(default_factory=list)
     # Open streamed generations per key id (APPLIANCE_MAX_STREAMS_PER_KEY).
     streams: dict[str, int] = field(default_factory=dict)
@@ -103,6 +106,7 @@ def register_blueprints(app: Quart) -> None:
     """Every route of the API (the OpenAPI document is built from these)."""
     from appliance.http.admin import blueprint as admin
     from appliance.http.chat import blueprint as chat
+    from appliance.http.embeddings import blueprint as embeddings
     from appliance.http.health import blueprint as health
     from appliance.http.keys import blueprint as keys
     from appliance.http.models import blueprint as models
@@ -110,7 +114,7 @@ def register_blueprints(app: Quart) -> None:
     from appliance.http.privacy import blueprint as privacy
     from appliance.http.usage import blueprint as usage
 
-    for blueprint in (health, chat, models, openai, privacy, admin, usage, keys):
+    for blueprint in (health, chat, models, openai, embeddings, privacy, admin, usage, keys):
         app.register_blueprint(blueprint)
 
 

@@ -14,6 +14,7 @@ from appliance.http.errors import ApiError
 T = TypeVar("T")
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]*)`")
 # ASCII digits only (int() also takes other scripts' digits, spaces and underscores), and
 # few enough that the value is checked against its range, not parsed at length.
 _WHOLE = re.compile(r"-?[0-9]{1,19}")
@@ -29,11 +30,19 @@ async def parse_body(kind: type[T]) -> T:
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = _PATH.search(message)
-        field = match.group(1) if match else None
+        # msgspec writes a dict's values as `[...]`: the param is the dict.
+        field = match.group(1).replace("[...]", "") if match else None
         reason = message.split(" - at ")[0]
-        if "unknown field" in reason and field in (None, ""):
+        unknown = _UNKNOWN.search(reason)
+        if unknown and field in (None, ""):
             known = ", ".join(f.encode_name for f in msgspec.structs.fields(kind))  # type: ignore[arg-type]
             reason = f"{reason}; the fields this endpoint takes are: {known}"
+        if unknown:
+            # The param is the unknown field itself, where it is (a typo is found at once).
+            name = unknown.group(1)[:64]
+            field = f"{field}.{name}" if field else name
+            reason = f"{reason}; leave it out or correct its name"
+            raise ApiError(422, "invalid_field", f"{field}: {reason}", param=field) from None
         where = f"{field}: " if field else ""
         raise ApiError(422, "invalid_field", f"{where}{reason}", param=field) from None
     except (msgspec.DecodeError, UnicodeDecodeError):

@@ -8,11 +8,12 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from quart import Blueprint, Response, g
 
-from appliance.http.app import current_owner, runtime
+from appliance.http.app import Runtime, current_key, current_owner, runtime
 from appliance.http.bodies import parse_body, query_int
 from appliance.http.errors import ApiError
 from appliance.http.generation import (
     BudgetExhausted,
+    Events,
     FinishReason,
     KeepAlive,
     MaxTokens,
@@ -41,7 +42,18 @@ from appliance.http.openapi_doc import (
     links,
 )
 from appliance.http.privacy import redact_off_loop
+from appliance.http.remote_generation import REMOTE_PREFIX
+from appliance.http.search import (
+    ChatSearch,
+    SearchMode,
+    SearchReport,
+    search_for_chat,
+    searcher,
+)
+from appliance.http.search_decision import CALLED, model_decides
 from appliance.llm.protocol import ChatMessage, Done, Token
+from appliance.search.context import context_message
+from appliance.search.results import Source
 from appliance.store.conversations import ConversationMeta, Message, new_id, valid_id
 
 blueprint = Blueprint("chat", __name__, url_prefix="/api/v1")
@@ -75,6 +87,16 @@ class ChatSendRequest(msgspec.Struct, forbid_unknown_fields=True):
     seed: Seed | None = None
     system: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_CHARS)] | None = None
     keep_alive: KeepAlive | None = None
+    search: SearchMode = "off"
+
+
+Sources = Annotated[
+    list[Source],
+    msgspec.Meta(
+        description="the web search results the answer was given, numbered as the answer "
+        "cites them ([1]); present when a search ran (also stored with the answer)"
+    ),
+]
 
 
 class AssistantMessage(msgspec.Struct):
@@ -93,6 +115,8 @@ class ChatReply(msgspec.Struct):
     usage: TokenUsage
     turns_left_out: TurnsLeftOut = 0
     budget_exhausted: BudgetExhausted | msgspec.UnsetType = msgspec.UNSET
+    sources: Sources | msgspec.UnsetType = msgspec.UNSET
+    search: SearchReport | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatToken(msgspec.Struct):
@@ -111,6 +135,8 @@ class ChatDone(msgspec.Struct):
     usage: TokenUsage
     turns_left_out: TurnsLeftOut = 0
     budget_exhausted: BudgetExhausted | msgspec.UnsetType = msgspec.UNSET
+    sources: Sources | msgspec.UnsetType = msgspec.UNSET
+    search: SearchReport | msgspec.UnsetType = msgspec.UNSET
 
 
 class PageQuery(msgspec.Struct):
@@ -160,7 +186,7 @@ def _not_found(conversation_id: str) -> ApiError:
     "with `stream: true`: `token` events, then `done` (or `error`)",
     {"token": ChatToken, "done": ChatDone, "error": ErrorBody},
 )
-@errors(403, 404, 502, 504)
+@errors(403, 404, 422, 429, 502, 504)
 @links(
     get_conversation={"conversation_id": "$response.body#/conversation_id"},
     delete_conversation={"conversation_id": "$response.body#/conversation_id"},
@@ -174,6 +200,14 @@ async def send() -> Response:
     with finish_reason `length` and `budget_exhausted`, and is stored and charged as
     generated. 403 for a `remote:` model while the remote LLM is off; 404 for an unknown
     model or conversation; 502/504 from the remote LLM.
+
+    `search` (`off` by default) puts web search results into the prompt as numbered
+    context; the answer carries them as `sources`. Only the message, redacted, is sent to
+    the search provider. With `auto` a local model decides (it calls web_search or
+    replies); the remote model searches when the message looks like a question about the
+    world; `search.note` says which happened. 403 while SEARCH_ENABLED=false or for a key
+    not allowed to search; 429 past SEARCH_BUDGET_DAILY; 502/504 naming the provider when
+    `always` cannot search (`auto` answers without sources and says so in `search.note`).
     """
     state = runtime()
     body = await parse_body(ChatSendRequest)
@@ -191,9 +225,12 @@ async def send() -> Response:
     model = await resolve_model(state, body.model)
     max_tokens = max_tokens_for(state, body.max_tokens)
     history, not_sent = _recent(history)
-    messages = [ChatMessage("system", body.system)] if body.system else []
+    found, replied = await _search(state, body, model, history, max_tokens)
+    system = _system_text(body.system, found)
+    messages = [ChatMessage("system", system)] if system else []
     messages += [*history, ChatMessage("user", body.message)]
-    events = await generate(
+    # With `auto`, a local model that chose to reply rather than search has answered.
+    events = replied or await generate(
         state,
         model,
         messages=messages,
@@ -217,8 +254,12 @@ async def send() -> Response:
             answer=kept_answer.text,
             prompt_tokens=done.prompt_tokens,
             completion_tokens=done.completion_tokens,
+            sources=sources,
         )
         return answered.id
+
+    sources = found.sources if found is not None and found.report.searched else None
+    extra = _search_fields(found)
 
     if not body.stream:
         answer, done = await collect(events)
@@ -232,6 +273,7 @@ async def send() -> Response:
                 usage=token_usage(done),
                 turns_left_out=not_sent + done.left_out,
                 budget_exhausted=events.budget_cut or msgspec.UNSET,
+                **extra,
             )
         )
 
@@ -257,6 +299,7 @@ async def send() -> Response:
                             usage=token_usage(event),
                             turns_left_out=not_sent + event.left_out,
                             budget_exhausted=events.budget_cut or msgspec.UNSET,
+                            **extra,
                         ),
                         event="done",
                     )
@@ -266,6 +309,53 @@ async def send() -> Response:
             await events.aclose()
 
     return stream_response(state, stream(), events)
+
+
+async def _search(
+    state: Runtime,
+    body: ChatSendRequest,
+    model: str,
+    history: list[ChatMessage],
+    max_tokens: int,
+) -> tuple[ChatSearch | None, Events | None]:
+    """The search a message asks for, and the model's reply when `auto` let a local model
+    decide and it replied instead of calling web_search (appliance.http.search_decision)."""
+    if body.search == "off":
+        return None, None
+    key = current_key()
+    if body.search == "auto" and not model.startswith(REMOTE_PREFIX):
+        searcher(state, key)  # 403 before the model runs
+        system = [ChatMessage("system", body.system)] if body.system else []
+        replied = await model_decides(
+            state,
+            model,
+            [*system, *history, ChatMessage("user", body.message)],
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+        )
+        if replied is not None:
+            note = "not searched: the model answered without calling web_search"
+            return ChatSearch([], SearchReport("auto", False, note=note)), replied
+        return await search_for_chat(state, key, body.message, "auto", CALLED), None
+    return await search_for_chat(state, key, body.message, body.search), None
+
+
+def _system_text(system: str | None, found: ChatSearch | None) -> str:
+    """The request's system prompt, then the search results (when a search ran)."""
+    parts = [system] if system else []
+    if found is not None and found.report.searched:
+        parts.append(context_message(found.sources))
+    return "\n\n".join(parts)
+
+
+def _search_fields(found: ChatSearch | None) -> dict[str, Any]:
+    if found is None:
+        return {}
+    if not found.report.searched:
+        return {"search": found.report}
+    return {"sources": found.sources, "search": found.report}
 
 
 def _recent(history: list[ChatMessage]) -> tuple[list[ChatMessage], int]:

@@ -22,7 +22,7 @@ from appliance.http.stream_body import StreamBody
 from appliance.llm.engine import RETRY_AFTER_SECONDS
 from appliance.llm.errors import DeadlineExceeded, InferenceError, QueueFull, WorkerCrashed
 from appliance.llm.keep_alive import InvalidKeepAlive, parse_keep_alive
-from appliance.llm.protocol import ChatMessage, Done, Token
+from appliance.llm.protocol import ChatMessage, Done, SamplingOptions, Token
 from appliance.llm.registry import InvalidModelName, ModelUnavailable, RegistryError, UnknownModel
 
 _JSON = msgspec.json.Encoder()
@@ -120,10 +120,19 @@ def keep_alive_of(value: str | float | None) -> float | None:
         raise ApiError(422, "invalid_field", str(exc), param="keep_alive") from None
 
 
+# The request field that a worker's refusal is about.
+_ERROR_PARAMS: Final = {
+    "invalid_logit_bias": "logit_bias",
+    "invalid_grammar": "grammar",
+    "invalid_input": "input",
+}
+
+
 def as_api_error(exc: InferenceError) -> ApiError:
     retry = isinstance(exc, QueueFull | WorkerCrashed) or exc.code == "context_full"
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if retry else {}
-    return ApiError(exc.status, exc.code, str(exc), headers=headers)
+    param = _ERROR_PARAMS.get(exc.code)
+    return ApiError(exc.status, exc.code, str(exc), param=param, headers=headers)
 
 
 class Events:
@@ -363,11 +372,15 @@ async def generate(
     seed: int | None = None,
     stream: bool = False,
     keep_alive: float | None = None,
+    options: SamplingOptions | None = None,
+    remote_params: dict[str, Any] | None = None,
 ) -> Events:
     """The events of a local generation (engine) or of the remote LLM (`remote:` models),
     under the request deadline, the key's token budget and its stream limit. Sampling
     fields left None take the model's defaults; `keep_alive` (seconds) replaces how long
-    the model stays resident once idle."""
+    the model stays resident once idle. `options` (grammar, logit bias, penalties, log
+    probabilities) are the local model's samplers; `remote_params` are OpenAI fields
+    forwarded as they are to the remote LLM."""
     remote = remote_model(state.remote, model) if model.startswith(REMOTE_PREFIX) else None
     if remote is not None and messages is None:
         raise ApiError(
@@ -382,6 +395,9 @@ async def generate(
     try:
         if state.gate.enabled:
             estimate = _prompt_estimate(messages, prompt)
+            if options is not None and options.grammar:
+                # The grammar (a schema's, a tool's) weighs on the answer's side as well.
+                estimate += len(options.grammar) // 16
             if remote is None:
                 # A longer conversation leaves turns out of the prompt (appliance.llm.fitting).
                 estimate = min(estimate, state.settings.context_size)
@@ -401,6 +417,7 @@ async def generate(
                 top_p=REMOTE_TOP_P if top_p is None else top_p,
                 stop=stop,
                 seed=seed,
+                extra=remote_params,
             )
         else:
             events = state.engine.generate(
@@ -415,6 +432,7 @@ async def generate(
                 seed=seed,
                 owner=key.id,
                 keep_alive=keep_alive,
+                options=options,
             )
     except BaseException:
         if release is not None:

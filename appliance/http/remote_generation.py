@@ -11,7 +11,7 @@ both alike.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import Final
+from typing import Any, Final
 
 from appliance.http.errors import ApiError
 from appliance.llm.protocol import ChatMessage, Done, Token
@@ -56,16 +56,19 @@ async def open_remote_stream(
     top_p: float,
     stop: list[str] | None,
     seed: int | None,
+    extra: dict[str, Any] | None = None,
 ) -> AsyncGenerator[Token | Done, None]:
     """The remote's answer as events, once the remote has accepted the request (a refusal
     is raised here as ApiError, before any response starts). Every message is redacted at
-    PRIVACY_REDACT_AGGRESSIVENESS before it leaves the box."""
+    PRIVACY_REDACT_AGGRESSIVENESS before it leaves the box. `extra`: OpenAI fields passed
+    on as they are (response_format, penalties, logit_bias)."""
     params = {
         "max_tokens": max_tokens,
         "temperature": temperature,
         "top_p": top_p,
         "stop": stop or None,
         "seed": seed,
+        **(extra or {}),
     }
     try:
         stream = await remote.stream(

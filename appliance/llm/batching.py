@@ -24,30 +24,25 @@ from typing import Any, Final
 
 import llama_cpp as llama
 
-# What create_completion's sampler chain uses unless told otherwise.
-TOP_K: Final = 40
-MIN_P: Final = 0.05
-TYPICAL_P: Final = 1.0
+from appliance.llm.protocol import TokenLogprob
+from appliance.llm.sampling import (
+    Candidates,
+    GrammarError,
+    Sampling,
+    grammar_sampler,
+    sampler_chain,
+    split_chains,
+)
+
+__all__ = ["BatchFull", "Batcher", "GrammarError", "Sampling", "open_model", "sampler_chain"]
+
 PIECE_BYTES: Final = 64
-# Tokens a repeat or presence penalty looks back on (llama.cpp's server's default).
-PENALTY_LAST_N: Final = 64
+# Tokens an answer cut by max_tokens may take past it to close its JSON, at most.
+CLOSING_TOKENS: Final = 256
 
 
 class BatchFull(Exception):
     """Every slot is running a sequence."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    top_k: int = TOP_K
-    min_p: float = MIN_P
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +51,8 @@ class TokenText:
 
     request_id: int
     text: str
+    # The tokens that made `text`, when the sequence asked for log probabilities.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -134,37 +131,6 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
-def sampler_chain(sampling: Sampling) -> Any:
-    """A C sampler chain like create_completion's (free it with llama_sampler_free)."""
-    chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
-    add = llama.llama_sampler_chain_add
-    if sampling.repeat_penalty != 1.0 or sampling.presence_penalty != 0.0:
-        # The binding declares llama.cpp's older signature (n_vocab first) while the library
-        # may take the newer one (penalty_last_n first): the window given in both places is
-        # right either way.
-        add(
-            chain,
-            llama.llama_sampler_init_penalties(
-                PENALTY_LAST_N,
-                PENALTY_LAST_N,
-                sampling.repeat_penalty,
-                0.0,
-                sampling.presence_penalty,
-            ),
-        )
-    if sampling.temperature == 0:
-        add(chain, llama.llama_sampler_init_greedy())
-        return chain
-    seed = llama.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed & 0xFFFFFFFF
-    add(chain, llama.llama_sampler_init_top_k(sampling.top_k))
-    add(chain, llama.llama_sampler_init_typical(TYPICAL_P, 1))
-    add(chain, llama.llama_sampler_init_top_p(sampling.top_p, 1))
-    add(chain, llama.llama_sampler_init_min_p(sampling.min_p, 1))
-    add(chain, llama.llama_sampler_init_temp(sampling.temperature))
-    add(chain, llama.llama_sampler_init_dist(seed))
-    return chain
-
-
 @dataclass
 class _Running:
     request_id: int
@@ -175,9 +141,14 @@ class _Running:
     cached_tokens: int
     pending: list[int]  # prompt tokens not yet evaluated
     started: int  # order of joining (the youngest goes first when the cache is full)
+    grammar: Any = None  # its grammar sampler, if the answer follows one
+    # Under a grammar, `chain` only chooses; this adjusts the logits first (or None).
+    adjust: Any = None
     generated: int = 0
     next_token: int | None = None  # sampled, to be evaluated in the next step
     logits_at: int = -1  # its row in the batch being decoded, or -1
+    closing: int = 0  # tokens past max_tokens spent closing a cut JSON answer
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent
 
 
 @dataclass
@@ -231,6 +202,8 @@ class Batcher:
     ) -> None:
         self._vocab = model.vocab
         self._end_tokens = end_tokens
+        self._n_vocab: int = llama.llama_vocab_n_tokens(model.vocab)
+        self._candidates = Candidates(model.vocab, self._n_vocab)
         self._ctx = context.ctx
         self._memory = llama.llama_get_memory(context.ctx)
         self.n_ctx: int = llama.llama_n_ctx(context.ctx)
@@ -248,7 +221,7 @@ class Batcher:
     def close(self) -> None:
         for slot in self._slots:
             if slot.running is not None:
-                llama.llama_sampler_free(slot.running.chain)
+                _free(slot.running)
                 slot.running = None
         if self._batch is not None:
             llama.llama_batch_free(self._batch)
@@ -261,19 +234,37 @@ class Batcher:
     def running_ids(self) -> list[int]:
         return [slot.running.request_id for slot in self._slots if slot.running is not None]
 
+    @property
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
     def start(self, request_id: int, prompt: list[int], sampling: Sampling) -> None:
-        """Join the next step. The caller has checked that prompt + max_tokens fit n_ctx."""
-        slot = self._choose_slot(prompt)
+        """Join the next step. The caller has checked that prompt + max_tokens fit n_ctx.
+        GrammarError when llama.cpp refuses the sequence's grammar."""
+        grammar = grammar_sampler(self._vocab, sampling.grammar) if sampling.grammar else None
+        try:
+            slot = self._choose_slot(prompt)
+        except BatchFull:
+            if grammar is not None:
+                llama.llama_sampler_free(grammar)
+            raise
         common = _common_prefix(slot.cached, prompt)
         if common == len(prompt):
             common -= 1  # the last prompt token is evaluated again, for its logits
         llama.llama_memory_seq_rm(self._memory, slot.seq_id, common, -1)
         del slot.cached[common:]
         slot.last_used = next(self._clock)
+        adjust, chain = (
+            split_chains(sampling, self._n_vocab)
+            if grammar is not None
+            else (None, sampler_chain(sampling, self._n_vocab))
+        )
         slot.running = _Running(
             request_id=request_id,
             sampling=sampling,
-            chain=sampler_chain(sampling),
+            chain=chain,
+            adjust=adjust,
+            grammar=grammar,
             text=TextStream(sampling.stop),
             prompt_tokens=len(prompt),
             cached_tokens=common,
@@ -372,23 +363,61 @@ class Batcher:
         batch.n_tokens = i + 1
 
     def _sample(self, slot: _Slot, running: _Running) -> list[Event]:
-        token = llama.llama_sampler_sample(running.chain, self._ctx, running.logits_at)
+        token = self._choose(running)
         # A turn marker of the chat template (`<|im_start|>`, `<start_of_turn>`...) is never
         # part of an answer: the answer ends there, as at the end-of-turn token.
         if llama.llama_vocab_is_eog(self._vocab, token) or token in self._end_tokens:
-            return self._ending(slot, "stop")
+            return self._ending(slot, "length" if running.closing else "stop")
         running.generated += 1
         events: list[Event] = []
         text = running.text.feed(self._piece_of(token))
         if text:
-            events.append(TokenText(running.request_id, text))
+            events.append(self._text(running, text))
         if running.text.stopped:
             return [*events, *self._ending(slot, "stop")]
         full = len(slot.cached) + 1 >= self.n_ctx
-        if running.generated >= running.sampling.max_tokens or full:
-            return [*events, *self._ending(slot, "length")]
+        if running.closing:
+            running.closing += 1
+            if running.closing > CLOSING_TOKENS or full:
+                return [*events, *self._ending(slot, "length")]
+        elif running.generated >= running.sampling.max_tokens or full:
+            if not (running.sampling.close_json and running.grammar is not None) or full:
+                return [*events, *self._ending(slot, "length")]
+            running.closing = 1  # go on, closing the JSON: it must still parse
         running.next_token = token
         return events
+
+    def _choose(self, running: _Running) -> int:
+        """The sequence's next token, by its own samplers (and its log probability)."""
+        sampling = running.sampling
+        row = running.logits_at
+        if running.grammar is None and sampling.top_logprobs is None:
+            return int(llama.llama_sampler_sample(running.chain, self._ctx, row))
+        candidates = self._candidates
+        logits = candidates.logits(self._ctx, row)
+        if running.grammar is None:
+            token = int(llama.llama_sampler_sample(running.chain, self._ctx, row))
+        elif running.closing:
+            token = candidates.closing(running.chain, running.grammar, logits)
+            if running.adjust is not None:
+                llama.llama_sampler_accept(running.adjust, token)
+        else:
+            chain, ctx = running.chain, self._ctx
+            token = candidates.constrained(
+                running.adjust,
+                chain,
+                running.grammar,
+                logits,
+                lambda: int(llama.llama_sampler_sample(chain, ctx, row)),
+            )
+        if sampling.top_logprobs is not None and not llama.llama_vocab_is_eog(self._vocab, token):
+            running.logprobs.append(candidates.logprob(logits, token, sampling.top_logprobs))
+        return token
+
+    def _text(self, running: _Running, text: str) -> TokenText:
+        logprobs = tuple(running.logprobs)
+        running.logprobs.clear()
+        return TokenText(running.request_id, text, logprobs)
 
     def _piece_of(self, token: int) -> bytes:
         size = llama.llama_token_to_piece(self._vocab, token, self._piece, PIECE_BYTES, 0, False)
@@ -402,7 +431,7 @@ class Batcher:
         running = slot.running
         assert running is not None
         rest = running.text.finish()
-        events: list[Event] = [TokenText(running.request_id, rest)] if rest else []
+        events: list[Event] = [self._text(running, rest)] if rest else []
         return [*events, self._end(slot, reason)]
 
     def _end(self, slot: _Slot, reason: str) -> Finished:
@@ -410,7 +439,7 @@ class Batcher:
         assert running is not None
         slot.running = None
         slot.last_used = next(self._clock)
-        llama.llama_sampler_free(running.chain)
+        _free(running)
         return Finished(
             running.request_id,
             reason,
@@ -452,6 +481,16 @@ class Batcher:
             "context_full",
             "the model's context is full with the requests running now; retry shortly",
         )
+
+
+def _free(running: _Running) -> None:
+    llama.llama_sampler_free(running.chain)
+    if running.adjust is not None:
+        llama.llama_sampler_free(running.adjust)
+        running.adjust = None
+    if running.grammar is not None:
+        llama.llama_sampler_free(running.grammar)
+        running.grammar = None
 
 
 def _common_prefix(first: Sequence[int], second: Sequence[int]) -> int:

@@ -35,7 +35,15 @@ from appliance.llm.keep_alive import describe_keep_alive
 from appliance.llm.memory import N_BATCH, default_budget, estimate, mb
 from appliance.llm.model_defaults import FALLBACK, ModelDefaults, pick, with_system
 from appliance.llm.model_worker import GenerationStats, LoadPlan, ModelWorker
-from appliance.llm.protocol import ChatMessage, Done, Generate, Token
+from appliance.llm.protocol import (
+    ChatMessage,
+    Done,
+    Embed,
+    Embedded,
+    Generate,
+    SamplingOptions,
+    Token,
+)
 from appliance.llm.registry import ModelRegistry, RegistryError
 from appliance.supervisor import Service, ServiceState
 
@@ -339,6 +347,7 @@ class InferenceService(Service):
         owner: str = "",
         keep_alive: float | None = None,
         presence_penalty: float | None = None,
+        options: SamplingOptions | None = None,
     ) -> AsyncGenerator[Token | Done, None]:
         """Queue, then stream Token events and one final Done; raises InferenceError.
 
@@ -374,8 +383,11 @@ class InferenceService(Service):
                 min_p=pick(None, defaults.min_p, FALLBACK.min_p),
                 repeat_penalty=pick(None, defaults.repeat_penalty, FALLBACK.repeat_penalty),
                 presence_penalty=pick(
-                    presence_penalty, defaults.presence_penalty, FALLBACK.presence_penalty
+                    _asked_presence(presence_penalty, options),
+                    defaults.presence_penalty,
+                    FALLBACK.presence_penalty,
                 ),
+                options=options,
             )
             events = worker.generate(request, deadline=deadline, owner=owner, queued_at=queued_at)
             try:
@@ -383,6 +395,35 @@ class InferenceService(Service):
                     yield event
             finally:
                 await events.aclose()
+        finally:
+            self._release(worker, keep_alive)
+
+    async def embed(
+        self,
+        model: str,
+        *,
+        deadline: float,
+        texts: list[str] | None = None,
+        tokens: list[list[int]] | None = None,
+        owner: str = "",
+        keep_alive: float | None = None,
+    ) -> list[Embedded]:
+        """The vectors of the inputs (in parts, in order), from `model`'s worker (loaded
+        as for `generate`); raises InferenceError."""
+        if self.waiting >= self.settings.max_queue:
+            self.stats.rejected += 1
+            raise QueueFull(
+                f"{self.waiting} requests are already waiting (APPLIANCE_MAX_QUEUE="
+                f"{self.settings.max_queue}); retry in a few seconds"
+            )
+        self._choosing += 1
+        try:
+            worker = await self._claim(model, deadline)
+        finally:
+            self._choosing -= 1
+        try:
+            request = Embed(id=0, texts=texts or [], tokens=tokens or [])
+            return await worker.embed(request, deadline=deadline, owner=owner)
         finally:
             self._release(worker, keep_alive)
 
@@ -410,3 +451,13 @@ class InferenceService(Service):
             "loads": worker.loads,
             "restarts": worker.restarts,
         }
+
+
+def _asked_presence(asked: float | None, options: SamplingOptions | None) -> float | None:
+    """The presence penalty the request asked for: the argument, else OpenAI's field in
+    `options` when set (0 is OpenAI's default, so it leaves the model's default)."""
+    if asked is not None:
+        return asked
+    if options is not None and options.presence_penalty:
+        return options.presence_penalty
+    return None

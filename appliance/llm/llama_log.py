@@ -32,6 +32,9 @@ _LEVELS: Final = {
 }
 
 
+_installed: LlamaLog | None = None
+
+
 class LlamaLog:
     """Receives llama.cpp's messages (in pieces: a message may end without a newline and
     go on in CONT pieces) and logs them one line at a time."""
@@ -45,7 +48,11 @@ class LlamaLog:
 
     def install(self) -> None:
         """Route llama.cpp's (and ggml's) logging here, for the whole process."""
+        global _installed
         llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+        # llama.cpp holds only the C pointer: the installed log must outlive every caller's
+        # reference to it (a collected callback is a crash at the next model load).
+        _installed = self
 
     def receive(self, level: int, text: str) -> None:
         if level != GGML_CONT:

@@ -47,6 +47,8 @@ from appliance.llm.memory import MemoryEstimate
 from appliance.llm.protocol import (
     Cancel,
     Done,
+    Embed,
+    Embedded,
     Error,
     FromWorker,
     Generate,
@@ -71,7 +73,14 @@ CRASH_WINDOW_SECONDS: Final = 60.0
 
 # Worker error codes and their HTTP status: the client's to fix (4xx), or a busy KV cache
 # that frees as other generations end (503, retry). Any other code is a 500.
-_ERROR_STATUS: Final = {"context_length_exceeded": 400, "template_error": 422, "context_full": 503}
+_ERROR_STATUS: Final = {
+    "context_length_exceeded": 400,
+    "template_error": 422,
+    "context_full": 503,
+    "invalid_grammar": 400,
+    "invalid_logit_bias": 400,
+    "invalid_input": 400,
+}
 
 WorkerState = Literal["starting", "running", "backoff", "failed", "stopped"]
 
@@ -457,6 +466,47 @@ class ModelWorker:
         finally:
             if link is not None:
                 # A Generate never written needs no Cancel (and no Done will come).
+                if sent and not finished:
+                    await _cancel(link, request_id, pending)
+                link.forget(request_id)
+            self._finish_running(owner)
+
+    async def embed(self, request: Embed, *, deadline: float, owner: str) -> list[Embedded]:
+        """The vectors of the request's inputs (in parts, in order), reached like `generate`:
+        a slot of the owner's share, then this model's worker. Raises InferenceError."""
+        await self._admit(deadline, owner)
+        link: WorkerLink | None = None
+        request_id = 0
+        sent = finished = False
+        self.running += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        parts: list[Embedded] = []
+        try:
+            link = self._link
+            request_id, pending = self._open(link)
+            assert link is not None  # _open raised otherwise
+            await link.send(msgspec.structs.replace(request, id=request_id))
+            sent = True
+            while True:
+                event: FromWorker | None = None
+                with trio.move_on_at(deadline):
+                    event = await link.receive(request_id, pending)
+                if event is None:
+                    raise DeadlineExceeded("the embeddings ran past the request's deadline")
+                if isinstance(event, Error):
+                    finished = True
+                    raise ModelFailed(_ERROR_STATUS.get(event.code, 500), event.code, event.message)
+                if isinstance(event, Embedded):
+                    parts.append(event)
+                    if event.last:
+                        finished = True
+                        return parts
+                elif isinstance(event, Done):  # cancelled
+                    finished = True
+                    raise WorkerCrashed("the embedding request was cancelled")
+        finally:
+            if link is not None:
                 if sent and not finished:
                     await _cancel(link, request_id, pending)
                 link.forget(request_id)

@@ -1,8 +1,8 @@
 """The supervisor <-> inference worker protocol: length-prefixed msgpack frames.
 
 Each frame is a 4-byte big-endian length followed by one msgspec-encoded, tagged Struct.
-The supervisor sends Load, Generate and Cancel; the worker answers Loaded, Token, Done
-and Error. Requests are matched by `id`.
+The supervisor sends Load, Generate, Embed and Cancel; the worker answers Loaded, Token,
+Done, Embedded and Error. Requests are matched by `id`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,22 @@ class Load(msgspec.Struct, frozen=True, tag="load"):
     parallel: int = 1
 
 
+class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """What OpenAI's sampling fields ask of a generation, beyond temperature and top_p."""
+
+    # A GBNF grammar the answer must follow (structured output, tool calls, `grammar`).
+    grammar: str | None = None
+    # The answer is JSON under `grammar`: cut by max_tokens, it is closed (the fewest
+    # tokens the grammar allows) so that it still parses.
+    close_json: bool = False
+    # (token id, bias) pairs; a bias of -100 bans the token.
+    logit_bias: list[tuple[int, float]] = []
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # None: no log probabilities; else each token's, with this many alternatives (0-20).
+    top_logprobs: int | None = None
+
+
 class Generate(msgspec.Struct, frozen=True, tag="generate"):
     """One generation; `messages` are rendered with the model's chat template, else `prompt`."""
 
@@ -50,10 +66,21 @@ class Generate(msgspec.Struct, frozen=True, tag="generate"):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     # The rest of the sampler chain (a model's defaults may set them; 0 / 1.0 is off).
+    # `presence_penalty` here is the one that applies (the request's, else the model's);
+    # the one in `options` is what the request said.
     top_k: int = 40
     min_p: float = 0.05
     repeat_penalty: float = 1.0
     presence_penalty: float = 0.0
+    options: SamplingOptions | None = None
+
+
+class Embed(msgspec.Struct, frozen=True, tag="embed"):
+    """Embeddings of several inputs: texts, or token id lists (one of the two)."""
+
+    id: int
+    texts: list[str] = []
+    tokens: list[list[int]] = []
 
 
 class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
@@ -68,9 +95,24 @@ class Loaded(msgspec.Struct, frozen=True, tag="loaded"):
     load_seconds: float
 
 
-class Token(msgspec.Struct, frozen=True, tag="token"):
+class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
+    token: bytes
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One generated token's bytes and log probability, and the likeliest alternatives."""
+
+    token: bytes
+    logprob: float
+    top: list[TopLogprob] = []
+
+
+class Token(msgspec.Struct, frozen=True, tag="token", omit_defaults=True):
     id: int
     text: str
+    # The tokens that made `text`, when log probabilities were asked for.
+    logprobs: list[TokenLogprob] = []
 
 
 class Done(msgspec.Struct, frozen=True, tag="done"):
@@ -84,6 +126,19 @@ class Done(msgspec.Struct, frozen=True, tag="done"):
     left_out: int = 0
 
 
+class Embedded(msgspec.Struct, frozen=True, tag="embedded"):
+    """The vectors of inputs `first` to `first + count - 1` of an Embed, as little-endian
+    float32 (`count * dims` of them); `last` on the final part."""
+
+    id: int
+    first: int
+    count: int
+    dims: int
+    vectors: bytes
+    tokens: int
+    last: bool
+
+
 class Error(msgspec.Struct, frozen=True, tag="error"):
     """`code` is stable for programs; `message` is safe to show to a client."""
 
@@ -92,8 +147,8 @@ class Error(msgspec.Struct, frozen=True, tag="error"):
     message: str
 
 
-ToWorker = Load | Generate | Cancel
-FromWorker = Loaded | Token | Done | Error
+ToWorker = Load | Generate | Embed | Cancel
+FromWorker = Loaded | Token | Done | Embedded | Error
 
 _ENCODER = msgspec.msgpack.Encoder()
 _TO_WORKER: msgspec.msgpack.Decoder[ToWorker] = msgspec.msgpack.Decoder(ToWorker)

@@ -83,7 +83,19 @@ MAX_ERROR_BODY_BYTES: Final = 16 * 1024
 # Redaction of more text than this runs in a thread, off the event loop.
 INLINE_REDACT_CHARS: Final = 4096
 # The OpenAI parameters that are forwarded; anything else is a caller's mistake.
-PARAMS: Final = frozenset({"max_tokens", "temperature", "top_p", "stop", "seed"})
+PARAMS: Final = frozenset(
+    {
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "seed",
+        "response_format",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+    }
+)
 
 Redact = Callable[[str], str]
 

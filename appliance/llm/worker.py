@@ -17,7 +17,9 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Final
 
 from appliance.llm.batching import (
@@ -25,10 +27,12 @@ from appliance.llm.batching import (
     BatchFull,
     Event,
     Finished,
+    GrammarError,
     Sampling,
     TokenText,
     open_model,
 )
+from appliance.llm.embedding import Embedder, EmbedInputError
 from appliance.llm.fitting import DoesNotFit, fit_conversation
 from appliance.llm.llama_log import LlamaLog
 from appliance.llm.memory import N_BATCH
@@ -36,6 +40,8 @@ from appliance.llm.protocol import (
     Cancel,
     ChatMessage,
     Done,
+    Embed,
+    Embedded,
     Error,
     FrameBuffer,
     FromWorker,
@@ -43,6 +49,7 @@ from appliance.llm.protocol import (
     Load,
     Loaded,
     ProtocolError,
+    SamplingOptions,
     Token,
     ToWorker,
     decode_to_worker,
@@ -59,6 +66,13 @@ FALLBACK_STOP: Final = [FALLBACK_MARKER]
 LOG_FORMAT: Final = "%(levelname)s:%(name)s:%(message)s"
 # What may be a special token's text in a chat template (`<|im_end|>`, `<end_of_turn>`).
 _MARKER_TEXT: Final = re.compile(r"<[^<>\s]{1,40}>")
+
+
+@dataclass
+class _EmbedJob:
+    request_id: int
+    inputs: list[list[int]]
+    parts: Iterator[Any]
 
 
 def fallback_prompt(messages: list[ChatMessage]) -> str:
@@ -113,6 +127,9 @@ class Worker:
         self._model: Any = None
         self._context: Any = None
         self._batcher: Batcher | None = None
+        self._embedder: Embedder | None = None
+        self._embeds: deque[_EmbedJob] = deque()
+        self._load_request: Load | None = None
         self._formatter: Any = None
         self._markers: list[str] = []
         self._name = ""
@@ -138,7 +155,7 @@ class Worker:
         try:
             while True:
                 batcher = self._batcher
-                busy = batcher is not None and batcher.running > 0
+                busy = bool(self._embeds) or (batcher is not None and batcher.running > 0)
                 try:
                     message = self.inbox.get(block=not busy)
                 except queue.Empty:
@@ -149,6 +166,7 @@ class Worker:
                     self._handle(message)
                 self._cancel_requested()
                 self._step()
+                self._embed_step()
         except BrokenPipeError:
             return
 
@@ -158,6 +176,8 @@ class Worker:
                 self.connection.send(self.load(message))
             elif isinstance(message, Generate):
                 self.start(message)
+            elif isinstance(message, Embed):
+                self.embed(message)
         except BrokenPipeError:
             raise
         except Exception as exc:
@@ -170,6 +190,10 @@ class Worker:
     def _cancel_requested(self) -> None:
         batcher = self._batcher
         for request_id in list(self.cancelled):
+            for job in list(self._embeds):
+                if job.request_id == request_id:
+                    self._embeds.remove(job)
+                    self.connection.send(Done(request_id, "cancelled", 0, 0))
             finished = batcher.cancel(request_id) if batcher is not None else None
             if finished is not None:
                 self.cancelled.discard(request_id)
@@ -198,7 +222,7 @@ class Worker:
 
     def _send_event(self, event: Event) -> None:
         if isinstance(event, TokenText):
-            self.connection.send(Token(event.request_id, event.text))
+            self.connection.send(Token(event.request_id, event.text, list(event.logprobs)))
         elif isinstance(event, Finished):
             self.connection.send(
                 Done(
@@ -248,6 +272,7 @@ class Worker:
                 add_generation_prompt=True,
             )
         self._model, self._context = model, context
+        self._load_request = request
         self._batcher = Batcher(
             model,
             context,
@@ -266,6 +291,12 @@ class Worker:
 
     def _unload(self) -> None:
         # The old model goes before the new one loads: two may not fit in memory.
+        for job in self._embeds:
+            self.connection.send(Error(job.request_id, "model_unloaded", "the model was unloaded"))
+        self._embeds.clear()
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         if self._batcher is not None:
             self._batcher.close()
         if self._context is not None:
@@ -345,6 +376,18 @@ class Worker:
                 )
             )
             return
+        options = request.options or SamplingOptions()
+        unknown = [t for t, _ in options.logit_bias if not 0 <= t < batcher.n_vocab]
+        if unknown:
+            send(
+                Error(
+                    request.id,
+                    "invalid_logit_bias",
+                    f"logit_bias names token {unknown[0]}, which this model does not have "
+                    f"(its token ids are 0 to {batcher.n_vocab - 1})",
+                )
+            )
+            return
         sampling = Sampling(
             max_tokens=min(request.max_tokens, n_ctx - len(tokens)),
             temperature=request.temperature,
@@ -354,15 +397,79 @@ class Worker:
             top_k=request.top_k,
             min_p=request.min_p,
             repeat_penalty=request.repeat_penalty,
+            # The request's presence penalty, else its model's (the engine picked it).
             presence_penalty=request.presence_penalty,
+            grammar=options.grammar,
+            close_json=options.close_json,
+            logit_bias=tuple(options.logit_bias),
+            frequency_penalty=options.frequency_penalty,
+            top_logprobs=options.top_logprobs,
         )
         try:
             batcher.start(request.id, tokens, sampling)
         except BatchFull as exc:
             send(Error(request.id, "busy", f"the worker is full ({exc}); retry"))
             return
+        except GrammarError as exc:
+            send(Error(request.id, "invalid_grammar", f"{exc}; check the grammar's syntax"))
+            return
         if left_out:
             self._left_out[request.id] = left_out
+
+    def embed(self, request: Embed) -> None:
+        """Queue an embedding request; `_embed_step` runs it a batch at a time."""
+        self._last_started = max(self._last_started, request.id)
+        model, load = self._model, self._load_request
+        if model is None or load is None:
+            self.connection.send(Error(request.id, "model_not_loaded", "no model is loaded"))
+            return
+        if request.id in self.cancelled:
+            self.cancelled.discard(request.id)
+            self.connection.send(Done(request.id, "cancelled", 0, 0))
+            return
+        try:
+            if self._embedder is None:
+                self._embedder = Embedder(model, n_ctx=load.n_ctx, n_threads=load.n_threads)
+            inputs = [self._tokenize(t, add_bos=True, special=False) for t in request.texts]
+            inputs += [list(tokens) for tokens in request.tokens]
+            self._embedder.check(inputs)
+        except EmbedInputError as exc:
+            self.connection.send(Error(request.id, "invalid_input", str(exc)))
+            return
+        except (ValueError, RuntimeError) as exc:
+            self.connection.send(
+                Error(request.id, "embeddings_failed", f"llama.cpp could not embed: {exc}")
+            )
+            return
+        self._embeds.append(_EmbedJob(request.id, inputs, self._embedder.parts(inputs)))
+
+    def _embed_step(self) -> None:
+        """One batch of the oldest embedding request (one decode)."""
+        if not self._embeds:
+            return
+        job = self._embeds[0]
+        try:
+            part = next(job.parts)
+        except RuntimeError as exc:
+            self._embeds.popleft()
+            self.connection.send(
+                Error(job.request_id, "embeddings_failed", f"llama.cpp failed: {exc}")
+            )
+            return
+        last = part.first + part.count >= len(job.inputs)
+        if last:
+            self._embeds.popleft()
+        self.connection.send(
+            Embedded(
+                job.request_id,
+                part.first,
+                part.count,
+                part.dims,
+                part.vectors,
+                part.tokens,
+                last,
+            )
+        )
 
 
 def run_worker(fd: int) -> int:

@@ -40,6 +40,7 @@ from typing import Final
 import coredis
 import msgspec
 
+from appliance.search.results import Source
 from appliance.store.client import Store
 from appliance.store.sealing import Codec, KeyRing, SealError
 
@@ -61,6 +62,8 @@ class Message(msgspec.Struct, frozen=True):
     content: str
     created: float
     tokens: int = 0
+    # The web search results an answer was given (absent when it searched nothing).
+    sources: list[Source] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ConversationMeta(msgspec.Struct, frozen=True):
@@ -185,14 +188,21 @@ class Conversations:
         answer: str,
         prompt_tokens: int,
         completion_tokens: int,
+        sources: list[Source] | None = None,
     ) -> tuple[Message, Message]:
-        """Append a question and its answer (creating the conversation if new), atomically."""
+        """Append a question and its answer (creating the conversation if new), atomically;
+        `sources` are the search results the answer was given (sealed with it)."""
         now = self._clock()
         asked = Message(
             id=new_id(), role="user", content=question, created=now, tokens=prompt_tokens
         )
         answered = Message(
-            id=new_id(), role="assistant", content=answer, created=now, tokens=completion_tokens
+            id=new_id(),
+            role="assistant",
+            content=answer,
+            created=now,
+            tokens=completion_tokens,
+            sources=msgspec.UNSET if sources is None else sources,
         )
         meta, messages = meta_key(conversation_id), messages_key(conversation_id)
         title = question.strip().splitlines()[0][:TITLE_CHARS] if question.strip() else ""
