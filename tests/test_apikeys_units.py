@@ -232,6 +232,20 @@ async def test_last_use_is_written_at_the_first_use_then_at_most_once_a_minute()
         assert float((await record(client, key.id))["last_used"]) > first
 
 
+async def test_last_use_is_written_again_exactly_a_minute_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with store() as (keys, client):
+        key, token = await keys.create("ci-bot", "user")
+        now = 1_800_000_000.0
+        monkeypatch.setattr(time, "time", lambda: now)
+        await keys.authenticate(token)
+        assert float((await record(client, key.id))["last_used"]) == now
+        now += 60.0  # LAST_USED_EVERY to the float: due
+        await keys.authenticate(token)
+        assert float((await record(client, key.id))["last_used"]) == now
+
+
 async def test_a_full_store_still_lets_a_key_in() -> None:
     async with store(OLD_SALT) as (keys, client):
         _, token = await keys.create("ci-bot", "user")
