@@ -220,6 +220,21 @@ async def test_a_restore_brings_the_backup_back_and_keeps_what_it_replaced() -> 
         assert box.aside() == [aside]
 
 
+async def test_what_a_box_without_a_store_dir_had_is_put_aside_privately() -> None:
+    # A box whose store never wrote its directory (restored onto before it first started):
+    # its other files still go aside, and the directory holding them is the owner's alone.
+    with trio.fail_after(120):
+        box, archive = await box_with_a_backup()
+        shutil.rmtree(box.state / contents.REDIS_DIR)
+        live_before = box.files()
+        report = await box.restore(archive)
+        [aside] = box.aside()
+        assert report.previous_data == aside.name  # type: ignore[attr-defined]
+        assert box.files(f"{aside.name}/state/state") == live_before
+        assert mode(aside) == 0o700
+        assert await box.note() == "before"
+
+
 async def test_the_store_check_may_prepare_the_restored_data() -> None:
     with trio.fail_after(120):
         box, archive = await box_with_a_backup()
@@ -438,10 +453,12 @@ async def test_a_killed_restore_is_rolled_back_whatever_its_journal_ends_with() 
         lines.insert(2, '{"from": 17}')
         lines.append(json.dumps(never))
         journal.write_text("\n".join(lines) + '\n{"from": "/x", "to')
-        # The staging dir was cleared by hand since.
+        # The staging dir was cleared by hand since, and a restored directory too.
         shutil.rmtree(box.state / contents.RESTORE_STAGING)
+        shutil.rmtree(box.state / "state" / "deep")
         assert recover_interrupted(box.settings) is True
         assert box.files() == live
+        assert mode(box.state / "state" / "deep" / "er") == 0o700  # made again, private
         assert await box.note() == "after"
         assert box.aside() == []
         assert not journal.exists()
