@@ -18,6 +18,7 @@ import trio
 from appliance.auth.budgets import (
     BudgetExceeded,
     Budgets,
+    SearchBudgetExceeded,
     SpendingExceeded,
     counter_keys,
     key_limits,
@@ -278,3 +279,51 @@ def test_key_limits_take_the_key_own_else_the_defaults(
     expected: tuple[int | None, int | None],
 ) -> None:
     assert key_limits(key_day, key_month, default_day, default_month) == expected
+
+
+# --- web searches ----------------------------------------------------------------------------
+
+SEARCH_DAY_KEY = "usage:{k}:search:day:20011125"
+
+
+async def test_a_search_counts_one_and_the_one_past_the_daily_budget_is_refused() -> None:
+    async with redis() as client:
+        budgets = Budgets(lambda: client, enforce=True)
+        assert await budgets.searches_today("k", now=NOW) == 0
+        for done in (1, 2):
+            await budgets.count_search("k", 2, now=NOW)
+            assert await budgets.searches_today("k", now=NOW) == done
+        with pytest.raises(SearchBudgetExceeded) as caught:
+            await budgets.count_search("k", 2, now=NOW)
+        assert await budgets.searches_today("k", now=NOW) == 2  # a refusal counts nothing
+        day_ttl = await client.ttl(SEARCH_DAY_KEY)
+        # Another key, and the same key's tokens, are counted apart.
+        await budgets.count_search("other", 2, now=NOW)
+        assert await budgets.searches_today("k", now=NOW) == 2
+        assert (await budgets.usage("k", "local", None, None, now=NOW)).day == 0
+    assert DAY_TTL_S - 10 <= day_ttl <= DAY_TTL_S
+    refusal = caught.value
+    assert (refusal.used, refusal.limit) == (2, 2)
+    assert str(refusal) == (
+        "the daily search budget of this key is used up: 2 of 2 searches "
+        "(SEARCH_BUDGET_DAILY); it resets at 2001-11-26T00:00:00Z"
+    )
+
+
+@pytest.mark.parametrize(("enforce", "per_day"), [(False, 1), (True, None), (True, 0)])
+async def test_unenforced_or_unlimited_searches_are_counted_and_never_refused(
+    enforce: bool, per_day: int | None
+) -> None:
+    async with redis() as client:
+        budgets = Budgets(lambda: client, enforce=enforce)
+        for _ in range(3):
+            await budgets.count_search("k", per_day, now=NOW)
+        assert await budgets.searches_today("k", now=NOW) == 3
+
+
+async def test_searches_are_counted_today_when_no_time_is_given() -> None:
+    async with redis() as client:
+        budgets = Budgets(lambda: client, enforce=True)
+        await budgets.count_search("k", 5)
+        assert await budgets.searches_today("k") == 1
+        assert await budgets.searches_today("k", now=NOW) == 0

@@ -15,6 +15,7 @@ import msgspec
 import pytest
 import trio
 
+from appliance.search.results import Source
 from appliance.store.client import Store
 from appliance.store.conversations import (
     BYKEY_PREFIX,
@@ -130,6 +131,27 @@ async def test_an_exchange_writes_every_field_counter_ttl_and_index_entry() -> N
     assert conversation.meta.title == "First line of the question"
     assert [m.content for m in conversation.messages] == [asked.content, "the answer"]
     assert conversation.messages == [asked, answered]
+
+
+async def test_an_answer_keeps_the_search_results_it_was_given_and_only_those() -> None:
+    sources = [Source(number=1, title="Trio", url="https://trio.example/", snippet="async")]
+    async with stored() as s:
+        _, searched = await s.conversations.record_exchange(
+            A,
+            owner="alice",
+            model="tiny",
+            question="what is trio?",
+            answer="a library [1]",
+            prompt_tokens=3,
+            completion_tokens=5,
+            sources=sources,
+        )
+        await s.write(B)
+        with_sources, without = await s.conversations.get(A), await s.conversations.get(B)
+    assert searched.sources == sources
+    assert with_sources is not None and without is not None
+    assert with_sources.messages[1].sources == sources
+    assert [m.sources for m in without.messages] == [msgspec.UNSET, msgspec.UNSET]
 
 
 async def test_a_second_exchange_adds_to_the_counters_and_keeps_created_and_title() -> None:

@@ -329,6 +329,9 @@ def report(
 
 
 def describe_failure(exc: BaseException) -> str:
+    # A failure inside the store's nursery (with_store) comes wrapped in exception groups.
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
     if isinstance(exc, KeyMismatch | BackupError):
         return str(exc)
     if isinstance(exc, coredis.exceptions.RedisError | OSError):
