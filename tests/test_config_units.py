@@ -21,10 +21,10 @@ from appliance.config import (
     masked,
     parse_size,
     production_problems,
-    startup_problems,
 )
 from appliance.config_docs import DOCS
 from appliance.envfile import DEFAULT_ENV_FILE
+from appliance.startup_checks import startup_problems
 
 STRONG: Final = "k" * 32
 HASH: Final = "0123456789abcdef:" + "a" * 64
@@ -582,14 +582,18 @@ def test_development_has_no_production_problems(empty: Path) -> None:
 
 def test_production_refuses_a_plain_http_remote_unless_allowed(empty: Path) -> None:
     remote = production(REMOTE_LLM_ENABLED="true", APPLIANCE_REMOTE_LLM_URL="http://llm.example")
-    [problem] = production_problems(load(empty, **remote))
+
+    def plaintext(**env: str) -> list[str]:
+        problems = startup_problems(load(empty, **env))
+        return [p for p in problems if p.startswith("APPLIANCE_REMOTE_LLM_URL is plain http")]
+
+    [problem] = plaintext(**remote)
     assert problem.startswith("APPLIANCE_REMOTE_LLM_URL is plain http:// to 'llm.example'")
-    allowed = {**remote, "APPLIANCE_REMOTE_LLM_ALLOW_PLAINTEXT": "true"}
-    assert production_problems(load(empty, **allowed)) == []
-    off = {**remote, "REMOTE_LLM_ENABLED": "false"}
-    assert production_problems(load(empty, **off)) == []
-    https = {**remote, "APPLIANCE_REMOTE_LLM_URL": "https://llm.example"}
-    assert production_problems(load(empty, **https)) == []
+    assert plaintext(**remote, APPLIANCE_REMOTE_LLM_ALLOW_PLAINTEXT="true") == []
+    assert plaintext(**{**remote, "REMOTE_LLM_ENABLED": "false"}) == []
+    assert plaintext(**{**remote, "APPLIANCE_REMOTE_LLM_URL": "https://llm.example"}) == []
+    # Outside production a plain-http remote is the operator's choice.
+    assert plaintext(**{**remote, "APPLIANCE_ENV": "development"}) == []
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,7 @@ MAX_BACKOFF_SECONDS: Final = 30.0
 # Crashes further apart than this do not add to the back-off.
 CRASH_WINDOW_SECONDS: Final = 60.0
 
+
 # Worker error codes and their HTTP status: the client's to fix (4xx), or a busy KV cache
 # that frees as other generations end (503, retry). Any other code is a 500.
 def _core_share(settings: Settings) -> str:
