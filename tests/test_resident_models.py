@@ -110,7 +110,8 @@ async def test_two_resident_models_alternate_without_loading_and_stream_together
 
             # Two streams, one per model, at the same time: each makes progress while the
             # other runs (one model at a time would finish one stream before the other).
-            # SmolLM2 answers the question at length; Gemma, a base model, counts on.
+            # Both count on (SmolLM2 asked to, Gemma, a base model, continuing the count), long
+            # enough that neither ends before the other has started.
             arrivals: list[tuple[float, str]] = []
 
             async def stream(name: str, path: str, body: dict[str, Any]) -> None:
@@ -122,8 +123,8 @@ async def test_two_resident_models_alternate_without_loading_and_stream_together
                         ):
                             arrivals.append((trio.current_time(), name))
 
-            question = [{"role": "user", "content": "What is the capital of France?"}]
-            common = {"max_tokens": 60, "temperature": 0, "stream": True}
+            question = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
+            common = {"max_tokens": 120, "temperature": 0, "stream": True}
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
                     stream,

@@ -75,11 +75,6 @@ CRASH_WINDOW_SECONDS: Final = 60.0
 
 # Worker error codes and their HTTP status: the client's to fix (4xx), or a busy KV cache
 # that frees as other generations end (503, retry). Any other code is a 500.
-def _core_share(settings: Settings) -> str:
-    runtime = settings.runtime_dir
-    return str(Path(runtime) / CORE_SHARE_FILE) if runtime else ""
-
-
 _ERROR_STATUS: Final = {
     "context_length_exceeded": 400,
     "template_error": 422,
@@ -137,6 +132,12 @@ class LoadPlan:
     path: Path
     n_ctx: int
     estimate: MemoryEstimate
+
+
+def _core_share(settings: Settings) -> str:
+    """Where the workers of this daemon share the cores (appliance.llm.core_share)."""
+    runtime = settings.runtime_dir
+    return str(Path(runtime) / CORE_SHARE_FILE) if runtime else ""
 
 
 class ModelWorker:
