@@ -12,13 +12,11 @@ any model when this is not used, `auto` decides by `world_question`.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncGenerator
 from typing import Final
 
 from appliance.http.context import Runtime
-from appliance.http.errors import ApiError
-from appliance.http.generation import Events, generate
+from appliance.http.generation import Events, collect, generate
 from appliance.llm.grammar import schema_to_grammar
 from appliance.llm.protocol import ChatMessage, Done, Sampling, SamplingOptions, Token
 from appliance.llm.tools import Function, Turn, answer_schema, instructions, read_answer, render
@@ -62,22 +60,11 @@ async def model_decides(
             options=SamplingOptions(grammar=_GRAMMAR, close_json=True),
         ),
     )
-    text, done = await _collected(events)
+    text, done = await collect(events)
     answer = read_answer(text, json_reply=False)
     if any(name == WEB_SEARCH for name, _ in answer.calls):
         return None
     return Events(_replay(answer.content or "", done), state.settings.request_timeout)
-
-
-async def _collected(events: Events) -> tuple[str, Done]:
-    parts: list[str] = []
-    async with contextlib.aclosing(events):
-        async for event in events:
-            if isinstance(event, Token):
-                parts.append(event.text)
-            else:
-                return "".join(parts), event
-    raise ApiError(503, "worker_crashed", "model worker crashed; retry")
 
 
 async def _replay(reply: str, done: Done) -> AsyncGenerator[Token | Done, None]:

@@ -438,10 +438,7 @@ class ModelWorker:
         link: WorkerLink | None = None
         request_id = 0
         sent = finished = False
-        self.running += 1
-        if self._idle.is_set():
-            # Replaced only when set: a recycle may be waiting on the current one.
-            self._idle = trio.Event()
+        self._start_running()
         try:
             self.stats.last_queue_wait = time.monotonic() - queued_at
             link = self._link
@@ -487,9 +484,7 @@ class ModelWorker:
         link: WorkerLink | None = None
         request_id = 0
         sent = finished = False
-        self.running += 1
-        if self._idle.is_set():
-            self._idle = trio.Event()
+        self._start_running()
         parts: list[Embedded] = []
         try:
             link = self._link
@@ -550,6 +545,12 @@ class ModelWorker:
             if acquired:
                 self.slots.release(owner)
             raise DeadlineExceeded(f"the request {stage} past its deadline")
+
+    def _start_running(self) -> None:
+        self.running += 1
+        if self._idle.is_set():
+            # Replaced only when set: a recycle may be waiting on the current one.
+            self._idle = trio.Event()
 
     def _finish_running(self, owner: str) -> None:
         self.running -= 1

@@ -23,7 +23,6 @@ import contextlib
 import fcntl
 import hashlib
 import http.client
-import ipaddress
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ from appliance.llm.registry import (
     ModelRegistry,
     validate_model_name,
 )
+from appliance.outbound import loopback
 
 LOGGER = logging.getLogger("appliance.llm")
 
@@ -122,7 +122,7 @@ def check_url(url: str, allowed_hosts: tuple[str, ...]) -> None:
         )
     if parts.username or parts.password:
         raise PullRefused("the URL carries a user name or password; give a URL without them")
-    if _loopback(host):
+    if loopback(host):
         return
     if not _allowed(host.lower().rstrip("."), allowed_hosts):
         raise PullRefused(
@@ -135,15 +135,6 @@ def check_url(url: str, allowed_hosts: tuple[str, ...]) -> None:
             f"plain http:// to {host[:100]} is refused: off this box a model is pulled over "
             "https:// only"
         )
-
-
-def _loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _allowed(host: str, allowed_hosts: tuple[str, ...]) -> bool:

@@ -7,12 +7,13 @@ shows the API key.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from typing import Final, Literal
 from urllib.parse import urlsplit
 
 import msgspec
+
+from appliance.outbound import loopback
 
 Provider = Literal["searxng", "brave"]
 PROVIDERS: Final[tuple[Provider, ...]] = ("searxng", "brave")
@@ -135,15 +136,6 @@ def plaintext_problem(url: str) -> str | None:
         f"APPLIANCE_SEARCH_URL is plain http:// to {host[:100]!r}, and the search API key "
         "would cross the network readable; use https://"
     )
-
-
-def loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_allow(raw: str) -> tuple[str, ...]:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Iterator
 from typing import Final
 
 import httpx
+
+from appliance.outbound import exception_chain
 
 TIMEOUT_CODE: Final = "search_timeout"
 
@@ -52,25 +53,8 @@ def too_large(provider: str, limit: int) -> SearchError:
     )
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        current = todo.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        todo += [arg for arg in current.args if isinstance(arg, BaseException)]
-        if isinstance(current, BaseExceptionGroup):
-            todo += current.exceptions
-        for linked in (current.__cause__, current.__context__):
-            if linked is not None:
-                todo.append(linked)
-
-
 def _reason(exc: BaseException, host: str) -> str:
-    for link in _chain(exc):
+    for link in exception_chain(exc):
         if isinstance(link, ssl.SSLCertVerificationError):
             return f"its TLS certificate was not accepted ({link.verify_message})"
         if isinstance(link, ssl.SSLError):

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from types import TracebackType
-from typing import Any, Final
+from typing import Final
 
 import httpx
 import trio
 
-from appliance.search.config import SearchConfig, loopback
+from appliance.outbound import HttpClientService, loopback
+from appliance.search.config import SearchConfig
 from appliance.search.errors import (
     SearchError,
     malformed,
@@ -31,7 +31,6 @@ from appliance.search.errors import (
 from appliance.search.provider import Provider, Unreadable
 from appliance.search.providers import provider_for
 from appliance.search.results import Source, sources_from
-from appliance.supervisor import Service
 
 LOGGER = logging.getLogger("appliance.search")
 
@@ -42,7 +41,7 @@ CLOSE_SECONDS: Final = 2.0
 HashText = Callable[[str], str]
 
 
-class WebSearch(Service):
+class WebSearch(HttpClientService):
     """Searches through the configured provider. Run it as a service (`await
     nursery.start(search.run)` returns it once ready) or use it as an async context
     manager. `hash_text` is the keyed hash that logs show instead of a query."""
@@ -73,27 +72,6 @@ class WebSearch(Service):
                 self.config.host,
             )
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            with trio.move_on_after(CLOSE_SECONDS) as scope:
-                scope.shield = True
-                await client.aclose()
-
-    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        async with self:
-            task_status.started(self)
-            await trio.sleep_forever()
-
-    def healthy(self) -> bool:
-        # The provider itself is not probed: nothing is contacted unless a request asks.
-        return self._client is not None
 
     def query_hash(self, query: str) -> str:
         return self._hash(query)

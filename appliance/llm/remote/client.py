@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from types import TracebackType
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -28,7 +27,6 @@ from appliance.llm.remote.config import (
     RemoteConfig,
     RemoteConfigError,
     load_api_key,
-    loopback,
 )
 from appliance.llm.remote.errors import (
     RemoteError,
@@ -40,7 +38,6 @@ from appliance.llm.remote.errors import (
     transport_error,
 )
 from appliance.llm.remote.stream import (
-    CLOSE_SECONDS,
     RemoteStream,
     Upstream,
     close_response,
@@ -58,8 +55,8 @@ from appliance.llm.remote.wire import (
     finish_reason_of,
     usage_of,
 )
+from appliance.outbound import HttpClientService, loopback
 from appliance.privacy.redaction import INLINE_REDACT_CHARS
-from appliance.supervisor import Service
 
 __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
@@ -110,7 +107,7 @@ class RemoteResult(msgspec.Struct, frozen=True, kw_only=True):
     sent_messages: list[dict[str, str]]
 
 
-class RemoteLLM(Service):
+class RemoteLLM(HttpClientService):
     """The client of the remote LLM. Run it as a service (`await nursery.start(remote.run)`
     returns it once ready) or use it as an async context manager; either way it owns its
     `httpx.AsyncClient` and closes it when it ends."""
@@ -153,27 +150,6 @@ class RemoteLLM(Service):
                 host,
             )
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            with trio.move_on_after(CLOSE_SECONDS) as scope:
-                scope.shield = True
-                await client.aclose()
-
-    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        async with self:
-            task_status.started(self)
-            await trio.sleep_forever()
-
-    def healthy(self) -> bool:
-        # The remote itself is not probed: no connection is made unless a request asks.
-        return self._client is not None
 
     def cost(self, usage: RemoteUsage) -> float:
         """What `usage` costs at APPLIANCE_REMOTE_PRICE_PER_1K_TOKENS."""

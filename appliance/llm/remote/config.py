@@ -8,7 +8,6 @@ none shows the key.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import stat
@@ -17,6 +16,8 @@ from typing import Final
 from urllib.parse import urlsplit
 
 import msgspec
+
+from appliance.outbound import loopback
 
 DEFAULT_TIMEOUT_SECONDS: Final = 60.0
 KEY_FILE_SETTING: Final = "APPLIANCE_REMOTE_LLM_KEY_FILE"
@@ -131,16 +132,6 @@ def plaintext_problem(url: str) -> str | None:
         "API key would cross the network readable; use https://, or accept that risk with "
         f"{ALLOW_PLAINTEXT_SETTING}=true"
     )
-
-
-def loopback(host: str) -> bool:
-    """localhost or a loopback address (plain HTTP to it never leaves the box)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_key(key: str, what: str) -> None:

@@ -9,11 +9,13 @@ import contextlib
 import email.utils
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Final
 
 import httpx
 import msgspec
+
+from appliance.outbound import exception_chain
 
 # Upstream text quoted in an error (a 400's message) is cut to this many characters.
 UPSTREAM_MESSAGE_CHARS: Final = 200
@@ -72,28 +74,8 @@ def timeout_error(timeout: float) -> RemoteError:
     )
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """The exception, its arguments that are exceptions, causes, contexts and group
-    members: where the OS error behind an httpx error hides."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        current = todo.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        todo += [arg for arg in current.args if isinstance(arg, BaseException)]
-        if isinstance(current, BaseExceptionGroup):
-            todo += current.exceptions
-        if current.__cause__ is not None:
-            todo.append(current.__cause__)
-        if current.__context__ is not None:
-            todo.append(current.__context__)
-
-
 def _reason(exc: BaseException, host: str) -> str | None:
-    for link in _chain(exc):
+    for link in exception_chain(exc):
         if isinstance(link, ssl.SSLCertVerificationError):
             return f"its TLS certificate was not accepted ({link.verify_message})"
         if isinstance(link, ssl.SSLError):
