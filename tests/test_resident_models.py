@@ -123,8 +123,10 @@ async def test_two_resident_models_alternate_without_loading_and_stream_together
                         ):
                             arrivals.append((trio.current_time(), name))
 
-            question = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
-            common = {"max_tokens": 120, "temperature": 0, "stream": True}
+            question = [{"role": "user", "content": "Count from 1 to 500, separated by commas."}]
+            # Long enough that a first token delayed by the other model's start still comes
+            # while the other streams (these small models write 100 tokens in about a second).
+            common = {"max_tokens": 400, "temperature": 0, "stream": True}
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
                     stream,

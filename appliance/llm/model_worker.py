@@ -37,7 +37,6 @@ from appliance.children import (
     terminate,
 )
 from appliance.config import Settings
-from appliance.llm.core_share import CORE_SHARE_FILE
 from appliance.llm.errors import (
     DeadlineExceeded,
     InferenceError,
@@ -132,12 +131,6 @@ class LoadPlan:
     path: Path
     n_ctx: int
     estimate: MemoryEstimate
-
-
-def _core_share(settings: Settings) -> str:
-    """Where the workers of this daemon share the cores (appliance.llm.core_share)."""
-    runtime = settings.runtime_dir
-    return str(Path(runtime) / CORE_SHARE_FILE) if runtime else ""
 
 
 class ModelWorker:
@@ -370,7 +363,6 @@ class ModelWorker:
                     n_threads=self.settings.threads or usable_cores(),
                     n_gpu_layers=self.settings.gpu_layers,
                     parallel=self.settings.parallel,
-                    core_share=_core_share(self.settings),
                 )
             )
             reply = await link.receive(request_id, pending)

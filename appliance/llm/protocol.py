@@ -36,9 +36,6 @@ class Load(msgspec.Struct, frozen=True, tag="load"):
     n_gpu_layers: int = 0
     # Generations the worker runs at once (continuous batching).
     parallel: int = 1
-    # The table through which the workers of resident models share the cores
-    # (appliance.llm.core_share); empty: this worker uses n_threads whatever runs beside it.
-    core_share: str = ""
 
 
 class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True):

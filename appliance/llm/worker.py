@@ -20,7 +20,6 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 from appliance.llm.batching import (
@@ -33,7 +32,6 @@ from appliance.llm.batching import (
     TokenText,
     open_model,
 )
-from appliance.llm.core_share import CoreShare
 from appliance.llm.embedding import Embedder, EmbedInputError
 from appliance.llm.fitting import DoesNotFit, fit_conversation
 from appliance.llm.llama_log import LlamaLog
@@ -130,8 +128,6 @@ class Worker:
         self._context: Any = None
         self._batcher: Batcher | None = None
         self._embedder: Embedder | None = None
-        self._cores: CoreShare | None = None
-        self._threads = 0  # what llama.cpp was last told to use
         self._embeds: deque[_EmbedJob] = deque()
         self._load_request: Load | None = None
         self._formatter: Any = None
@@ -171,8 +167,6 @@ class Worker:
                 self._cancel_requested()
                 self._step()
                 self._embed_step()
-                if self._cores is not None and (batcher is None or batcher.running == 0):
-                    self._cores.idle()
         except BrokenPipeError:
             return
 
@@ -212,7 +206,6 @@ class Worker:
         batcher = self._batcher
         if batcher is None or batcher.running == 0:
             return
-        self._share_cores()
         try:
             events = batcher.step()
         except RuntimeError as exc:
@@ -226,18 +219,6 @@ class Worker:
             return
         for event in events:
             self._send_event(event)
-
-    def _share_cores(self) -> None:
-        """Use this worker's share of the cores while other models decode beside it."""
-        if self._cores is None:
-            return
-        threads = self._cores.threads()
-        if threads != self._threads:
-            import llama_cpp  # loaded already: the model is
-
-            llama_cpp.llama_set_n_threads(self._context.ctx, threads, threads)
-            LOGGER.debug("decoding with %d of %d threads", threads, self._cores.configured)
-            self._threads = threads
 
     def _send_event(self, event: Event) -> None:
         if isinstance(event, TokenText):
@@ -292,12 +273,6 @@ class Worker:
             )
         self._model, self._context = model, context
         self._load_request = request
-        self._threads = request.n_threads
-        if request.core_share:
-            try:
-                self._cores = CoreShare(Path(request.core_share), request.n_threads)
-            except OSError as exc:
-                LOGGER.warning("cores not shared with other models' workers: %s", exc)
         self._batcher = Batcher(
             model,
             context,
@@ -322,9 +297,6 @@ class Worker:
         if self._embedder is not None:
             self._embedder.close()
             self._embedder = None
-        if self._cores is not None:
-            self._cores.close()
-            self._cores = None
         if self._batcher is not None:
             self._batcher.close()
         if self._context is not None:
