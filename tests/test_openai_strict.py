@@ -190,11 +190,15 @@ async def test_unknown_invalid_and_inapplicable_fields_are_400_naming_them() -> 
             )
             assert answer.status_code == 400, answer.text
             assert answer.json()["error"]["code"] == "invalid_logit_bias"
-            answer = await client.post(
-                "/v1/completions", json={**COMPLETION, "grammar": "root ::= ( "}
-            )
-            assert answer.status_code == 400, answer.text
-            assert answer.json()["error"]["code"] == "invalid_grammar"
+            for grammar in ("root ::= ( ", 'answer ::= "yes"'):
+                answer = await client.post(
+                    "/v1/completions", json={**COMPLETION, "grammar": grammar}
+                )
+                assert answer.status_code == 400, answer.text
+                assert answer.json()["error"]["code"] == "invalid_grammar"
+            # The client's mistake is answered, not logged as an error of the box.
+            errors = [line for line in daemon.log_lines() if line.get("level") == "ERROR"]
+            assert not errors, errors[:3]
             # The daemon is still ready.
             assert (await client.get("/api/v1/health/ready")).status_code == 200
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+from collections.abc import Iterator
 from typing import Any, Final
 
 import llama_cpp
@@ -43,6 +44,7 @@ class LlamaLog:
         self._logger = logger
         self._level = logging.DEBUG
         self._pending = ""
+        self._answered = False
         # Kept referenced for as long as llama.cpp may call it.
         self._callback: Any = llama_cpp.llama_log_callback(self._from_llama)
 
@@ -54,10 +56,22 @@ class LlamaLog:
         # reference to it (a collected callback is a crash at the next model load).
         _installed = self
 
+    @contextlib.contextmanager
+    def answered_elsewhere(self) -> Iterator[None]:
+        """While llama.cpp checks what a client sent (a grammar): its errors are the
+        client's, answered with a 400, so they are logged at DEBUG and not as the box's."""
+        self.flush()
+        self._answered = True
+        try:
+            yield
+        finally:
+            self.flush()
+            self._answered = False
+
     def receive(self, level: int, text: str) -> None:
         if level != GGML_CONT:
             self.flush()
-            self._level = _LEVELS.get(level, logging.ERROR)
+            self._level = logging.DEBUG if self._answered else _LEVELS.get(level, logging.ERROR)
         if not self._logger.isEnabledFor(self._level):
             return  # the usual case for load chatter: not even decoded into lines
         *lines, self._pending = (self._pending + text).split("\n")
@@ -73,3 +87,8 @@ class LlamaLog:
     def _from_llama(self, level: int, text: bytes | None, user_data: Any) -> None:
         with contextlib.suppress(Exception):  # an exception must not cross into C
             self.receive(level, (text or b"").decode("utf-8", "replace"))
+
+
+def answered_elsewhere() -> contextlib.AbstractContextManager[None]:
+    """`LlamaLog.answered_elsewhere` of the installed log (nothing when none is)."""
+    return contextlib.nullcontext() if _installed is None else _installed.answered_elsewhere()

@@ -25,6 +25,7 @@ import llama_cpp as llama
 import numpy as np
 import numpy.typing as npt
 
+from appliance.llm import llama_log
 from appliance.llm.protocol import TokenLogprob, TopLogprob
 
 # What create_completion's sampler chain uses unless told otherwise.
@@ -142,7 +143,8 @@ def _add_choice(chain: Any, sampling: Sampling) -> None:
 
 def grammar_sampler(vocab: Any, grammar: str) -> Any:
     """A C grammar sampler (free it with llama_sampler_free); GrammarError if refused."""
-    sampler = llama.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    with llama_log.answered_elsewhere():  # the client is told; the box did nothing wrong
+        sampler = llama.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
     if not sampler:
         raise GrammarError("the grammar does not parse (GBNF, with a rule named root)")
     return sampler
