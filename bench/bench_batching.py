@@ -13,11 +13,8 @@ appliance's ratios sit beside the peer's, measured in the same run.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import statistics
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,18 +31,18 @@ from bench_llm import (
     REQUEST_TIMEOUT,
     THREADS,
     DirectBaseline,
+    Stream,
     concurrent_streams,
     http_stream,
 )
 from harness import (
-    LOOPBACK,
     Daemon,
-    free_port,
     install_gemma,
+    llama_server,
+    llama_server_binary,
     note,
     result,
     short_tempdir,
-    stop,
 )
 
 NAME: Final = "batching"
@@ -55,7 +52,6 @@ TURNS: Final = 10
 TURN_GOAL: Final = 1.5
 TURN_MESSAGE: Final = "Tell me one more fact about the Roman Empire, in two sentences."
 PARALLEL: Final = 4
-LLAMA_SERVER: Final = Path(__file__).resolve().parent.parent / "build/llama-server/bin/llama-server"
 
 
 def run(quick: bool) -> Iterator[dict[str, Any]]:
@@ -80,21 +76,13 @@ def run(quick: bool) -> Iterator[dict[str, Any]]:
 
 def _peer(model: Path, log_path: Path, rounds: int, direct_tps: float) -> Iterator[dict[str, Any]]:
     """The same streams against llama.cpp's own server, when it is built."""
-    binary = Path(os.environ.get("LLAMA_SERVER", LLAMA_SERVER))
-    if not binary.is_file():
-        note(f"llama.cpp's server not measured: {binary} is missing (make llama-server)")
+    binary = llama_server_binary()
+    if binary is None:
         return
-    port = free_port()
-    argv = [str(binary), "-m", str(model), "--host", LOOPBACK, "--port", str(port)]
-    argv += ["-t", str(THREADS), "-tb", str(THREADS), "-np", str(PARALLEL), "-c", str(N_CTX)]
-    with log_path.open("wb") as log:
-        server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _wait_healthy(port, server)
+    args = ["-t", str(THREADS), "-tb", str(THREADS), "-np", str(PARALLEL), "-c", str(N_CTX)]
+    with llama_server(binary, model, log_path, *args, timeout=READY_TIMEOUT) as (port, _):
         http_stream(port, 16)  # warm
         yield from _streams("llama_server_", port, "", rounds, direct_tps)
-    finally:
-        stop(server)
 
 
 def _streams(
@@ -126,23 +114,14 @@ def _streams(
         )
 
 
-def _wait_healthy(port: int, server: subprocess.Popen[bytes]) -> None:
-    """llama-server listens at once and answers /health 503 until its model is loaded."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {server.returncode} while starting")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://{LOOPBACK}:{port}/health", timeout=1).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"llama-server not healthy after {READY_TIMEOUT} s")
-
-
 def _aggregate(port: int, key: str, count: int) -> tuple[float, int]:
     """Tokens of `count` streams started together over the time from the first request to
     the last token, and how many streams failed."""
-    streams = concurrent_streams(port, key, count)
+
+    def generate(max_tokens: int, **kw: Any) -> Stream:
+        return http_stream(port, max_tokens, key=key, **kw)
+
+    streams = concurrent_streams(generate, count, CONCURRENT_MAX_TOKENS)
     done = [s for s in streams if s.ok]
     if not done:
         return 0.0, count

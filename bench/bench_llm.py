@@ -1,14 +1,26 @@
-"""LLM serving costs: one streamed completion through our API against llama-cpp-python
-called directly and against llama-cpp-python's own server, then 8 concurrent streams.
+"""LLM serving costs: the appliance's three generation routes, one stream and four, against
+llama-cpp-python in-process and against llama.cpp's own server, in the same run.
 
-Every figure comes from the same model (Gemma 3 270M Q4_K_M), prompt and sampling
-parameters, measured in the same run on the same machine. On a 2-core box only one runner
-may use the CPU at a time: they take turns, one request each, in alternating order, and the
-others are stopped (SIGSTOP) meanwhile. Figures are medians over the rounds. CPU time that
-other jobs on the machine took is measured too; a noisy measurement is taken again.
+Runners, each asked for the same streamed answer (temperature 0, MAX_TOKENS tokens):
+- in-process: llama-cpp-python in one Python process, no HTTP, timing each chunk itself
+  (Gemma 3 270M continuing a plain prompt; SmolLM2-135M-Instruct answering a chat turn);
+- the appliance: `/v1/completions` (Gemma), `/v1/chat/completions` and `/api/v1/chat/send`
+  (SmolLM2), both models resident, with a user key that has token budgets;
+- llama.cpp's server, built from the llama.cpp that llama-cpp-python vendors with the same
+  flags (`make llama-server`, or LLAMA_SERVER=path; skipped with a note when missing),
+  `-np 4`, one process per model: `/v1/completions` and `/v1/chat/completions`.
 
-Run as a script with --direct, this file is that baseline's child process: llama-cpp-python
-in one Python process, no HTTP, timing each streamed chunk itself.
+On a 2-core box only one runner may use the CPU at a time: they take turns, one request
+each, in alternating order, and the others are stopped (SIGSTOP) meanwhile. Figures are
+medians over the rounds. CPU time that other jobs on the machine took is measured too; a
+noisy measurement is taken again. Then four concurrent streams on `/v1/completions`, the
+appliance's rounds alternating with llama.cpp's server's.
+
+Decode rate is (completion tokens - 1) / (last text chunk - first text chunk), the
+completion tokens as the runner's usage counts them: text held back for a stop string
+shows as fewer, fuller chunks, not as fewer tokens.
+
+Run as a script with --direct, this file is the in-process baseline's child process.
 """
 
 from __future__ import annotations
@@ -19,15 +31,13 @@ import http.client
 import itertools
 import json
 import os
-import re
 import select
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -35,47 +45,56 @@ from typing import Any, Final
 import psutil
 from harness import (
     LOOPBACK,
-    PYTHON,
     Daemon,
-    free_port,
     install_gemma,
+    install_smollm2,
+    llama_server,
+    llama_server_binary,
     note,
     result,
     short_tempdir,
     spawn_python,
     stop,
-    wait_for_port,
 )
 
 NAME: Final = "llm"
 MODEL: Final = "gemma"
+CHAT_MODEL: Final = "smollm2"
 # A plain completion prompt that Gemma 3 270M continues well past 128 tokens at temperature
 # 0 (the API has no ignore-EOS switch), so every run decodes the full max_tokens.
 PROMPT: Final = (
     "The history of the Roman Empire, from its founding to its fall, in great detail:\n\n"
 )
+# A chat turn that SmolLM2-135M-Instruct answers at length at temperature 0.
+CHAT_MESSAGE: Final = (
+    "Write a long essay on the history of the Roman Empire, from its founding to its fall."
+)
 MAX_TOKENS: Final = 128
 CONCURRENT_MAX_TOKENS: Final = 64
-CLIENTS: Final = 8
+STREAMS: Final = 4
 SEED: Final = 1234
 SAMPLING: Final[dict[str, Any]] = {"temperature": 0.0, "top_p": 1.0, "seed": SEED}
 # What the daemon's worker uses by default: APPLIANCE_CONTEXT_SIZE (the model allows more)
 # and every usable core for both decode and batch threads. Set explicitly for all runners.
 N_CTX: Final = 4096
 THREADS: Final = len(os.sched_getaffinity(0)) or 1
+PARALLEL: Final = 4
 MAX_QUEUE: Final = 16
 DAEMON_ENV: Final = {
     "APPLIANCE_CONTEXT_SIZE": str(N_CTX),
     "APPLIANCE_THREADS": str(THREADS),
     "APPLIANCE_MAX_QUEUE": str(MAX_QUEUE),
+    "APPLIANCE_PARALLEL": str(PARALLEL),
     # All clients share one key here; its stream limit would turn some away, and its
     # default share of the slots (APPLIANCE_PARALLEL - 1) would leave one slot unused.
     "APPLIANCE_MAX_STREAMS_PER_KEY": "0",
     "APPLIANCE_PARALLEL_PER_KEY": "64",
 }
+# The bench key's budgets: checked and charged on every request, never reached.
+KEY_BUDGETS: Final = ("--tokens-per-day", "1000000000", "--tokens-per-month", "1000000000")
 # WARNING keeps the access log out of the token path; real warnings still show up.
 DAEMON_LOG_LEVEL: Final = "WARNING"
-RATIO_GOAL: Final = 0.97
+RATIO_GOAL: Final = 1.0
 ADDED_TTFT_GOAL_MS: Final = 10.0
 READY_TIMEOUT: Final = 120.0
 REQUEST_TIMEOUT: Final = 120.0
@@ -92,27 +111,35 @@ NOISY_RETRIES: Final = 2
 QUIET_PROBE: Final = 0.5
 QUIET_WAIT: Final = 20.0
 QUIET_BUDGET: Final = 240.0
-DIRECT: Final = "direct"
+COMPLETIONS: Final = "/v1/completions"
+CHAT: Final = "/v1/chat/completions"
+CHAT_SEND: Final = "/api/v1/chat/send"
+DIRECT: Final = "in-process"
+DIRECT_CHAT: Final = "in-process chat"
 OURS: Final = "appliance"
-SERVER: Final = "llama-cpp-server"
-# llama-cpp-python[server]'s extras; llama-cpp-python itself is never reinstalled (it was
-# built with flags of our own), so these are resolved by pip but installed with --no-deps.
-SERVER_EXTRAS: Final = (
-    "fastapi",
-    "uvicorn",
-    "sse-starlette",
-    "starlette-context>=0.3.6,<0.4",
-    "pydantic-settings",
-    "PyYAML",
+SERVER: Final = "llama-server"
+SUPERVISOR: Final = "supervisor"
+
+
+@dataclass(frozen=True)
+class Route:
+    """One of the appliance's routes and the runners it is held against."""
+
+    path: str
+    model: str
+    direct: str
+    server: str
+
+    @property
+    def ours(self) -> str:
+        return f"{OURS} {self.path}"
+
+
+ROUTES: Final = (
+    Route(COMPLETIONS, MODEL, DIRECT, f"{SERVER} {COMPLETIONS}"),
+    Route(CHAT, CHAT_MODEL, DIRECT_CHAT, f"{SERVER} {CHAT}"),
+    Route(CHAT_SEND, CHAT_MODEL, DIRECT_CHAT, f"{SERVER} {CHAT}"),
 )
-SERVER_IMPORTS: Final = (
-    "import fastapi, uvicorn, sse_starlette, starlette_context, pydantic_settings, yaml\n"
-    "import llama_cpp.server.app, llama_cpp.server.__main__"
-)
-# Its server samples with repeat_penalty 1.1 by default; create_completion (our worker,
-# the direct baseline) with 1.0. Same for every other sampling default (top_k 40, min_p 0.05).
-SERVER_REQUEST_EXTRA: Final[dict[str, Any]] = {"repeat_penalty": 1.0}
-PIP_TIMEOUT: Final = 600.0
 
 
 @dataclass
@@ -120,21 +147,26 @@ class Stream:
     """One streamed completion as its client saw it."""
 
     status: int
-    # Seconds after the request was sent, one per chunk that carried text (one token each).
+    # Seconds after the request was sent, one per chunk that carried text.
     token_times: list[float] = field(default_factory=list)
     text: str = ""
     done: bool = False
     error: str | None = None
     sent_at: float = 0.0  # perf_counter of the client's process, for aggregate figures
     elapsed: float = 0.0  # send to end of stream
+    usage_tokens: int | None = None  # completion tokens, as the runner's usage counts them
 
     @property
     def tokens(self) -> int:
+        return self.usage_tokens if self.usage_tokens is not None else len(self.token_times)
+
+    @property
+    def chunks(self) -> int:
         return len(self.token_times)
 
     @property
     def ok(self) -> bool:
-        return self.status == 200 and self.done and self.error is None and self.tokens >= 2
+        return self.status == 200 and self.done and self.error is None and self.chunks >= 2
 
     @property
     def ttft_ms(self) -> float:
@@ -145,14 +177,17 @@ class Stream:
         return (self.tokens - 1) / (self.token_times[-1] - self.token_times[0])
 
     def describe(self) -> str:
-        return f"status {self.status}, {self.tokens} tokens, done={self.done}, error={self.error}"
+        return (
+            f"status {self.status}, {self.tokens} tokens in {self.chunks} chunks, "
+            f"done={self.done}, error={self.error}"
+        )
 
 
 @dataclass
 class Runner:
     """How to ask one runner for a completion, and its processes whose CPU time we count."""
 
-    generate: Callable[[int], Stream]
+    generate: Callable[..., Stream]  # (max_tokens, barrier=None)
     pids: dict[str, int]  # by role; the first is the root of its process tree
 
     def pause(self) -> None:
@@ -211,29 +246,9 @@ def _machine_seconds() -> float:
 
 def run(quick: bool) -> Iterator[dict[str, Any]]:
     quiet = Quiet()
-    single = yield from single_stream(3 if quick else 8, quiet)
-    yield from concurrent(1 if quick else 3, single, quiet)
-
-
-# -- one stream: ours, direct, llama-cpp-python's server ------------------------------------
-
-
-def single_stream(rounds: int, quiet: Quiet) -> Generator[dict[str, Any], None, float]:
-    """Median per runner over `rounds` turns; returns our median decode tokens/s."""
-    skipped = ensure_server_extras()
-    samples: dict[str, list[Stream]] = {}
     with contextlib.ExitStack() as stack:
         state = stack.enter_context(short_tempdir())
-        model = install_gemma(state / "models", MODEL)
-        runners: dict[str, Runner] = {
-            OURS: _start_daemon(stack, state),
-            DIRECT: stack.enter_context(DirectBaseline(model, state / "direct.log")).runner(),
-        }
-        if skipped is None:
-            try:
-                runners[SERVER] = _start_llama_server(stack, model, state / "llama-server.log")
-            except (RuntimeError, TimeoutError) as exc:
-                skipped = f"llama_cpp.server did not start: {exc}"
+        runners, skipped = _start_runners(stack, state)
 
         def resume_all() -> None:
             for runner in runners.values():
@@ -241,85 +256,149 @@ def single_stream(rounds: int, quiet: Quiet) -> Generator[dict[str, Any], None, 
 
         # Runs first on the way out: a stopped process would not act on SIGTERM.
         stack.callback(resume_all)
-        for name in list(runners):
-            # The first request after a load is slower (cold caches, no prompt prefix yet).
-            warm = runners[name].generate(MAX_TOKENS)
-            if not warm.ok:
-                if name != SERVER:
-                    raise RuntimeError(f"{name}: warm-up request failed: {warm.describe()}")
-                skipped = f"its warm-up request failed: {warm.describe()}"
-                del runners[name]
-            time.sleep(SETTLE)
-        # Only the runner whose turn it is may run at all (2 cores; see Runner.pause).
-        for runner in runners.values():
-            runner.pause()
-        order = list(runners)
-        reference: str | None = None
-        cpu: dict[str, dict[str, list[float]]] = {name: {} for name in runners}
-        roots = [next(iter(runner.pids.values())) for runner in runners.values()]
-        retried: dict[str, int] = {}
-        for round_ in range(rounds):
-            # Alternate the order too, so no runner always follows the same one.
-            for name in order if round_ % 2 == 0 else order[::-1]:
-                runners[name].resume()
-                time.sleep(SETTLE)  # its timers that fired while it was stopped run now
-                for attempt in range(1 + NOISY_RETRIES):
-                    quiet.wait(roots)
-                    stream, cpu_ms = timed(runners[name], roots, MAX_TOKENS)
-                    if not stream.ok:
-                        raise RuntimeError(f"{name}: request failed: {stream.describe()}")
-                    if not _noisy(cpu_ms[OTHER_CPU], stream.elapsed) or attempt == NOISY_RETRIES:
-                        break
-                    note(f"{name}: another job took {cpu_ms[OTHER_CPU]:.0f} ms CPU; again")
-                    retried[name] = retried.get(name, 0) + 1
-                    time.sleep(SETTLE)
-                samples.setdefault(name, []).append(stream)
-                for process, spent in cpu_ms.items():
-                    cpu[name].setdefault(process, []).append(spent)
-                # Not the warm-up's: a cold prompt evaluated as one batch can pick another
-                # greedy token than the cached prefix plus one token that later requests get.
-                reference = stream.text if reference is None else reference
-                note(
-                    f"round {round_ + 1}/{rounds}: {name} {stream.decode_tps:.1f} tok/s, "
-                    f"TTFT {stream.ttft_ms:.1f} ms, {stream.tokens} tokens, "
-                    f"other CPU on the machine {cpu_ms[OTHER_CPU]:.0f} ms"
-                )
-                runners[name].pause()
-    summary = {name: _summary(streams, reference) for name, streams in samples.items()}
-    for name, figures in summary.items():
+        summary = _single_stream(runners, 3 if quick else 8, quiet)
+        yield from _single_stream_results(summary, skipped)
+        yield from _concurrent(runners, 1 if quick else 3, quiet, skipped)
+
+
+def _start_runners(stack: contextlib.ExitStack, state: Path) -> tuple[dict[str, Runner], str]:
+    """Every runner, warm, in turn order; and why llama.cpp's server is missing ("" if not)."""
+    gemma = install_gemma(state / "models", MODEL)
+    smollm2 = install_smollm2(state / "models", CHAT_MODEL)
+    runners = _start_daemon(stack, state)
+    runners[DIRECT] = stack.enter_context(DirectBaseline(gemma, state / "direct.log")).runner()
+    chat = DirectBaseline(smollm2, state / "direct-chat.log", chat=True)
+    runners[DIRECT_CHAT] = stack.enter_context(chat).runner()
+    skipped = ""
+    binary = llama_server_binary()
+    if binary is None:
+        skipped = "not built (make llama-server)"
+    else:
+        args = ["-c", str(N_CTX), "-t", str(THREADS), "-tb", str(THREADS), "-np", str(PARALLEL)]
+        for path, model, alias in ((COMPLETIONS, gemma, MODEL), (CHAT, smollm2, CHAT_MODEL)):
+            log = state / f"llama-server-{alias}.log"
+            # --jinja: the chat template of the GGUF, as the appliance uses it.
+            opened = llama_server(binary, model, log, *args, "--jinja", timeout=READY_TIMEOUT)
+            port, process = stack.enter_context(opened)
+            runners[f"{SERVER} {path}"] = Runner(
+                lambda n, port=port, path=path, alias=alias, **kw: http_stream(
+                    port, n, route=path, extra={"model": alias}, **kw
+                ),
+                {"server": process.pid},
+            )
+    for name, runner in runners.items():
+        # The first request after a load is slower (cold caches, no prompt prefix yet).
+        warm = runner.generate(MAX_TOKENS)
+        if not warm.ok:
+            raise RuntimeError(f"{name}: warm-up request failed: {warm.describe()}")
+        time.sleep(SETTLE)
+    # Only the runner whose turn it is may run at all (2 cores; see Runner.pause).
+    for runner in runners.values():
+        runner.pause()
+    return runners, skipped
+
+
+def _start_daemon(stack: contextlib.ExitStack, state: Path) -> dict[str, Runner]:
+    """The appliance with both models resident: one runner per route, one daemon."""
+    env = {**DAEMON_ENV, "APPLIANCE_PRELOAD": f"{MODEL},{CHAT_MODEL}"}
+    daemon = stack.enter_context(Daemon(state, DAEMON_LOG_LEVEL, env=env))
+    daemon.start()
+    daemon.wait_ready(READY_TIMEOUT)  # the preloaded models are loaded before READY=1
+    assert daemon.process is not None
+    port, key = daemon.port, daemon.user_key("bench-user", *KEY_BUDGETS)
+    services = _get_json(port, "/api/v1/health/services", daemon.api_key())["services"]
+    workers = {s["name"]: s["pid"] for s in services if s["name"].startswith("worker:")}
+    runners = {}
+    for route in ROUTES:
+        pids = {SUPERVISOR: daemon.process.pid, "worker": workers[f"worker:{route.model}"]}
+        runners[route.ours] = Runner(
+            lambda n, route=route, **kw: http_stream(
+                port, n, key=key, route=route.path, extra={"model": route.model}, **kw
+            ),
+            pids,
+        )
+    return runners
+
+
+# -- one stream --------------------------------------------------------------------------------
+
+
+def _single_stream(
+    runners: dict[str, Runner], rounds: int, quiet: Quiet
+) -> dict[str, dict[str, Any]]:
+    """Each runner's figures: medians over `rounds` turns."""
+    samples: dict[str, list[Stream]] = {}
+    cpu: dict[str, dict[str, list[float]]] = {name: {} for name in runners}
+    retried: dict[str, int] = {}
+    roots = sorted({next(iter(runner.pids.values())) for runner in runners.values()})
+    order = list(runners)
+    for round_ in range(rounds):
+        # Alternate the order too, so no runner always follows the same one.
+        for name in order if round_ % 2 == 0 else order[::-1]:
+            runners[name].resume()
+            time.sleep(SETTLE)  # its timers that fired while it was stopped run now
+            for attempt in range(1 + NOISY_RETRIES):
+                quiet.wait(roots)
+                stream, cpu_ms = timed(runners[name], roots, MAX_TOKENS)
+                if not stream.ok:
+                    raise RuntimeError(f"{name}: request failed: {stream.describe()}")
+                if not _noisy(cpu_ms[OTHER_CPU], stream.elapsed) or attempt == NOISY_RETRIES:
+                    break
+                note(f"{name}: another job took {cpu_ms[OTHER_CPU]:.0f} ms CPU; again")
+                retried[name] = retried.get(name, 0) + 1
+                time.sleep(SETTLE)
+            samples.setdefault(name, []).append(stream)
+            for process, spent in cpu_ms.items():
+                cpu[name].setdefault(process, []).append(spent)
+            note(
+                f"round {round_ + 1}/{rounds}: {name} {stream.decode_tps:.1f} tok/s, "
+                f"TTFT {stream.ttft_ms:.1f} ms, {stream.tokens} tokens in {stream.chunks} "
+                f"chunks, other CPU on the machine {cpu_ms[OTHER_CPU]:.0f} ms"
+            )
+            runners[name].pause()
+    summary = {}
+    for name, streams in samples.items():
+        figures = _summary(streams)
         other = cpu[name].pop(OTHER_CPU)
         figures["cpu"] = {p: round(statistics.median(ms), 1) for p, ms in cpu[name].items()}
         figures["other"] = [round(ms) for ms in other]
-        kept = zip(other, samples[name], strict=True)
+        kept = zip(other, streams, strict=True)
         figures["noisy"] = sum(_noisy(ms, stream.elapsed) for ms, stream in kept)
         figures["retried"] = retried.get(name, 0)
-    common = {
-        "method": "median",
-        "rounds": rounds,
-        "max_tokens": MAX_TOKENS,
-        "n_ctx": N_CTX,
-        "threads": THREADS,
-    }
+        summary[name] = figures
+    return summary
+
+
+def _single_stream_results(
+    summary: dict[str, dict[str, Any]], skipped: str
+) -> Iterator[dict[str, Any]]:
+    common = {"max_tokens": MAX_TOKENS, "n_ctx": N_CTX, "threads": THREADS}
     for name, figures in summary.items():
+        extra = {}
+        if SUPERVISOR in figures["cpu"]:
+            # What the supervisor (HTTP, auth, budgets, SSE) spends per token generated.
+            per_token = figures["cpu"][SUPERVISOR] / max(1, statistics.median(figures["tokens"]))
+            extra["supervisor_cpu_ms_per_token"] = round(per_token, 3)
         yield result(
             NAME,
             "stream_decode_tps",
             figures["tps"],
             "tok/s",
-            server=name,
+            runner=name,
             best=figures["tps_best"],
             samples=figures["tps_samples"],
-            completion_tokens=figures["tokens"],
-            same_text_as_first_runner=figures["same_text"],
+            completion_tokens=sorted(set(figures["tokens"])),
+            chunks=sorted(set(figures["chunks"])),
+            same_text_every_round=figures["same_text"],
             # Per request, median: where a server's time goes besides llama.cpp's own.
             cpu_ms_per_request=figures["cpu"],
-            # Largest gap between two tokens, median over the rounds: stalls of the server.
-            max_token_gap_ms=figures["max_gap"],
+            # Largest gap between two chunks, median over the rounds: stalls of the server.
+            max_chunk_gap_ms=figures["max_gap"],
             # Should be near 0 (CPU ticks are 10 ms); more means another job shared the cores.
             other_cpu_ms=figures["other"],
             noisy_samples_kept=figures["noisy"],
             noisy_samples_retried=figures["retried"],
-            waited_for_quiet_s=round(quiet.waited, 1),
+            **extra,
             **common,
         )
         yield result(
@@ -327,61 +406,63 @@ def single_stream(rounds: int, quiet: Quiet) -> Generator[dict[str, Any], None, 
             "stream_ttft",
             figures["ttft"],
             "ms",
-            server=name,
+            runner=name,
             best=figures["ttft_best"],
             samples=figures["ttft_samples"],
             **common,
         )
-    ours, direct = summary[OURS], summary[DIRECT]
-    ratio = ours["tps"] / direct["tps"]
-    added = ours["ttft"] - direct["ttft"]
-    yield result(
-        NAME,
-        "stream_decode_tps_ratio_vs_direct",
-        round(ratio, 3),
-        "ratio",
-        appliance=ours["tps"],
-        baseline=direct["tps"],
-        goal=f">= {RATIO_GOAL}",
-        meets_goal=ratio >= RATIO_GOAL,
-        **common,
-    )
-    yield result(
-        NAME,
-        "stream_added_ttft_vs_direct",
-        round(added, 2),
-        "ms",
-        appliance=ours["ttft"],
-        baseline=direct["ttft"],
-        goal=f"<= {ADDED_TTFT_GOAL_MS:g}",
-        meets_goal=added <= ADDED_TTFT_GOAL_MS,
-        **common,
-    )
-    if SERVER in summary:
-        server = summary[SERVER]
+    for route in ROUTES:
+        ours, direct = summary[route.ours], summary[route.direct]
+        ratio = ours["tps"] / direct["tps"]
+        added = ours["ttft"] - direct["ttft"]
         yield result(
             NAME,
-            "stream_vs_llama_cpp_server",
-            round(ours["tps"] / server["tps"], 3),
+            "stream_decode_tps_ratio_vs_in_process",
+            round(ratio, 3),
             "ratio",
+            route=route.path,
+            appliance=ours["tps"],
+            in_process=direct["tps"],
+            goal=f">= {RATIO_GOAL}",
+            meets_goal=ratio >= RATIO_GOAL,
+            **common,
+        )
+        yield result(
+            NAME,
+            "stream_added_ttft_vs_in_process",
+            round(added, 2),
+            "ms",
+            route=route.path,
+            appliance=ours["ttft"],
+            in_process=direct["ttft"],
+            goal=f"<= {ADDED_TTFT_GOAL_MS:g}",
+            meets_goal=added <= ADDED_TTFT_GOAL_MS,
+            **common,
+        )
+        if route.server not in summary:
+            yield {"bench": NAME, "metric": "stream_vs_llama_server", "route": route.path,
+                   "skipped": skipped}  # fmt: skip
+            continue
+        server = summary[route.server]
+        ratio = ours["tps"] / server["tps"]
+        yield result(
+            NAME,
+            "stream_vs_llama_server",
+            round(ratio, 3),
+            "ratio",
+            route=route.path,
+            server_route=route.server,
             appliance_tps=ours["tps"],
             server_tps=server["tps"],
             appliance_ttft_ms=ours["ttft"],
             server_ttft_ms=server["ttft"],
-            added_ttft_ms=round(ours["ttft"] - server["ttft"], 2),
-            server_flags="--logits_all false --use_mlock false (the Llama() defaults we use)",
+            goal=f">= {RATIO_GOAL}",
+            meets_goal=ratio >= RATIO_GOAL,
             **common,
         )
-    else:
-        yield {
-            "bench": NAME,
-            "metric": "stream_vs_llama_cpp_server",
-            "skipped": skipped or "no figures",
-        }
-    return float(ours["tps"])
 
 
-def _summary(streams: list[Stream], reference: str | None) -> dict[str, Any]:
+def _summary(streams: list[Stream]) -> dict[str, Any]:
     tps = [s.decode_tps for s in streams]
     ttft = [s.ttft_ms for s in streams]
     return {
@@ -391,11 +472,123 @@ def _summary(streams: list[Stream], reference: str | None) -> dict[str, Any]:
         "ttft": round(statistics.median(ttft), 2),
         "ttft_best": round(min(ttft), 2),
         "ttft_samples": [round(x, 2) for x in ttft],
-        "tokens": sorted({s.tokens for s in streams}),
+        "tokens": [s.tokens for s in streams],
+        "chunks": [s.chunks for s in streams],
         "max_gap": round(statistics.median(_max_gap_ms(s) for s in streams), 1),
-        # Temperature 0 with the same parameters: every runner should write the same text.
-        "same_text": all(s.text == reference for s in streams),
+        # Temperature 0 with the same parameters: every round writes the same text.
+        "same_text": len({s.text for s in streams}) == 1,
     }
+
+
+# -- four streams ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Rounds:
+    """One runner's rounds of concurrent streams."""
+
+    streams: list[Stream] = field(default_factory=list)
+    walls: list[float] = field(default_factory=list)
+    other: list[int] = field(default_factory=list)  # CPU ms other jobs took, per round
+    noisy: int = 0
+
+
+def _concurrent(
+    runners: dict[str, Runner], rounds: int, quiet: Quiet, skipped: str
+) -> Iterator[dict[str, Any]]:
+    """STREAMS streams at once on /v1/completions: the appliance's rounds alternating with
+    llama.cpp's server's; aggregate rate and TTFT pooled over the rounds."""
+    names = [ROUTES[0].ours, ROUTES[0].server]
+    present = [name for name in names if name in runners]
+    figures = {name: _Rounds() for name in present}
+    roots = sorted({next(iter(runner.pids.values())) for runner in runners.values()})
+    for round_ in range(rounds):
+        for name in present if round_ % 2 == 0 else present[::-1]:
+            runner = runners[name]
+            runner.resume()
+            time.sleep(SETTLE)
+            for attempt in range(1 + NOISY_RETRIES):
+                quiet.wait(roots)
+                ours, machine = _tree_seconds(roots), _machine_seconds()
+                batch = concurrent_streams(runner.generate, STREAMS, MAX_TOKENS)
+                machine, ours = _machine_seconds() - machine, _tree_seconds(roots) - ours
+                starts = [s.sent_at for s in batch if s.sent_at]
+                ends = [s.sent_at + s.elapsed for s in batch if s.sent_at]
+                wall = max(ends) - min(starts) if starts else 0.0
+                other_ms = max(0.0, machine - ours) * 1000
+                note(
+                    f"{STREAMS} streams, round {round_ + 1}/{rounds}: {name} "
+                    f"{sum(s.ok for s in batch)}/{STREAMS} ok in {wall:.2f} s, "
+                    f"other CPU on the machine {other_ms:.0f} ms"
+                )
+                if not _noisy(other_ms, wall) or attempt == NOISY_RETRIES:
+                    break
+            runner.pause()
+            failed = [s for s in batch if not s.ok]
+            if failed:
+                raise RuntimeError(f"{name}: {STREAMS} streams: {failed[0].describe()}")
+            mine = figures[name]
+            mine.streams += batch
+            mine.walls.append(wall)
+            mine.other.append(round(other_ms))
+            mine.noisy += _noisy(other_ms, wall)
+    aggregates = {}
+    for name, mine in figures.items():
+        streams = mine.streams
+        aggregates[name] = sum(s.tokens for s in streams) / sum(mine.walls)
+        ttft = sorted(s.ttft_ms for s in streams)
+        yield result(
+            NAME,
+            "concurrent_aggregate_tps",
+            round(aggregates[name], 2),
+            "tok/s",
+            runner=name,
+            streams=STREAMS,
+            rounds=rounds,
+            max_tokens=MAX_TOKENS,
+            wall_s=[round(w, 3) for w in mine.walls],
+            ttft_p50_ms=round(statistics.median(ttft), 1),
+            ttft_max_ms=round(ttft[-1], 1),
+            per_stream_decode_tps_median=round(statistics.median(s.decode_tps for s in streams), 2),
+            max_chunk_gap_ms=round(max(_max_gap_ms(s) for s in streams), 1),
+            other_cpu_ms=mine.other,
+            noisy_rounds_kept=mine.noisy,
+        )
+    if len(aggregates) < 2:
+        yield {"bench": NAME, "metric": "concurrent_vs_llama_server", "skipped": skipped}
+        return
+    ratio = aggregates[names[0]] / aggregates[names[1]]
+    yield result(
+        NAME,
+        "concurrent_vs_llama_server",
+        round(ratio, 3),
+        "ratio",
+        streams=STREAMS,
+        appliance_tps=round(aggregates[names[0]], 2),
+        server_tps=round(aggregates[names[1]], 2),
+        goal=f">= {RATIO_GOAL}",
+        meets_goal=ratio >= RATIO_GOAL,
+    )
+
+
+def concurrent_streams(
+    generate: Callable[..., Stream], count: int, max_tokens: int
+) -> list[Stream]:
+    """`count` streams of `max_tokens` started together (one thread each, sent at a barrier);
+    a client that did not finish in time is a failed Stream."""
+    barrier = threading.Barrier(count)
+    results: list[Stream | None] = [None] * count
+
+    def client(index: int) -> None:
+        results[index] = generate(max_tokens, barrier=barrier)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + REQUEST_TIMEOUT * 2
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [s if s is not None else Stream(0, error="client did not finish") for s in results]
 
 
 class Quiet:
@@ -431,42 +624,6 @@ def _max_gap_ms(stream: Stream) -> float:
     return max(b - a for a, b in itertools.pairwise(times)) * 1000
 
 
-def _start_daemon(stack: contextlib.ExitStack, state: Path) -> Runner:
-    daemon = stack.enter_context(Daemon(state, DAEMON_LOG_LEVEL, env=DAEMON_ENV))
-    daemon.start()
-    daemon.wait_ready(READY_TIMEOUT)  # the default model is loaded before READY=1
-    assert daemon.process is not None
-    port, key = daemon.port, daemon.api_key()
-    services = _get_json(port, "/api/v1/health/services", key)["services"]
-    worker = next(s["pid"] for s in services if s["name"].startswith("worker:"))
-    return Runner(
-        lambda max_tokens: http_stream(port, max_tokens, key=key),
-        {"supervisor": daemon.process.pid, "worker": worker},
-    )
-
-
-def _start_llama_server(stack: contextlib.ExitStack, model: Path, log_path: Path) -> Runner:
-    port = free_port()
-    log = stack.enter_context(log_path.open("wb"))
-    argv = ["-m", "llama_cpp.server", "--model", str(model), "--model_alias", MODEL]
-    argv += ["--n_ctx", str(N_CTX), "--n_threads", str(THREADS)]
-    argv += ["--n_threads_batch", str(THREADS), "--host", LOOPBACK, "--port", str(port)]
-    # Its defaults differ from Llama()'s here: logits for every token, mlock. Ours are used.
-    argv += ["--logits_all", "false", "--use_mlock", "false", "--verbose", "false"]
-    process = spawn_python(argv, stdout=log, stderr=subprocess.STDOUT)
-    stack.callback(stop, process)
-    try:
-        # It loads the model before it listens.
-        wait_for_port(port, process, timeout=READY_TIMEOUT)
-    except (RuntimeError, TimeoutError) as exc:
-        tail = log_path.read_text("utf-8", "replace")[-600:]
-        raise RuntimeError(f"{exc}; its log ends: {tail}") from None
-    return Runner(
-        lambda max_tokens: http_stream(port, max_tokens, SERVER_REQUEST_EXTRA),
-        {"server": process.pid},
-    )
-
-
 # -- the client -----------------------------------------------------------------------------
 
 
@@ -476,20 +633,24 @@ def http_stream(
     extra: dict[str, Any] | None = None,
     barrier: threading.Barrier | None = None,
     key: str = "",
+    route: str = COMPLETIONS,
 ) -> Stream:
-    """POST /v1/completions with stream: true; each SSE chunk timestamped on arrival.
+    """POST a streamed request to `route` (/v1/completions, /v1/chat/completions or
+    /api/v1/chat/send); each SSE chunk that carries text is timestamped on arrival.
 
     http.client rather than httpx: it costs less CPU per chunk, and on 2 cores the client
     competes with the server it measures. The connection is open before the clock starts.
     """
-    body = {
-        "model": MODEL,
-        "prompt": PROMPT,
-        "max_tokens": max_tokens,
-        "stream": True,
-        **SAMPLING,
-        **(extra or {}),
-    }
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": max_tokens, "stream": True, **SAMPLING}
+    if route == COMPLETIONS:
+        body["prompt"] = PROMPT
+    elif route == CHAT:
+        body["messages"] = [{"role": "user", "content": CHAT_MESSAGE}]
+    else:
+        body["message"] = CHAT_MESSAGE
+    if route != CHAT_SEND:
+        body["stream_options"] = {"include_usage": True}
+    body.update(extra or {})
     payload = json.dumps(body).encode()
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     if key:
@@ -500,7 +661,7 @@ def http_stream(
         if barrier is not None:
             barrier.wait(REQUEST_TIMEOUT)
         sent = time.perf_counter()
-        connection.request("POST", "/v1/completions", body=payload, headers=headers)
+        connection.request("POST", route, body=payload, headers=headers)
         response = connection.getresponse()
         stream = Stream(response.status, sent_at=sent)
         if response.status != 200:
@@ -537,22 +698,39 @@ def _read_events(response: http.client.HTTPResponse, stream: Stream, max_lines: 
         if event == "error" or "error" in chunk:
             stream.error = json.dumps(chunk)[:500]
             break
-        text = chunk["choices"][0].get("text") or ""
+        if chunk.get("usage"):
+            stream.usage_tokens = chunk["usage"]["completion_tokens"]
+        if event == "done":  # /api/v1/chat/send's last event
+            stream.done = True
+            break
+        text = _text_of(chunk)
         if text:
             stream.token_times.append(now - stream.sent_at)
             parts.append(text)
     stream.text = "".join(parts)
 
 
-# -- the direct baseline ----------------------------------------------------------------------
+def _text_of(chunk: dict[str, Any]) -> str:
+    """The text of one chunk of any of the three routes' streams."""
+    if "text" in chunk and "choices" not in chunk:
+        return str(chunk["text"])  # /api/v1/chat/send's token event
+    choices = chunk.get("choices") or [{}]
+    choice = choices[0]
+    if "delta" in choice:
+        return str(choice["delta"].get("content") or "")
+    return str(choice.get("text") or "")
+
+
+# -- the in-process baseline ----------------------------------------------------------------
 
 
 class DirectBaseline:
     """A child process holding one Llama(); one JSON line in, one JSON line out per request."""
 
-    def __init__(self, model: Path, log_path: Path) -> None:
+    def __init__(self, model: Path, log_path: Path, *, chat: bool = False) -> None:
         self.model = model
         self.log_path = log_path
+        self.chat = chat  # a chat turn through the model's template, else the plain prompt
         self.process: subprocess.Popen[bytes] | None = None
         self._buffer = bytearray()
 
@@ -584,14 +762,21 @@ class DirectBaseline:
         assert self.process is not None
         return Runner(self.generate, {"direct": self.process.pid})
 
-    def generate(self, max_tokens: int) -> Stream:
+    def generate(self, max_tokens: int, **_: Any) -> Stream:
         assert self.process is not None and self.process.stdin is not None
-        request = {"prompt": PROMPT, "max_tokens": max_tokens, **SAMPLING}
+        request: dict[str, Any] = {"max_tokens": max_tokens, **SAMPLING}
+        if self.chat:
+            request["messages"] = [{"role": "user", "content": CHAT_MESSAGE}]
+        else:
+            request["prompt"] = PROMPT
         self.process.stdin.write(json.dumps(request).encode() + b"\n")
         self.process.stdin.flush()
         reply = json.loads(self._read_line(REQUEST_TIMEOUT))
         times = reply["token_times"]
-        return Stream(200, times, reply["text"], done=True, elapsed=times[-1] if times else 0.0)
+        elapsed = times[-1] if times else 0.0
+        return Stream(
+            200, times, reply["text"], True, elapsed=elapsed, usage_tokens=reply["tokens"]
+        )
 
     def _read_line(self, timeout: float) -> bytes:
         """One line of the child's stdout, or an error once it exits or `timeout` passes."""
@@ -635,251 +820,46 @@ def direct_main(argv: list[str]) -> int:
     for line in sys.stdin:
         request = json.loads(line)
         sent = time.perf_counter()
-        # As the worker does: tokenize per request, BOS added, no special tokens parsed.
-        tokens = llm.tokenize(request["prompt"].encode("utf-8"), add_bos=True, special=False)
-        stream = llm.create_completion(
-            prompt=tokens,
-            max_tokens=min(request["max_tokens"], llm.n_ctx() - len(tokens)),
-            temperature=request["temperature"],
-            top_p=request["top_p"],
-            stop=None,
-            seed=request["seed"],
-            stream=True,
-        )
+        if "messages" in request:
+            # The model's chat template, as llama-cpp-python applies it in create_chat_completion.
+            stream = llm.create_chat_completion(
+                messages=request["messages"],
+                max_tokens=request["max_tokens"],
+                temperature=request["temperature"],
+                top_p=request["top_p"],
+                seed=request["seed"],
+                stream=True,
+            )
+        else:
+            # As the worker does: tokenize per request, BOS added, no special tokens parsed.
+            tokens = llm.tokenize(request["prompt"].encode("utf-8"), add_bos=True, special=False)
+            stream = llm.create_completion(
+                prompt=tokens,
+                max_tokens=min(request["max_tokens"], llm.n_ctx() - len(tokens)),
+                temperature=request["temperature"],
+                top_p=request["top_p"],
+                stop=None,
+                seed=request["seed"],
+                stream=True,
+            )
         times: list[float] = []
         parts: list[str] = []
+        chunks = 0
         try:
             for chunk in stream:
-                text = chunk["choices"][0].get("text") or ""
+                choice = chunk["choices"][0]
+                delta = choice.get("delta")
+                text = (delta.get("content") if delta is not None else choice.get("text")) or ""
                 if text:
                     times.append(time.perf_counter() - sent)
                     parts.append(text)
+                    chunks += 1
         finally:
             stream.close()
-        print(json.dumps({"token_times": times, "text": "".join(parts)}), flush=True)
+        # Both stream one chunk per token generated (the end token, if any, not shown).
+        reply = {"token_times": times, "text": "".join(parts), "tokens": chunks}
+        print(json.dumps(reply), flush=True)
     return 0
-
-
-# -- llama-cpp-python's server extras -----------------------------------------------------------
-
-
-def ensure_server_extras() -> str | None:
-    """None when llama_cpp.server imports (its extras installed first if missing), else why.
-
-    pip resolves the extras in a dry run; only distributions not yet installed are then
-    installed, pinned and with --no-deps, so nothing the daemon runs on is replaced.
-    """
-    error = _server_import_error()
-    if error is None:
-        return None
-    note(f"llama_cpp.server does not import ({error}); installing its extras")
-    with tempfile.TemporaryDirectory(prefix="ab") as temp:
-        report_path = Path(temp) / "report.json"
-        dry = _pip("install", "--dry-run", "--quiet", "--report", str(report_path), *SERVER_EXTRAS)
-        if dry is not None:
-            return f"pip could not resolve {', '.join(SERVER_EXTRAS)}: {dry}"
-        plan = json.loads(report_path.read_text())["install"]
-    installed = _installed_distributions()
-    new: list[str] = []
-    kept: list[str] = []
-    for item in plan:
-        name, version = item["metadata"]["name"], item["metadata"]["version"]
-        (kept if _canonical(name) in installed else new).append(f"{name}=={version}")
-    if kept:
-        # pip would replace these; they stay as they are (llama-cpp-python among them, if so).
-        note(f"left as installed, though pip would change them: {', '.join(kept)}")
-    if new:
-        note(f"pip install --no-deps {' '.join(new)}")
-        failed = _pip("install", "--no-deps", "--quiet", *new)
-        if failed is not None:
-            return f"pip install --no-deps {' '.join(new)} failed: {failed}"
-    error = _server_import_error()
-    if error is not None:
-        return f"llama_cpp.server still does not import after installing its extras: {error}"
-    return None
-
-
-def _server_import_error() -> str | None:
-    checked = subprocess.run(
-        [PYTHON, "-c", SERVER_IMPORTS],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if checked.returncode == 0:
-        return None
-    lines = checked.stderr.strip().splitlines()
-    return lines[-1] if lines else f"exit code {checked.returncode}"
-
-
-def _pip(*args: str) -> str | None:
-    """Run pip in the venv; None on success, else the end of what it said."""
-    try:
-        done = subprocess.run(
-            [PYTHON, "-m", "pip", *args],
-            capture_output=True,
-            text=True,
-            timeout=PIP_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return f"no answer within {PIP_TIMEOUT:.0f} s"
-    if done.returncode == 0:
-        return None
-    return (done.stderr.strip() or done.stdout.strip())[-500:] or f"exit code {done.returncode}"
-
-
-def _installed_distributions() -> set[str]:
-    code = "import importlib.metadata as m, json; "
-    code += "print(json.dumps([d.metadata['Name'] for d in m.distributions()]))"
-    listed = subprocess.run(
-        [PYTHON, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return {_canonical(name) for name in json.loads(listed.stdout) if name}
-
-
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-# -- concurrency ------------------------------------------------------------------------------
-
-
-def concurrent(rounds: int, single_stream_tps: float, quiet: Quiet) -> Iterator[dict[str, Any]]:
-    """CLIENTS streams at once against one daemon; TTFT pooled over every round."""
-    streams: list[Stream] = []
-    walls: list[float] = []
-    other: list[float] = []  # CPU ms the rest of the machine took during each round
-    noisy = retried = 0
-    with short_tempdir() as state:
-        install_gemma(state / "models", MODEL)
-        with Daemon(state, DAEMON_LOG_LEVEL, env=DAEMON_ENV) as daemon:
-            daemon.start()
-            daemon.wait_ready(READY_TIMEOUT)
-            # Two in a row: the second starts from the cached prompt prefix, as later ones do.
-            for _ in range(2):
-                reference = http_stream(daemon.port, CONCURRENT_MAX_TOKENS, key=daemon.api_key())
-                if not reference.ok:
-                    raise RuntimeError(f"warm-up request failed: {reference.describe()}")
-            assert daemon.process is not None
-            roots = [daemon.process.pid]
-            for round_ in range(rounds):
-                for attempt in range(1 + NOISY_RETRIES):
-                    quiet.wait(roots)
-                    ours, machine = _tree_seconds(roots), _machine_seconds()
-                    batch = _concurrent_round(daemon.port, daemon.api_key())
-                    machine, ours = _machine_seconds() - machine, _tree_seconds(roots) - ours
-                    ends = [s.sent_at + s.elapsed for s in batch if s.sent_at]
-                    starts = [s.sent_at for s in batch if s.sent_at]
-                    wall = max(ends) - min(starts) if starts else 0.0
-                    other_ms = max(0.0, machine - ours) * 1000
-                    note(
-                        f"concurrent round {round_ + 1}/{rounds}: {sum(s.ok for s in batch)}/"
-                        f"{CLIENTS} ok in {wall:.2f} s, other CPU on the machine {other_ms:.0f} ms"
-                    )
-                    if not _noisy(other_ms, wall) or attempt == NOISY_RETRIES:
-                        break
-                    retried += 1
-                streams += batch
-                walls.append(wall)
-                other.append(round(other_ms))
-                noisy += _noisy(other_ms, wall)
-            daemon_llm = _get_json(daemon.port, "/api/v1/health/metrics", daemon.api_key()).get(
-                "llm", {}
-            )
-    ok = [s for s in streams if s.ok]
-    rejected = [s for s in streams if s.status == 429]
-    # With fewer waiting clients than APPLIANCE_MAX_QUEUE no 429 is by design.
-    designed_429 = CLIENTS - 1 > MAX_QUEUE
-    errors = [s for s in streams if not s.ok and not (designed_429 and s.status == 429)]
-    for stream in errors[:5]:
-        note(f"concurrent error: {stream.describe()}")
-    tokens = sum(s.tokens for s in ok)
-    aggregate = tokens / sum(walls) if sum(walls) > 0 else 0.0
-    ttft = sorted(s.ttft_ms for s in ok)
-    common = {
-        "clients": CLIENTS,
-        "rounds": rounds,
-        "max_tokens": CONCURRENT_MAX_TOKENS,
-        "max_queue": MAX_QUEUE,
-    }
-    yield result(
-        NAME,
-        "concurrent_aggregate_tps",
-        round(aggregate, 2),
-        "tok/s",
-        completion_tokens=tokens,
-        wall_s=[round(w, 3) for w in walls],
-        # Up to APPLIANCE_PARALLEL generations decode together: each stream is slower than
-        # alone while the aggregate grows (bench_batching measures that against direct).
-        per_stream_decode_tps_median=round(statistics.median(s.decode_tps for s in ok), 2)
-        if ok
-        else None,
-        per_stream_decode_tps_min=round(min(s.decode_tps for s in ok), 2) if ok else None,
-        max_token_gap_ms=round(max(_max_gap_ms(s) for s in ok), 1) if ok else None,
-        other_cpu_ms=other,
-        noisy_rounds_kept=noisy,
-        noisy_rounds_retried=retried,
-        waited_for_quiet_s=round(quiet.waited, 1),
-        single_stream_decode_tps=single_stream_tps,
-        **common,
-    )
-    if len(ttft) >= 2:
-        # Linear interpolation between the pooled samples (statistics.quantiles, inclusive).
-        cuts = statistics.quantiles(ttft, n=100, method="inclusive")
-        for label, value in (("p50", cuts[49]), ("p99", cuts[98])):
-            yield result(
-                NAME,
-                f"concurrent_ttft_{label}",
-                round(value, 1),
-                "ms",
-                samples=len(ttft),
-                samples_ms=[round(x) for x in ttft],
-                **common,
-            )
-    yield result(
-        NAME,
-        "concurrent_errors",
-        len(errors),
-        "count",
-        rejected_429=len(rejected),
-        statuses=sorted({s.status for s in streams}),
-        different_text=sum(s.text != reference.text for s in ok),
-        daemon_llm_metrics={
-            k: daemon_llm.get(k)
-            for k in ("completed", "failed", "rejected", "time_to_first_token_seconds")
-        },
-        goal="0",
-        meets_goal=not errors,
-        **common,
-    )
-
-
-def _concurrent_round(port: int, key: str) -> list[Stream]:
-    return concurrent_streams(port, key, CLIENTS)
-
-
-def concurrent_streams(port: int, key: str, count: int) -> list[Stream]:
-    """`count` streams of CONCURRENT_MAX_TOKENS started together (one thread each); a
-    client that did not finish in time is a failed Stream."""
-    barrier = threading.Barrier(count)
-    results: list[Stream | None] = [None] * count
-
-    def client(index: int) -> None:
-        results[index] = http_stream(port, CONCURRENT_MAX_TOKENS, barrier=barrier, key=key)
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + REQUEST_TIMEOUT * 2
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    return [s if s is not None else Stream(0, error="client did not finish") for s in results]
 
 
 def _get_json(port: int, path: str, key: str) -> dict[str, Any]:

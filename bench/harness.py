@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import importlib.util
 import json
 import os
@@ -223,6 +224,19 @@ class Daemon:
             self._api_key = made.stdout.strip()
         return self._api_key
 
+    def user_key(self, name: str, *extra: str) -> str:
+        """A new user API key (with `extra` options of `appliance keys create`)."""
+        env = daemon_environment(self.state_dir, self.port, **self.extra_env)
+        made = subprocess.run(
+            [APPLIANCE, "keys", "create", "--name", name, "--scope", "user", *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return made.stdout.strip()
+
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key()}"}
 
@@ -252,3 +266,53 @@ def _real_model() -> Any:
 
 def spawn_python(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
     return subprocess.Popen([PYTHON, *argv], **kwargs)
+
+
+LLAMA_SERVER: Final = REPO / "build" / "llama-server" / "bin" / "llama-server"
+
+
+def llama_server_binary() -> Path | None:
+    """llama.cpp's own server (`make llama-server`, or LLAMA_SERVER=path), if built."""
+    binary = Path(os.environ.get("LLAMA_SERVER", LLAMA_SERVER))
+    if not binary.is_file():
+        note(f"llama.cpp's server not measured: {binary} is missing (make llama-server)")
+        return None
+    return binary
+
+
+@contextlib.contextmanager
+def llama_server(
+    binary: Path, model: Path, log_path: Path, *args: str, timeout: float = 120.0
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """llama.cpp's server on a free loopback port, healthy (its model loaded): the port
+    and the process."""
+    port = free_port()
+    argv = [str(binary), "-m", str(model), "--host", LOOPBACK, "--port", str(port), *args]
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(port, server, timeout, log_path)
+        yield port, server
+    finally:
+        stop(server)
+
+
+def _wait_healthy(
+    port: int, server: subprocess.Popen[bytes], timeout: float, log_path: Path
+) -> None:
+    """llama-server listens at once and answers /health 503 until its model is loaded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            tail = log_path.read_text("utf-8", "replace")[-600:]
+            raise RuntimeError(f"llama-server exited with {server.returncode}: {tail}")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            connection = http.client.HTTPConnection(LOOPBACK, port, timeout=1)
+            try:
+                connection.request("GET", "/health")
+                if connection.getresponse().status == 200:
+                    return
+            finally:
+                connection.close()
+        time.sleep(0.1)
+    raise TimeoutError(f"llama-server not healthy after {timeout} s")
