@@ -84,7 +84,11 @@ DOCS: Final[dict[str, SettingDoc]] = {
     "APPLIANCE_CONTEXT_SIZE": SettingDoc(
         "tokens, 128 or more", "context window (capped at the model's own)"
     ),
-    "APPLIANCE_THREADS": SettingDoc("whole number; 0 = usable cores", "llama.cpp threads"),
+    "APPLIANCE_THREADS": SettingDoc(
+        "whole number; 0 = usable cores",
+        "llama.cpp threads of each model's worker, each bound to a core of its own "
+        "(OMP_PROC_BIND or OMP_PLACES in the environment: yours apply)",
+    ),
     "APPLIANCE_GPU_LAYERS": SettingDoc(
         "whole number; -1 = all", "layers offloaded to a GPU backend, if built with one"
     ),

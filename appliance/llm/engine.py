@@ -33,7 +33,7 @@ from appliance.llm.errors import DeadlineExceeded, InferenceError, ModelFailed, 
 from appliance.llm.gguf_header import GGUFHeaderError, check_gguf_header
 from appliance.llm.memory import N_BATCH, default_budget, estimate, mb
 from appliance.llm.model_defaults import FALLBACK, ModelDefaults, pick, with_system
-from appliance.llm.model_worker import GenerationStats, LoadPlan, ModelWorker
+from appliance.llm.model_worker import GenerationStats, LoadPlan, ModelWorker, worker_threads
 from appliance.llm.protocol import (
     ChatMessage,
     Done,
@@ -45,11 +45,14 @@ from appliance.llm.protocol import (
     Token,
 )
 from appliance.llm.registry import ModelRegistry, RegistryError
+from appliance.llm.thread_binding import allowed_cores, choose_cores
 from appliance.supervisor import Service, ServiceState
 
 LOGGER = logging.getLogger("appliance.llm")
 
 RETRY_AFTER_SECONDS: Final = 2
+# How old a model's defaults (its manifest record) may be when a request uses them.
+DEFAULTS_MAX_AGE: Final = 1.0
 
 
 class ModelTooLarge(ModelFailed):
@@ -214,6 +217,11 @@ class InferenceService(Service):
                     continue
                 plan = await self._plan(model)
                 await self._make_room(plan, deadline)
+                cores = choose_cores(
+                    worker_threads(self.settings),
+                    allowed_cores(),
+                    (other.cores for other in self.workers.values()),
+                )
                 worker = ModelWorker(
                     self.settings,
                     self.registry,
@@ -221,6 +229,7 @@ class InferenceService(Service):
                     self.stats,
                     keep_alive=self.keep_alive,
                     changed=self._notify,
+                    cores=cores,
                 )
                 self.workers[model] = worker
                 worker.users += 1
@@ -321,12 +330,18 @@ class InferenceService(Service):
                 await self._change.wait()
 
     async def _defaults_of(self, model: str) -> ModelDefaults:
-        """The model's defaults from the manifest, read again at most once a second."""
+        """The model's defaults from the manifest, read again at most once a second (a
+        request checked its model a moment ago: that scan's record saves a thread hop)."""
         now = time.monotonic()
         cached = self._defaults.get(model)
-        if cached is not None and now - cached[0] < 1.0:
+        if cached is not None and now - cached[0] < DEFAULTS_MAX_AGE:
             return cached[1]
-        defaults = await trio.to_thread.run_sync(self.registry.defaults_of, model)
+        recent = self.registry.recent_defaults(model, DEFAULTS_MAX_AGE)
+        defaults = (
+            recent
+            if recent is not None
+            else await trio.to_thread.run_sync(self.registry.defaults_of, model)
+        )
         self._defaults[model] = (now, defaults)
         return defaults
 

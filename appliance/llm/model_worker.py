@@ -58,6 +58,7 @@ from appliance.llm.protocol import (
 )
 from appliance.llm.registry import ModelRegistry, RegistryError
 from appliance.llm.slots import FairSlots, share_per_key
+from appliance.llm.thread_binding import allowed_cores, binding_environment
 from appliance.llm.worker_link import Pending, WorkerLink
 
 LOGGER = logging.getLogger("appliance.llm")
@@ -94,7 +95,11 @@ def worker_command() -> list[str]:
 
 
 def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) or 1
+    return len(allowed_cores()) or 1
+
+
+def worker_threads(settings: Settings) -> int:
+    return settings.threads or usable_cores()
 
 
 @dataclass
@@ -145,8 +150,11 @@ class ModelWorker:
         *,
         keep_alive: float,
         changed: Callable[[], None],
+        cores: tuple[int, ...] = (),
     ) -> None:
         self.settings = settings
+        # The cores its llama.cpp threads are bound to (appliance.llm.thread_binding).
+        self.cores = cores
         self.registry = registry
         self.plan = plan
         self.name = plan.model
@@ -186,6 +194,11 @@ class ModelWorker:
         self._log = logging.getLogger(f"appliance.worker.{self.name}")
 
     # -- what the pool reads -----------------------------------------------------------
+
+    @property
+    def threads(self) -> int:
+        """llama.cpp's threads in its process (APPLIANCE_THREADS, else every usable core)."""
+        return worker_threads(self.settings)
 
     @property
     def ready(self) -> bool:
@@ -285,7 +298,10 @@ class ModelWorker:
             process = await spawn(
                 [*worker_command(), "--fd", str(child.fileno())],
                 pass_fds=[child.fileno()],
-                env={"APPLIANCE_LOG_LEVEL": self.settings.log_level},
+                env={
+                    "APPLIANCE_LOG_LEVEL": self.settings.log_level,
+                    **binding_environment(self.cores, os.environ),
+                },
             )
         finally:
             child.close()
@@ -360,7 +376,7 @@ class ModelWorker:
                     model=self.name,
                     path=str(plan.path),
                     n_ctx=plan.n_ctx,
-                    n_threads=self.settings.threads or usable_cores(),
+                    n_threads=self.threads,
                     n_gpu_layers=self.settings.gpu_layers,
                     parallel=self.settings.parallel,
                 )

@@ -18,6 +18,7 @@ import builtins
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -190,6 +191,8 @@ class ModelRegistry:
     def __init__(self, models_dir: Path) -> None:
         self.models_dir = Path(models_dir)
         self._warned: set[str] = set()
+        # What the latest scan found, and when (time.monotonic): `recent_defaults`.
+        self._scanned: tuple[float, dict[str, ModelRecord]] = (-math.inf, {})
 
     # -- queries -------------------------------------------------------------------------
 
@@ -201,7 +204,19 @@ class ModelRegistry:
         before = self._read()
         known = {} if before is None else before
         fresh = {name: self._refresh(name, known.get(name)) for name in found}
-        return self._commit(before, fresh, strict=False)
+        records = self._commit(before, fresh, strict=False)
+        self._scanned = (time.monotonic(), {record.name: record for record in records})
+        return records
+
+    def recent_defaults(self, name: str, max_age: float) -> ModelDefaults | None:
+        """The model's defaults as a scan at most `max_age` seconds ago found them, None if
+        none did. Reads no file: the event loop may call it (a request's model was just
+        checked with `usable`, which scans)."""
+        scanned_at, records = self._scanned
+        record = records.get(name)
+        if record is None or time.monotonic() - scanned_at > max_age:
+            return None
+        return record.defaults
 
     def list(self) -> builtins.list[ModelRecord]:
         return sorted(self.scan(), key=lambda record: record.name)
