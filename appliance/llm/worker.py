@@ -102,8 +102,9 @@ class Connection:
         self._send_lock = threading.Lock()
         self._frames = FrameBuffer()
 
-    def send(self, message: FromWorker) -> None:
-        data = encode_frame(message)
+    def send(self, *messages: FromWorker) -> None:
+        """Frames in one write: the events of a decode step wake the supervisor once."""
+        data = b"".join(encode_frame(message) for message in messages)
         with self._send_lock:
             self._sock.sendall(data)
 
@@ -217,26 +218,26 @@ class Worker:
                     Error(request_id, "generation_failed", f"llama.cpp failed: {exc}")
                 )
             return
-        for event in events:
-            self._send_event(event)
+        if events:
+            self.connection.send(*map(self._frame_of, events))
 
     def _send_event(self, event: Event) -> None:
+        self.connection.send(self._frame_of(event))
+
+    def _frame_of(self, event: Event) -> FromWorker:
         if isinstance(event, TokenText):
-            self.connection.send(Token(event.request_id, event.text, list(event.logprobs)))
-        elif isinstance(event, Finished):
-            self.connection.send(
-                Done(
-                    event.request_id,
-                    event.finish_reason,
-                    event.prompt_tokens,
-                    event.completion_tokens,
-                    event.cached_tokens,
-                    left_out=self._left_out.pop(event.request_id, 0),
-                )
+            return Token(event.request_id, event.text, list(event.logprobs))
+        if isinstance(event, Finished):
+            return Done(
+                event.request_id,
+                event.finish_reason,
+                event.prompt_tokens,
+                event.completion_tokens,
+                event.cached_tokens,
+                left_out=self._left_out.pop(event.request_id, 0),
             )
-        else:
-            self._left_out.pop(event.request_id, None)
-            self.connection.send(Error(event.request_id, event.code, event.message))
+        self._left_out.pop(event.request_id, None)
+        return Error(event.request_id, event.code, event.message)
 
     def load(self, request: Load) -> Loaded | Error:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
