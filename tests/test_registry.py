@@ -441,3 +441,24 @@ def test_error_messages_never_show_absolute_paths(
     assert all(messages)
     for message in messages:
         assert str(tmp_path) not in message and "\n" not in message
+
+
+def test_recent_defaults_are_those_of_the_latest_scan_and_only_while_fresh(
+    tiny: Path, models: Path
+) -> None:
+    install(tiny, models, "tiny")
+    registry = ModelRegistry(models)
+    assert registry.recent_defaults("tiny", max_age=60) is None  # nothing scanned yet
+    registry.set_defaults("tiny", {"temperature": 0.3})
+    registry.usable("tiny")
+    recent = registry.recent_defaults("tiny", max_age=60)
+    assert recent is not None and recent.temperature == 0.3
+    assert registry.recent_defaults("other", max_age=60) is None
+    # A change through another registry (another process) shows after the next scan.
+    ModelRegistry(models).set_defaults("tiny", {"temperature": 0.9})
+    recent = registry.recent_defaults("tiny", max_age=60)
+    assert recent is not None and recent.temperature == 0.3
+    registry.usable("tiny")
+    recent = registry.recent_defaults("tiny", max_age=60)
+    assert recent is not None and recent.temperature == 0.9
+    assert registry.recent_defaults("tiny", max_age=0) is None  # too old
