@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,8 +199,10 @@ async def start_daemon(
     *,
     notify: bool = True,
     with_model: bool = True,
+    wrapper: Sequence[str] = (),
 ) -> Daemon:
-    """Start `appliance serve`; with `notify`, wait for READY=1 and read the URL from STATUS."""
+    """Start `appliance serve` (through `wrapper`, a command that execs its arguments, if
+    given); with `notify`, wait for READY=1 and read the URL from STATUS."""
     if with_model and not (state_dir / "models").exists():
         install_tiny_model(state_dir / "models")
     env = daemon_environment(state_dir, extra_env or {})
@@ -212,7 +214,7 @@ async def start_daemon(
     log_path = daemon_log(state_dir)
     with log_path.open("ab") as log:
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "appliance", "serve"],
+            [*wrapper, sys.executable, "-m", "appliance", "serve"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -237,9 +239,12 @@ async def running_daemon(
     notify: bool = True,
     state_dir: Path | None = None,
     with_model: bool = True,
+    wrapper: Sequence[str] = (),
 ) -> AsyncIterator[Daemon]:
     state_dir = state_dir or short_tempdir()
-    daemon = await start_daemon(state_dir, extra_env, notify=notify, with_model=with_model)
+    daemon = await start_daemon(
+        state_dir, extra_env, notify=notify, with_model=with_model, wrapper=wrapper
+    )
     try:
         yield daemon
     finally:

@@ -5,12 +5,16 @@ is left alone."""
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 import trio
 
 from appliance.llm.thread_binding import binding_environment, choose_cores
 from tests.harness import running_daemon
+from tests.no_affinity import libseccomp
 
 THREADS = min(2, len(os.sched_getaffinity(0)))
 
@@ -50,20 +54,23 @@ def _thread_cores(pid: int) -> list[set[int]]:
     return found
 
 
-async def _worker_threads(env: dict[str, str]) -> list[set[int]]:
-    async with running_daemon(env) as daemon, daemon.client() as client:
+async def _worker_threads(
+    env: dict[str, str], wrapper: Sequence[str] = ()
+) -> tuple[list[set[int]], str]:
+    """The cores each thread of the worker may run on, after a generation; the daemon's log."""
+    async with running_daemon(env, wrapper=wrapper) as daemon, daemon.client() as client:
         # The OpenMP threads start with the first decode.
         answer = await client.post(
             "/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 2}
         )
         assert answer.status_code == 200, answer.text
         pid = await daemon.service_pid("worker:tiny")
-        return _thread_cores(pid)
+        return _thread_cores(pid), daemon.log_path.read_text()
 
 
 async def test_a_workers_llama_threads_run_on_cores_of_their_own() -> None:
     with trio.fail_after(90):
-        threads = await _worker_threads({"APPLIANCE_THREADS": str(THREADS)})
+        threads, _ = await _worker_threads({"APPLIANCE_THREADS": str(THREADS)})
     # The main thread (and the frame reader it started) on the first core, each other
     # llama.cpp thread on the next: every thread bound to one core, `THREADS` cores in all.
     assert all(len(cores) == 1 for cores in threads), threads
@@ -74,5 +81,17 @@ async def test_an_operators_openmp_binding_is_left_alone() -> None:
     usable = set(os.sched_getaffinity(0))
     env = {"APPLIANCE_THREADS": str(THREADS), "OMP_PROC_BIND": "false"}
     with trio.fail_after(90):
-        threads = await _worker_threads(env)
+        threads, _ = await _worker_threads(env)
     assert all(cores == usable for cores in threads), threads
+
+
+@pytest.mark.skipif(libseccomp() is None, reason="libseccomp is not installed")
+async def test_where_binding_is_refused_the_threads_run_unbound_and_the_log_says_so() -> None:
+    # A system call filter that refuses sched_setaffinity(): told to bind, libgomp could
+    # not start its threads and the worker would end at its first decode.
+    usable = set(os.sched_getaffinity(0))
+    wrapper = [sys.executable, str(Path(__file__).parent / "no_affinity.py")]
+    with trio.fail_after(90):
+        threads, log = await _worker_threads({"APPLIANCE_THREADS": str(THREADS)}, wrapper)
+    assert all(cores == usable for cores in threads), threads
+    assert "not bound to cores: sched_setaffinity() is refused" in log

@@ -45,7 +45,7 @@ from appliance.llm.protocol import (
     Token,
 )
 from appliance.llm.registry import ModelRegistry, RegistryError
-from appliance.llm.thread_binding import allowed_cores, choose_cores
+from appliance.llm.thread_binding import allowed_cores, binding_allowed, choose_cores
 from appliance.supervisor import Service, ServiceState
 
 LOGGER = logging.getLogger("appliance.llm")
@@ -88,6 +88,8 @@ class InferenceService(Service):
         self._decide = trio.Lock()
         self._change = trio.Event()
         self._defaults: dict[str, tuple[float, ModelDefaults]] = {}
+        # Whether workers' threads can be bound to cores (appliance.llm.thread_binding).
+        self._binding: bool | None = None
         # The context workers start in: the daemon's, not that of the request that asked
         # for the model (its id would be on every line the worker logs from then on).
         self._context = contextvars.copy_context()
@@ -219,7 +221,7 @@ class InferenceService(Service):
                 await self._make_room(plan, deadline)
                 cores = choose_cores(
                     worker_threads(self.settings),
-                    allowed_cores(),
+                    allowed_cores() if self._may_bind() else [],
                     (other.cores for other in self.workers.values()),
                 )
                 worker = ModelWorker(
@@ -236,6 +238,16 @@ class InferenceService(Service):
                 self.loads += 1
                 self._context.copy().run(self._nursery.start_soon, self._keep, worker)
                 return worker
+
+    def _may_bind(self) -> bool:
+        if self._binding is None:
+            self._binding = binding_allowed()
+            if not self._binding:
+                LOGGER.warning(
+                    "llama.cpp threads are not bound to cores: sched_setaffinity() is refused "
+                    "here (a system call filter); a request's first decode may be slower"
+                )
+        return self._binding
 
     def _release(self, worker: ModelWorker, keep_alive: float | None) -> None:
         worker.users -= 1

@@ -12,7 +12,8 @@ main thread takes the first, and threads it starts later (the frame reader) shar
 Several resident models each get the cores the fewest other workers use. An operator who
 sets OMP_PROC_BIND, OMP_PLACES or GOMP_CPU_AFFINITY keeps theirs; and with more threads
 than usable cores (APPLIANCE_THREADS above them) nothing is bound: the threads would share
-cores for good.
+cores for good. Nor where sched_setaffinity() is refused (a sandbox's system call filter):
+libgomp told to bind would then fail to start its threads and end the worker.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ from typing import Final
 
 # Variables through which an operator binds OpenMP threads themselves.
 OPERATOR_BINDING: Final = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
+
+
+def binding_allowed() -> bool:
+    """Whether this process may bind threads to cores (setting its own mask again is the
+    test); its workers run under the same sandbox."""
+    try:
+        os.sched_setaffinity(0, os.sched_getaffinity(0))
+    except OSError:
+        return False
+    return True
 
 
 def allowed_cores() -> list[int]:

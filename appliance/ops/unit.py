@@ -122,8 +122,13 @@ KeyringMode=private
 SystemCallArchitectures=native
 SystemCallFilter=@system-service
 SystemCallFilter=~@privileged @resources
+# Flagged "SystemCallFilter=~@resources" (sched_setaffinity allowed): a worker binds each
+# of its llama.cpp threads to a core of its own, or a request's first decode may run at
+# one thread's speed; it can pin only this service's own threads. The other calls of
+# @resources (priorities, rlimits, memory policy) stay refused.
+SystemCallFilter=sched_setaffinity
 # A filtered call fails with EPERM instead of killing the process: a library that
-# tries setpriority() or sched_setaffinity() carries on at normal priority.
+# tries setpriority() carries on at normal priority.
 SystemCallErrorNumber=EPERM
 # Flagged "AF_UNIX" and "AF_(INET|INET6)": the API listens on TCP; Redis, the worker,
 # the journal and sd_notify use unix sockets. No other address family is allowed.
