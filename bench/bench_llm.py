@@ -440,8 +440,8 @@ def _single_stream_results(
             **common,
         )
         if route.server not in summary:
-            yield {"bench": NAME, "metric": "stream_vs_llama_server", "route": route.path,
-                   "skipped": skipped}  # fmt: skip
+            skip = {"metric": "stream_vs_llama_server", "route": route.path, "skipped": skipped}
+            yield {"bench": NAME, **skip}
             continue
         server = summary[route.server]
         ratio = ours["tps"] / server["tps"]
