@@ -34,10 +34,14 @@ def test_each_new_worker_takes_the_cores_the_fewest_workers_use() -> None:
 
 
 def test_the_binding_names_one_place_a_core_unless_the_operator_binds_threads() -> None:
-    assert binding_environment((2, 3), {}) == {"OMP_PROC_BIND": "close", "OMP_PLACES": "{2},{3}"}
-    assert binding_environment((), {}) == {}
+    usable = range(4)
+    bound = binding_environment((2, 3), {}, usable)
+    assert bound == {"OMP_PROC_BIND": "close", "OMP_PLACES": "{2},{3}"}
+    assert binding_environment((), {}, usable) == {}
     for name in ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY"):
-        assert binding_environment((0, 1), {name: "x"}) == {}
+        assert binding_environment((0, 1), {name: "x"}, usable) == {}
+    # A worker started again after the CPU set shrank: not bound to a core it may not use.
+    assert binding_environment((2, 3), {}, [0, 1, 2]) == {}
 
 
 def _thread_cores(pid: int) -> list[set[int]]:

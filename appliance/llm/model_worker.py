@@ -300,7 +300,7 @@ class ModelWorker:
                 pass_fds=[child.fileno()],
                 env={
                     "APPLIANCE_LOG_LEVEL": self.settings.log_level,
-                    **binding_environment(self.cores, os.environ),
+                    **binding_environment(self.cores, os.environ, allowed_cores()),
                 },
             )
         finally:

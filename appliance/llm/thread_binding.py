@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Final
 
 # Variables through which an operator binds OpenMP threads themselves.
@@ -56,10 +56,16 @@ def choose_cores(
     return tuple(sorted(ranked[:threads], key=order.__getitem__))
 
 
-def binding_environment(cores: Sequence[int], environ: Mapping[str, str]) -> dict[str, str]:
+def binding_environment(
+    cores: Sequence[int], environ: Mapping[str, str], usable: Collection[int]
+) -> dict[str, str]:
     """The variables that bind a worker's OpenMP threads to `cores`, one thread a core; none
-    when there are no cores to bind to or the operator binds threads in `environ`."""
+    when there are no cores to bind to, the operator binds threads in `environ`, or one of
+    the cores is no longer `usable` (the process's CPU set shrank since they were chosen:
+    libgomp would fail to start a thread there and end the worker)."""
     if not cores or any(name in environ for name in OPERATOR_BINDING):
+        return {}
+    if not set(cores) <= set(usable):
         return {}
     places = ",".join(f"{{{core}}}" for core in cores)
     return {"OMP_PROC_BIND": "close", "OMP_PLACES": places}
