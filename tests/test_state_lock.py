@@ -3,6 +3,7 @@ never two redis-servers on one AOF (watched with psutil for the whole of each te
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -34,12 +35,34 @@ def redis_servers(state: Path) -> set[int]:
     for process in psutil.process_iter(["name"]):
         if "redis-server" not in (process.info["name"] or ""):
             continue
-        try:
-            if process.status() != psutil.STATUS_ZOMBIE and Path(process.cwd()) == data:
-                found.add(process.pid)
-        except psutil.Error:
-            continue
+        if _serves(process, data):
+            found.add(process.pid)
     return found
+
+
+def _serves(process: psutil.Process, data: Path) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE and Path(process.cwd()) == data
+    except psutil.Error:
+        return False
+
+
+def redis_servers_at_once(state: Path) -> set[int]:
+    """The state dir's redis-servers that all ran at one moment. A scan is not one moment:
+    it can meet a server that is stopping and, a few pids later, the one that replaced it.
+    Those found are looked at again: each was running when the scan met it and is still
+    running when looked at again, so all were running when the first was looked at again
+    (the rest were already running then)."""
+    found = redis_servers(state)
+    if len(found) < 2:
+        return found
+    data = (state / "redis").resolve()
+    again = set()
+    for pid in sorted(found):
+        with contextlib.suppress(psutil.Error):
+            if _serves(psutil.Process(pid), data):
+                again.add(pid)
+    return again
 
 
 class RedisWatch:
@@ -54,7 +77,7 @@ class RedisWatch:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
-            now = await trio.to_thread.run_sync(redis_servers, self.state)
+            now = await trio.to_thread.run_sync(redis_servers_at_once, self.state)
             self.most = max(self.most, len(now))
             self.seen |= now
             await trio.sleep(0.02)
