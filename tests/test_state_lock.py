@@ -29,15 +29,17 @@ from tests.harness import (
 
 def redis_servers(state: Path) -> set[int]:
     """redis-server processes on this state dir's data (a redis-server works in its data
-    dir; it rewrites its command line, so that cannot tell)."""
+    dir; it rewrites its command line, so that cannot tell). A server's own fork (the
+    child that writes a snapshot or rewrites the AOF, as when a store that has only
+    dump.rdb turns its AOF on) is part of that server, not another one."""
     data = (state / "redis").resolve()
-    found: set[int] = set()
-    for process in psutil.process_iter(["name"]):
+    parents: dict[int, int] = {}
+    for process in psutil.process_iter(["name", "ppid"]):
         if "redis-server" not in (process.info["name"] or ""):
             continue
         if _serves(process, data):
-            found.add(process.pid)
-    return found
+            parents[process.pid] = process.info["ppid"]
+    return {pid for pid, parent in parents.items() if parent not in parents}
 
 
 def _serves(process: psutil.Process, data: Path) -> bool:
