@@ -87,7 +87,6 @@ class InferenceService(Service):
         self._nursery: trio.Nursery | None = None
         self._decide = trio.Lock()
         self._change = trio.Event()
-        self._defaults: dict[str, tuple[float, ModelDefaults]] = {}
         # Whether workers' threads can be bound to cores (appliance.llm.thread_binding).
         self._binding: bool | None = None
         # The context workers start in: the daemon's, not that of the request that asked
@@ -342,20 +341,12 @@ class InferenceService(Service):
                 await self._change.wait()
 
     async def _defaults_of(self, model: str) -> ModelDefaults:
-        """The model's defaults from the manifest, read again at most once a second (a
-        request checked its model a moment ago: that scan's record saves a thread hop)."""
-        now = time.monotonic()
-        cached = self._defaults.get(model)
-        if cached is not None and now - cached[0] < DEFAULTS_MAX_AGE:
-            return cached[1]
+        """The model's defaults: as the registry's latest scan found them (a request checked
+        its model a moment ago), else read from the manifest in a thread."""
         recent = self.registry.recent_defaults(model, DEFAULTS_MAX_AGE)
-        defaults = (
-            recent
-            if recent is not None
-            else await trio.to_thread.run_sync(self.registry.defaults_of, model)
-        )
-        self._defaults[model] = (now, defaults)
-        return defaults
+        if recent is not None:
+            return recent
+        return await trio.to_thread.run_sync(self.registry.defaults_of, model)
 
     # -- requests --------------------------------------------------------------------
 

@@ -94,12 +94,9 @@ def worker_command() -> list[str]:
     return [sys.executable, "-m", "appliance", "worker"]
 
 
-def usable_cores() -> int:
-    return len(allowed_cores()) or 1
-
-
 def worker_threads(settings: Settings) -> int:
-    return settings.threads or usable_cores()
+    """llama.cpp's threads in a worker: APPLIANCE_THREADS, else every usable core."""
+    return settings.threads or len(allowed_cores()) or 1
 
 
 @dataclass
@@ -194,11 +191,6 @@ class ModelWorker:
         self._log = logging.getLogger(f"appliance.worker.{self.name}")
 
     # -- what the pool reads -----------------------------------------------------------
-
-    @property
-    def threads(self) -> int:
-        """llama.cpp's threads in its process (APPLIANCE_THREADS, else every usable core)."""
-        return worker_threads(self.settings)
 
     @property
     def ready(self) -> bool:
@@ -376,7 +368,7 @@ class ModelWorker:
                     model=self.name,
                     path=str(plan.path),
                     n_ctx=plan.n_ctx,
-                    n_threads=self.threads,
+                    n_threads=worker_threads(self.settings),
                     n_gpu_layers=self.settings.gpu_layers,
                     parallel=self.settings.parallel,
                 )
