@@ -7,6 +7,8 @@ shows structured output on a real vocabulary, also when max_tokens cuts the answ
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -14,10 +16,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
+import llama_cpp
+import numpy as np
 import pytest
 
 from appliance.llm.batching import Sampling, open_model
 from appliance.llm.grammar import schema_to_grammar
+from appliance.llm.sampling import PENALTY_LAST_N, FastChoice
 from tests.harness import install_tiny_model, short_tempdir
 from tests.real_model import install_smollm2
 from tests.test_batching import alone, batcher_for, run, tokens_of
@@ -102,6 +107,74 @@ def test_penalties_make_repeats_rarer(tiny: tuple[object, object]) -> None:
         assert penalized != plain, field
         most = Counter(plain).most_common(1)[0][1]
         assert Counter(penalized).most_common(1)[0][1] < most, (field, plain, penalized)
+
+
+def test_the_repeat_penalty_chooses_the_tokens_llama_cpps_samplers_choose(
+    smol: tuple[object, object],
+) -> None:
+    """A model's repeat penalty under greedy decoding and at a temperature: the answer is
+    the one llama.cpp's own penalty and choice samplers give (they run when log
+    probabilities are asked for), and differs from the answer without the penalty."""
+    prompt = "Repeat after me, ten times: the cat sat on the mat."
+    for sampling in (
+        Sampling(96, 0.0, 1.0, repeat_penalty=1.3),
+        Sampling(96, 0.7, 0.95, seed=11, repeat_penalty=1.3),
+    ):
+        fast, _ = alone(smol, prompt, sampling)
+        by_llama, _ = alone(smol, prompt, dataclasses.replace(sampling, top_logprobs=0))
+        unpenalized, _ = alone(smol, prompt, dataclasses.replace(sampling, repeat_penalty=1.0))
+        assert fast == by_llama, sampling
+        assert fast != unpenalized, sampling
+
+
+def test_fast_choice_penalizes_as_llama_cpps_penalties_sampler() -> None:
+    """Logit for logit, over a window that fills and slides, positive and negative logits:
+    the repeat penalty and greedy choice equal llama.cpp's penalties and greedy samplers."""
+    n_vocab = 512
+    sampling = Sampling(1000, 0.0, 1.0, repeat_penalty=1.25)
+    fast = FastChoice.for_sampling(sampling, n_vocab)
+    assert fast is not None
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    llama_cpp.llama_sampler_chain_add(
+        chain,
+        llama_cpp.llama_sampler_init_penalties(PENALTY_LAST_N, PENALTY_LAST_N, 1.25, 0.0, 0.0),
+    )
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+    token_data = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+    random = np.random.default_rng(5)
+    try:
+        for step in range(3 * PENALTY_LAST_N):
+            # A few strong tokens, so that the same ones come back and fill the window.
+            logits = random.normal(0.0, 1.0, n_vocab).astype(np.float32)
+            logits[random.integers(0, 24, 6)] += np.float32(random.uniform(-4.0, 6.0))
+            data = np.zeros(n_vocab, dtype=token_data)
+            data["id"] = np.arange(n_vocab)
+            data["logit"] = logits
+            array = llama_cpp.llama_token_data_array(
+                data=data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+                size=n_vocab,
+                selected=-1,
+                sorted=False,
+            )
+            llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
+            expected = int(data["id"][array.selected])
+            llama_cpp.llama_sampler_accept(chain, expected)
+            fast.penalize(logits)
+            assert np.array_equal(logits, data["logit"]), step
+            chosen = int(logits.argmax())
+            fast.accept(chosen)
+            assert chosen == expected, step
+    finally:
+        llama_cpp.llama_sampler_free(chain)
+    # Anything a penalty-and-choice path cannot do alone goes through llama.cpp's chain.
+    for other in (
+        dataclasses.replace(sampling, top_logprobs=1),
+        dataclasses.replace(sampling, grammar='root ::= "a"'),
+        dataclasses.replace(sampling, presence_penalty=0.5),
+        dataclasses.replace(sampling, logit_bias=((1, 2.0),)),
+        Sampling(10, 0.8, 1.0),
+    ):
+        assert FastChoice.for_sampling(other, n_vocab) is None, other
 
 
 def test_logprobs_are_the_models_and_the_greedy_choice_is_the_top_one(

@@ -27,6 +27,7 @@ import llama_cpp as llama
 from appliance.llm.protocol import TokenLogprob
 from appliance.llm.sampling import (
     Candidates,
+    FastChoice,
     GrammarError,
     Sampling,
     grammar_sampler,
@@ -144,6 +145,8 @@ class _Running:
     grammar: Any = None  # its grammar sampler, if the answer follows one
     # Under a grammar, `chain` only chooses; this adjusts the logits first (or None).
     adjust: Any = None
+    # Chooses instead of `chain` (which then only chooses), where it can: see FastChoice.
+    fast: FastChoice | None = None
     generated: int = 0
     next_token: int | None = None  # sampled, to be evaluated in the next step
     logits_at: int = -1  # its row in the batch being decoded, or -1
@@ -254,10 +257,11 @@ class Batcher:
         llama.llama_memory_seq_rm(self._memory, slot.seq_id, common, -1)
         del slot.cached[common:]
         slot.last_used = next(self._clock)
+        fast = None if grammar is not None else FastChoice.for_sampling(sampling, self._n_vocab)
         adjust, chain = (
             split_chains(sampling, self._n_vocab)
             if grammar is not None
-            else (None, sampler_chain(sampling, self._n_vocab))
+            else (None, sampler_chain(sampling, self._n_vocab, adjusted=fast is None))
         )
         slot.running = _Running(
             request_id=request_id,
@@ -265,6 +269,7 @@ class Batcher:
             chain=chain,
             adjust=adjust,
             grammar=grammar,
+            fast=fast,
             text=TextStream(sampling.stop),
             prompt_tokens=len(prompt),
             cached_tokens=common,
@@ -391,6 +396,8 @@ class Batcher:
         """The sequence's next token, by its own samplers (and its log probability)."""
         sampling = running.sampling
         row = running.logits_at
+        if running.fast is not None:
+            return running.fast.choose(self._ctx, row, running.chain)
         if running.grammar is None and sampling.top_logprobs is None:
             return int(llama.llama_sampler_sample(running.chain, self._ctx, row))
         candidates = self._candidates

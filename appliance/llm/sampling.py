@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -68,13 +69,85 @@ class Sampling:
     repeat_penalty: float = 1.0
 
 
-def sampler_chain(sampling: Sampling, n_vocab: int = 0) -> Any:
+def sampler_chain(sampling: Sampling, n_vocab: int = 0, *, adjusted: bool = True) -> Any:
     """A C sampler chain like create_completion's, after the penalties and the logit bias
-    (free it with llama_sampler_free)."""
+    unless `adjusted` is False (free it with llama_sampler_free)."""
     chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
-    _add_adjustments(chain, sampling, n_vocab)
+    if adjusted:
+        _add_adjustments(chain, sampling, n_vocab)
     _add_choice(chain, sampling)
     return chain
+
+
+class FastChoice:
+    """Greedy choice and the repeat penalty without llama.cpp's passes over the whole
+    vocabulary: its sampling copies every logit into a candidate array and its penalties
+    sampler looks each candidate up in a hash map (0.19 ms a token for SmolLM2's 49k
+    tokens, 3% of a decode step; more for Gemma's 262k). Here the penalty touches only
+    the tokens in its window, in place in the logits row, and greedy is one argmax: the
+    same float32 arithmetic on the same values, so the same tokens. At a temperature,
+    llama.cpp's choosing samplers go on to choose, from the penalized row.
+
+    For a sequence without a grammar or log probabilities whose only adjustment is the
+    repeat penalty (`for_sampling` gives None for any other)."""
+
+    def __init__(self, sampling: Sampling, n_vocab: int) -> None:
+        self._n_vocab = n_vocab
+        self._greedy = sampling.temperature == 0
+        self._penalty = np.float32(sampling.repeat_penalty)
+        self._penalized = sampling.repeat_penalty != 1.0
+        # As llama.cpp's penalties sampler: the last PENALTY_LAST_N tokens, their counts.
+        self._window: deque[int] = deque()
+        self._counts: dict[int, int] = {}
+
+    @staticmethod
+    def for_sampling(sampling: Sampling, n_vocab: int) -> FastChoice | None:
+        if (
+            sampling.grammar
+            or sampling.top_logprobs is not None
+            or sampling.logit_bias
+            or sampling.presence_penalty
+            or sampling.frequency_penalty
+            or (sampling.temperature != 0 and sampling.repeat_penalty == 1.0)
+        ):
+            return None
+        return FastChoice(sampling, n_vocab)
+
+    def choose(self, ctx: Any, row: int, chain: Any) -> int:
+        """The token for batch row `row`; `chain` (sampler_chain(..., adjusted=False))
+        chooses when the temperature is not 0."""
+        pointer = llama.llama_get_logits_ith(ctx, row)
+        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        self.penalize(logits)
+        if self._greedy:
+            token = int(logits.argmax())  # the first of equal maxima, as llama.cpp's greedy
+        else:
+            token = int(llama.llama_sampler_sample(chain, ctx, row))
+        self.accept(token)
+        return token
+
+    def penalize(self, logits: npt.NDArray[np.float32]) -> None:
+        """llama.cpp's repeat penalty, in place: the logit of a token in the window is
+        divided by the penalty when above 0, else multiplied by it."""
+        if not self._penalized or not self._counts:
+            return
+        ids = np.fromiter(self._counts, dtype=np.intp, count=len(self._counts))
+        values = logits[ids]
+        logits[ids] = np.where(values <= 0, values * self._penalty, values / self._penalty)
+
+    def accept(self, token: int) -> None:
+        if not self._penalized:
+            return
+        counts, window = self._counts, self._window
+        counts[token] = counts.get(token, 0) + 1
+        if len(window) >= PENALTY_LAST_N:
+            old = window.popleft()
+            left = counts[old] - 1
+            if left:
+                counts[old] = left
+            else:
+                del counts[old]
+        window.append(token)
 
 
 def split_chains(sampling: Sampling, n_vocab: int) -> tuple[Any, Any]:
