@@ -21,8 +21,11 @@ from hypothesis import strategies as st
 from appliance.llm.errors import WorkerCrashed
 from appliance.llm.protocol import (
     MAX_FRAME_BYTES,
+    Attach,
+    Attached,
     Cancel,
     ChatMessage,
+    Detached,
     Done,
     Error,
     FrameBuffer,
@@ -69,12 +72,23 @@ TO_WORKER: st.SearchStrategy[ToWorker] = st.one_of(
         messages=st.none() | st.lists(st.builds(ChatMessage, role=TEXT, content=TEXT), max_size=4),
     ),
     st.builds(Cancel, id=INTS),
+    st.builds(
+        Attach, id=INTS, written=INTS, head=st.binary(max_size=40), tail=st.binary(max_size=40)
+    ),
 )
 FROM_WORKER: st.SearchStrategy[FromWorker] = st.one_of(
     st.builds(
         Loaded, id=INTS, model=TEXT, n_ctx=INTS, chat_template=st.booleans(), load_seconds=FLOATS
     ),
     st.builds(Token, id=INTS, text=TEXT),
+    st.builds(Attached, id=INTS),
+    st.builds(
+        Detached,
+        id=INTS,
+        pending=st.binary(max_size=40),
+        written_text=TEXT,
+        written_events=INTS,
+    ),
     st.builds(
         Done,
         id=INTS,
@@ -82,10 +96,25 @@ FROM_WORKER: st.SearchStrategy[FromWorker] = st.one_of(
         prompt_tokens=INTS,
         completion_tokens=INTS,
         cached_tokens=INTS,
+        written_text=TEXT,
+        written_events=INTS,
     ),
     st.builds(Error, id=INTS, code=TEXT, message=TEXT),
 )
-TAGS = ["load", "generate", "cancel", "loaded", "token", "done", "error", "", "x"]
+TAGS = [
+    "load",
+    "generate",
+    "cancel",
+    "attach",
+    "loaded",
+    "token",
+    "attached",
+    "detached",
+    "done",
+    "error",
+    "",
+    "x",
+]
 # Any msgpack value, for frames that are well-formed msgpack but not a message.
 VALUES: st.SearchStrategy[Any] = st.recursive(
     st.none()

@@ -6,7 +6,7 @@ from typing import Any, Final
 
 import pytest
 
-from appliance.http.sse import sse, sse_template
+from appliance.http.sse import SseTemplate, sse
 from appliance.llm.protocol import (
     MAX_FRAME_BYTES,
     Done,
@@ -33,16 +33,16 @@ def _completion(text: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_a_template_writes_the_same_bytes_as_sse(text: str) -> None:
-    assert sse_template(_completion)(text) == sse(_completion(text))
-    token = sse_template(lambda t: {"text": t}, event="token")
+    assert SseTemplate(_completion)(text) == sse(_completion(text))
+    token = SseTemplate(lambda t: {"text": t}, event="token")
     assert token(text) == sse({"text": text}, event="token")
 
 
 def test_a_template_needs_the_text_exactly_once() -> None:
     with pytest.raises(ValueError, match="exactly once"):
-        sse_template(lambda text: {"a": "constant"})
+        SseTemplate(lambda text: {"a": "constant"})
     with pytest.raises(ValueError, match="exactly once"):
-        sse_template(lambda text: {"a": text, "b": text})
+        SseTemplate(lambda text: {"a": text, "b": text})
 
 
 def test_frames_come_out_whole_however_the_bytes_arrive() -> None:

@@ -47,7 +47,7 @@ from appliance.http.search import (
     searcher,
 )
 from appliance.http.search_decision import CALLED, model_decides
-from appliance.http.sse import sse, sse_error, sse_template, stream_response
+from appliance.http.sse import SseTemplate, sse, sse_error, stream_response
 from appliance.llm.protocol import ChatMessage, Done, Sampling, Token
 from appliance.privacy.redaction import redact_off_loop
 from appliance.search.context import context_message
@@ -274,18 +274,17 @@ async def send() -> Response:
         )
 
     await events.start()
-    token_event = sse_template(ChatToken, event="token")
+    token_event = SseTemplate(ChatToken, event="token")
+    token_event.hand_over(events)
     request_id = g.request_id
 
     async def stream() -> AsyncGenerator[bytes, None]:
-        parts: list[str] = []
         try:
             async for event in events:
                 if isinstance(event, Token):
-                    parts.append(event.text)
                     yield token_event(event.text)
                 else:
-                    message_id = await store("".join(parts), event)
+                    message_id = await store(events.answer_text(), event)
                     yield sse(
                         ChatDone(
                             conversation_id=conversation_id,

@@ -20,7 +20,8 @@ from appliance.http.errors import ApiError
 from appliance.http.remote_generation import REMOTE_PREFIX, open_remote_stream, remote_model
 from appliance.llm.engine import RETRY_AFTER_SECONDS
 from appliance.llm.errors import DeadlineExceeded, InferenceError, QueueFull, WorkerCrashed
-from appliance.llm.protocol import ChatMessage, Done, Sampling, Token
+from appliance.llm.handoff import Handoff
+from appliance.llm.protocol import ChatMessage, Detached, Done, Sampling, Token
 from appliance.llm.registry import InvalidModelName, ModelUnavailable, RegistryError, UnknownModel
 
 # A model name quoted back in an error, at most (the name is the client's own text).
@@ -140,14 +141,25 @@ class Events:
     one that reached max_tokens ("length"), and `budget_cut` says which budget cut it.
     """
 
-    __slots__ = ("_budget", "_events", "_first", "_release", "_seen", "_timeout", "budget_cut")
+    __slots__ = (
+        "_budget",
+        "_events",
+        "_first",
+        "_parts",
+        "_release",
+        "_seen",
+        "_timeout",
+        "budget_cut",
+        "handoff",
+    )
 
     def __init__(
         self,
-        events: AsyncGenerator[Token | Done, None],
+        events: AsyncGenerator[Token | Detached | Done, None],
         timeout: float,
         budget: BudgetUse | None = None,
         release: Callable[[], None] | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
         self._events = events
         self._timeout = timeout
@@ -156,6 +168,11 @@ class Events:
         self._release = release
         self._seen = 0
         self.budget_cut: str | None = None
+        # A streamed local generation's offer to let its worker write the token events
+        # (appliance.llm.handoff): the route and the response each give their part.
+        self.handoff = handoff
+        # The answer's text in order, whoever wrote it to the client.
+        self._parts: list[str] = []
 
     def __aiter__(self) -> Events:
         return self
@@ -165,17 +182,27 @@ class Events:
         if first is not None:
             self._first = None
             return first
-        try:
-            event = await self._events.__anext__()
-        except DeadlineExceeded as exc:
-            raise as_api_error(
-                DeadlineExceeded(f"{exc} ({self._timeout:.0f} s, APPLIANCE_REQUEST_TIMEOUT)")
-            ) from None
-        except InferenceError as exc:
-            raise as_api_error(exc) from None
-        if isinstance(event, Token):
-            self._seen += 1
-            return event
+        while True:
+            try:
+                event = await self._events.__anext__()
+            except DeadlineExceeded as exc:
+                raise as_api_error(
+                    DeadlineExceeded(f"{exc} ({self._timeout:.0f} s, APPLIANCE_REQUEST_TIMEOUT)")
+                ) from None
+            except InferenceError as exc:
+                raise as_api_error(exc) from None
+            if isinstance(event, Token):
+                self._seen += 1
+                self._parts.append(event.text)
+                return event
+            if not isinstance(event, Detached):
+                break
+            # The worker gave the stream back: what it could not write goes first.
+            self._parts.append(event.written_text)
+            if event.pending:
+                assert self.handoff is not None and self.handoff.write_back is not None
+                await self.handoff.write_back(event.pending)
+        self._parts.append(event.written_text)
         # Done: the engine's generator has nothing more to give; closing it now frees the
         # slot before the client has read the end of the answer.
         await self._events.aclose()
@@ -208,8 +235,13 @@ class Events:
             release()
         await self._events.aclose()
         if self._budget is not None:
+            written = self.handoff.worker_events if self.handoff is not None else 0
             with trio.CancelScope(shield=True):
-                await self._budget.abandon(self._seen)
+                await self._budget.abandon(self._seen + written)
+
+    def answer_text(self) -> str:
+        """The text of the answer's token events so far (all of it once Done came)."""
+        return "".join(self._parts)
 
 
 class BudgetUse:
@@ -381,6 +413,8 @@ async def generate(
     key = current_key()
     release = _open_stream(state, key) if stream else None
     budget: BudgetUse | None = None
+    handoff: Handoff | None = None
+    events: AsyncGenerator[Token | Detached | Done, None]
     try:
         if state.gate.enabled:
             estimate = _prompt_estimate(messages, prompt)
@@ -418,6 +452,7 @@ async def generate(
                 extra=remote_params,
             )
         else:
+            handoff = Handoff() if stream else None
             events = state.engine.generate(
                 model,
                 deadline=trio.current_time() + timeout,
@@ -426,6 +461,7 @@ async def generate(
                 prompt=prompt,
                 owner=key.id,
                 keep_alive=keep_alive,
+                handoff=handoff,
             )
     except BaseException:
         if release is not None:
@@ -434,7 +470,7 @@ async def generate(
             with trio.CancelScope(shield=True):
                 await budget.abandon(0)
         raise
-    return Events(events, timeout, budget, release)
+    return Events(events, timeout, budget, release, handoff)
 
 
 async def collect(events: Events) -> tuple[str, Done]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from typing import Any, Final
 
 import msgspec
@@ -71,7 +71,7 @@ from appliance.http.openapi_doc import (
 )
 from appliance.http.remote_generation import REMOTE_PREFIX
 from appliance.http.responses import json_response
-from appliance.http.sse import sse, sse_error, sse_template, stream_response
+from appliance.http.sse import SseTemplate, sse, sse_error, stream_response
 from appliance.http.web_search_tool import web_search_round
 from appliance.llm.protocol import Done, Sampling, SamplingOptions, Token, TokenLogprob
 from appliance.llm.tools import ReplyStream, read_answer
@@ -298,9 +298,11 @@ async def chat_completions() -> Response:
             chunks.append(sse(chunk_body(ChunkDelta(), None, token_usage(done))))
         return chunks
 
-    token_chunk = sse_template(lambda text: chunk_body(ChunkDelta(content=text), None))
+    token_chunk = SseTemplate(lambda text: chunk_body(ChunkDelta(content=text), None))
     request_id = g.request_id
     with_logprobs = plan.options.top_logprobs is not None
+    if not plan.tools and not with_logprobs:
+        token_chunk.hand_over(events)
 
     def token_event(event: Token) -> bytes:
         if not with_logprobs:
@@ -428,7 +430,9 @@ async def completions() -> Response:
         text, done, logprobs = await _collect(events)
         return json_response(body_of(text, _finish(done), token_usage(done), logprobs))
 
-    token_chunk: Callable[[str], bytes] = sse_template(lambda text: body_of(text, None))
+    token_chunk = SseTemplate(lambda text: body_of(text, None))
+    if not with_logprobs:
+        token_chunk.hand_over(events)
     request_id = g.request_id
     include_usage = _include_usage(body)
 

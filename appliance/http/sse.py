@@ -33,11 +33,15 @@ def stream_response(
     scope: dict[str, Any] = request.scope  # type: ignore[assignment]
     # The connection's own ends (behind a trusted proxy "client" is the one behind it).
     client, server = scope.get(PEER) or scope.get("client"), scope.get("server")
+    # The worker may write to the connection only where the bytes on it are the body's
+    # own, in chunked framing: plain HTTP/1.1 (not TLS, not HTTP/2 or 1.0).
+    plain = scope.get("scheme") == "http" and scope.get("http_version") == "1.1"
     body = StreamBody(
         chunks,
         events,
         stall_seconds=state.settings.stream_stall_seconds,
         peer=(tuple(client), tuple(server)) if client and server else None,
+        handoff=events.handoff if plain else None,
     )
     current_app.add_background_task(body.watch)
     g.stream_body = body
@@ -50,21 +54,28 @@ def sse(data: Any, event: str | None = None) -> bytes:
     return head + b"data: " + body + b"\n\n"
 
 
-def sse_template(
-    body_with: Callable[[str], Any], event: str | None = None
-) -> Callable[[str], bytes]:
+class SseTemplate:
     """`lambda text: sse(body_with(text), event)`, for a stream whose events differ in one
-    string only (a token's text): the rest is encoded once and each text, JSON-escaped on
-    its own, is spliced in. The bytes are the same as sse's."""
-    head, found, tail = sse(body_with(_MARKER), event).partition(_MARKER_JSON)
-    if not found or _MARKER_JSON in tail:
-        raise ValueError("the event body must hold the text exactly once")
-    encode = _JSON.encode
+    string only (a token's text): the rest is encoded once (`head`, `tail`) and each text,
+    JSON-escaped on its own, is spliced in. The bytes are the same as sse's."""
 
-    def event_of(text: str) -> bytes:
-        return head + encode(text) + tail
+    __slots__ = ("_encode", "head", "tail")
 
-    return event_of
+    def __init__(self, body_with: Callable[[str], Any], event: str | None = None) -> None:
+        head, found, tail = sse(body_with(_MARKER), event).partition(_MARKER_JSON)
+        if not found or _MARKER_JSON in tail:
+            raise ValueError("the event body must hold the text exactly once")
+        self.head, self.tail = head, tail
+        self._encode = _JSON.encode
+
+    def __call__(self, text: str) -> bytes:
+        return self.head + self._encode(text) + self.tail
+
+    def hand_over(self, events: Events) -> None:
+        """Let the worker write the stream's token events itself, where it can
+        (appliance.llm.handoff): for a stream whose every token event is this template's."""
+        if events.handoff is not None:
+            events.handoff.offer(self.head, self.tail)
 
 
 def sse_error(error: ApiError, request_id: str) -> bytes:

@@ -7,6 +7,10 @@ in that send for as long as it keeps the connection open: beyond any cancel scop
 reservation and the key's stream count. So a watch task runs beside each body: when one
 chunk has waited APPLIANCE_STREAM_STALL_SECONDS for the client, it ends the generation
 (which frees all three) and aborts the connection, which is what ends the blocked send.
+
+Once the first chunk is on its way, a body with a handoff (appliance.llm.handoff) gives
+the generation a duplicate of the connection's socket, for its worker to write the token
+events itself; bytes the worker gives back are written here, ahead of the next chunk.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any, Final, Protocol
 import psutil
 import trio
 
+from appliance.llm.handoff import Handoff
+
 LOGGER = logging.getLogger("appliance.http")
 
 # SO_LINGER on, 0 seconds: closing sends a reset and drops what the client never took.
@@ -31,6 +37,10 @@ Address = tuple[Any, ...]
 
 class Closable(Protocol):
     async def aclose(self) -> None: ...
+
+
+class ClientGone(Exception):
+    """The connection failed while this body wrote to it itself: the stream ends."""
 
 
 class StreamBody:
@@ -48,8 +58,11 @@ class StreamBody:
         "_chunks",
         "_closed",
         "_closing",
+        "_connection",
         "_events",
         "_handed_at",
+        "_handed_out",
+        "_handoff",
         "_peer",
         "_stall_seconds",
         "_stalled",
@@ -63,6 +76,7 @@ class StreamBody:
         *,
         stall_seconds: float,
         peer: tuple[Address, Address] | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
         self._chunks = chunks
         self._events = events
@@ -76,6 +90,11 @@ class StreamBody:
         self._closed = trio.Event()
         self._stalled = False
         self._after_close: list[Callable[[], None]] = []
+        # Given to the generation with the second chunk asked for (the first one's bytes
+        # have gone to the connection by then), where the route wanted it.
+        self._handoff = handoff if peer is not None else None
+        self._connection: socket.socket | None = None
+        self._handed_out = False  # a chunk went to the server
 
     def after_close(self, callback: Callable[[], None]) -> None:
         if self._closed.is_set():
@@ -90,12 +109,46 @@ class StreamBody:
         if self._stalled:
             raise StopAsyncIteration
         self._with_client = False
+        if self._handoff is not None and self._handed_out:
+            self._hand_over(self._handoff)
         try:
             return await self._chunks.__anext__()
+        except ClientGone:
+            raise StopAsyncIteration from None
         finally:
+            self._handed_out = True
             # Whatever comes back (a chunk, the end), the server sends it next.
             self._handed_at = trio.current_time()
             self._with_client = True
+
+    def _hand_over(self, handoff: Handoff) -> None:
+        """Give the generation the connection, once (a body without its peer has none)."""
+        self._handoff = None
+        if not handoff.wanted or self._peer is None:
+            return
+        connection = find_connection(*self._peer)
+        if connection is not None:
+            self._connection = connection
+            handoff.connection = connection
+            handoff.write_back = self._write_back
+
+    async def _write_back(self, data: bytes) -> None:
+        """Write framed bytes the worker gave back, waiting for the client as the server
+        would (the stall watch applies); ClientGone if the connection fails."""
+        connection = self._connection
+        assert connection is not None
+        self._with_client = True
+        self._handed_at = trio.current_time()
+        try:
+            while data:
+                try:
+                    data = data[connection.send(data, socket.MSG_NOSIGNAL) :]
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(connection)
+        except (OSError, trio.ClosedResourceError):
+            raise ClientGone from None
+        finally:
+            self._with_client = False
 
     async def aclose(self) -> None:
         if self._closing:
@@ -109,6 +162,9 @@ class StreamBody:
                 with trio.CancelScope(shield=True):
                     await self._events.aclose()
         finally:
+            if self._connection is not None:
+                trio.lowlevel.notify_closing(self._connection)
+                self._connection.close()  # the duplicate only
             self._closed.set()
             callbacks, self._after_close = self._after_close, []
             for callback in callbacks:
@@ -145,6 +201,33 @@ class StreamBody:
                     found = await trio.to_thread.run_sync(abort_connection, *self._peer)
                 if not found:
                     LOGGER.info("the stalled stream's connection was already closed")
+
+
+def find_connection(client: Address, server: Address) -> socket.socket | None:
+    """A duplicate of this process's TCP connection from `server` to `client`, or None.
+    Its blocking flag is the connection's own (hypercorn's: non-blocking), never to be
+    changed through it."""
+    wanted = (tuple(client)[:2], tuple(server)[:2])
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for name in names:
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            duplicate = os.dup(int(name))
+        except (OSError, ValueError):
+            continue
+        sock = socket.socket(fileno=duplicate)
+        try:
+            ends = (sock.getpeername()[:2], sock.getsockname()[:2])
+            if sock.family in (socket.AF_INET, socket.AF_INET6) and ends == wanted:
+                return sock
+        except OSError:
+            pass
+        sock.close()
+    return None
 
 
 def abort_connection(client: Address, server: Address) -> bool:

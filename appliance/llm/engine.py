@@ -31,11 +31,13 @@ import trio
 from appliance.config import Settings, describe_keep_alive
 from appliance.llm.errors import DeadlineExceeded, InferenceError, ModelFailed, QueueFull
 from appliance.llm.gguf_header import GGUFHeaderError, check_gguf_header
+from appliance.llm.handoff import Handoff
 from appliance.llm.memory import N_BATCH, default_budget, estimate, mb
 from appliance.llm.model_defaults import FALLBACK, ModelDefaults, pick, with_system
 from appliance.llm.model_worker import GenerationStats, LoadPlan, ModelWorker, worker_threads
 from appliance.llm.protocol import (
     ChatMessage,
+    Detached,
     Done,
     Embed,
     Embedded,
@@ -360,8 +362,10 @@ class InferenceService(Service):
         prompt: str | None = None,
         owner: str = "",
         keep_alive: float | None = None,
-    ) -> AsyncGenerator[Token | Done, None]:
+        handoff: Handoff | None = None,
+    ) -> AsyncGenerator[Token | Detached | Done, None]:
         """Queue, then stream Token events and one final Done; raises InferenceError.
+        With `handoff`, the worker may write the token events itself (ModelWorker.generate).
 
         `deadline` is absolute (trio time); `owner` (the API key's id) is whose share of the
         model's slots the generation takes. Sampling fields left None take the model's
@@ -401,7 +405,9 @@ class InferenceService(Service):
                 ),
                 options=sampling.options,
             )
-            events = worker.generate(request, deadline=deadline, owner=owner, queued_at=queued_at)
+            events = worker.generate(
+                request, deadline=deadline, owner=owner, queued_at=queued_at, handoff=handoff
+            )
             try:
                 async for event in events:
                     yield event

@@ -43,9 +43,12 @@ from appliance.llm.errors import (
     ModelFailed,
     WorkerCrashed,
 )
+from appliance.llm.handoff import Handing, Handoff
 from appliance.llm.memory import MemoryEstimate
 from appliance.llm.protocol import (
+    Attached,
     Cancel,
+    Detached,
     Done,
     Embed,
     Embedded,
@@ -427,17 +430,27 @@ class ModelWorker:
         return request_id, link.open(request_id)
 
     async def generate(
-        self, request: Generate, *, deadline: float, owner: str, queued_at: float
-    ) -> AsyncGenerator[Token | Done, None]:
+        self,
+        request: Generate,
+        *,
+        deadline: float,
+        owner: str,
+        queued_at: float,
+        handoff: Handoff | None = None,
+    ) -> AsyncGenerator[Token | Detached | Done, None]:
         """Wait for a slot and the model, then stream Token events and one final Done.
 
         `request` is sent as it is, with its id replaced. No cancel scope stays open across
-        a yield, so the caller may consume this generator from anywhere in its task.
+        a yield, so the caller may consume this generator from anywhere in its task. Once
+        `handoff` is ready (appliance.llm.handoff), the worker is asked to write the token
+        events itself: then no Token comes, and a Detached when it gives the stream back.
+        Every Token must be written before the next event is asked for.
         """
         await self._admit(deadline, owner)
         link: WorkerLink | None = None
         request_id = 0
         sent = finished = False
+        handing = Handing(handoff)
         self._start_running()
         try:
             self.stats.last_queue_wait = time.monotonic() - queued_at
@@ -448,6 +461,8 @@ class ModelWorker:
             sent = True
             first_token: float | None = None
             while True:
+                if handing.due:
+                    await handing.attach(link, request_id)
                 event: FromWorker | None = None
                 with trio.move_on_at(deadline):
                     event = await link.receive(request_id, pending)
@@ -463,17 +478,35 @@ class ModelWorker:
                         first_token = time.monotonic()
                         # As the client sees it: queueing and any model load included.
                         self.stats.first_token(first_token - queued_at)
+                    if handing.holds(event):
+                        continue
+                    yield event
+                elif isinstance(event, Attached):
+                    self.stats.tokens -= handing.attached()  # the worker counts them
+                elif isinstance(event, Detached):
+                    self.stats.tokens += handing.detached(event)
+                    LOGGER.info(
+                        "the worker gave the stream back (its client fell behind) after "
+                        "writing %d token events; %d bytes are left to write",
+                        event.written_events,
+                        len(event.pending),
+                    )
                     yield event
                 elif isinstance(event, Done):
                     finished = True
+                    self.stats.tokens += handing.counted(event.written_events)
                     self.stats.done(event, first_token)
+                    for held in handing.never_attached():
+                        yield held
                     yield event
                     return
         finally:
             if link is not None:
                 # A Generate never written needs no Cancel (and no Done will come).
                 if sent and not finished:
-                    await _cancel(link, request_id, pending)
+                    last = await _cancel(link, request_id, pending)
+                    if isinstance(last, Done):
+                        self.stats.tokens += handing.counted(last.written_events)
                 link.forget(request_id)
             self._finish_running(owner)
 
@@ -601,17 +634,21 @@ class ModelWorker:
         return {"model": self.name, "state": self.state, "pid": self.pid()}
 
 
-async def _cancel(link: WorkerLink, request_id: int, pending: Pending) -> None:
+async def _cancel(link: WorkerLink, request_id: int, pending: Pending) -> FromWorker | None:
     """The caller went away (client disconnect, deadline): stop the worker within a token
-    and wait for it, so that the request's slot is free at once."""
+    and wait for it, so that the request's slot is free at once. Its last frame (None if
+    none came in time)."""
     with trio.move_on_after(CANCEL_GRACE) as scope:
         scope.shield = True
         try:
             await link.send(Cancel(request_id))
-            while not isinstance(await link.receive(request_id, pending), Done | Error):
-                pass
+            while True:
+                frame = await link.receive(request_id, pending)
+                if isinstance(frame, Done | Error):
+                    return frame
         except InferenceError:
             pass
+    return None
 
 
 def _kill(process: trio.Process) -> None:

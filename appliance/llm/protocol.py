@@ -1,8 +1,12 @@
 """The supervisor <-> inference worker protocol: length-prefixed msgpack frames.
 
 Each frame is a 4-byte big-endian length followed by one msgspec-encoded, tagged Struct.
-The supervisor sends Load, Generate, Embed and Cancel; the worker answers Loaded, Token,
-Done, Embedded and Error. Requests are matched by `id`.
+The supervisor sends Load, Generate, Embed, Attach and Cancel; the worker answers Loaded,
+Token, Attached, Detached, Done, Embedded and Error. Requests are matched by `id`.
+
+An Attach frame comes with a descriptor (SCM_RIGHTS): the client's connection of a
+streamed answer, on which the worker then writes the token events itself
+(appliance.llm.direct_writes).
 """
 
 from __future__ import annotations
@@ -100,6 +104,18 @@ class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
     id: int
 
 
+class Attach(msgspec.Struct, frozen=True, tag="attach"):
+    """Write this generation's token events to the connection sent with this frame, from
+    its token event number `written` on (the supervisor wrote those before it), each as
+    `head` + the event's text as a JSON string + `tail`, in HTTP/1.1 chunked framing;
+    answer Attached, then send no Token frames until Detached."""
+
+    id: int
+    written: int
+    head: bytes
+    tail: bytes
+
+
 class Loaded(msgspec.Struct, frozen=True, tag="loaded"):
     id: int
     model: str
@@ -128,6 +144,25 @@ class Token(msgspec.Struct, frozen=True, tag="token", omit_defaults=True):
     logprobs: list[TokenLogprob] = []
 
 
+class Attached(msgspec.Struct, frozen=True, tag="attached"):
+    """The worker writes the token events from here on, those of every Token frame sent
+    before this one included."""
+
+    id: int
+
+
+class Detached(msgspec.Struct, frozen=True, tag="detached"):
+    """The worker stopped writing (the connection would have blocked, or failed): `pending`
+    is framed bytes it could not write, for the supervisor to write first; Token frames
+    follow for later token events."""
+
+    id: int
+    pending: bytes = b""
+    # The text of the token events the worker wrote or gave back, and how many.
+    written_text: str = ""
+    written_events: int = 0
+
+
 class Done(msgspec.Struct, frozen=True, tag="done"):
     id: int
     finish_reason: str
@@ -137,6 +172,10 @@ class Done(msgspec.Struct, frozen=True, tag="done"):
     cached_tokens: int = 0
     # Turns of the conversation left out of the prompt to fit the context.
     left_out: int = 0
+    # The text of the token events the worker wrote to the connection itself, and how
+    # many there were (the supervisor had no Token frames for them).
+    written_text: str = ""
+    written_events: int = 0
 
 
 class Embedded(msgspec.Struct, frozen=True, tag="embedded"):
@@ -160,8 +199,8 @@ class Error(msgspec.Struct, frozen=True, tag="error"):
     message: str
 
 
-ToWorker = Load | Generate | Embed | Cancel
-FromWorker = Loaded | Token | Done | Embedded | Error
+ToWorker = Load | Generate | Embed | Cancel | Attach
+FromWorker = Loaded | Token | Attached | Detached | Done | Embedded | Error
 
 _ENCODER = msgspec.msgpack.Encoder()
 _TO_WORKER: msgspec.msgpack.Decoder[ToWorker] = msgspec.msgpack.Decoder(ToWorker)

@@ -4,7 +4,8 @@ A crash in llama.cpp (a bad model, a kernel bug, an OOM kill) ends this process 
 supervisor answers the requests in flight with 503 and starts a new worker. The worker
 reads frames on a reader thread, so a Cancel is seen while generations run; between decode
 steps it takes new requests and ends cancelled ones, so that they join or leave the batch
-within one token.
+within one token. A streamed answer handed over by the supervisor has its token events
+written to its client's connection from here (appliance.llm.direct_writes).
 """
 
 from __future__ import annotations
@@ -26,17 +27,20 @@ from appliance.llm.batching import (
     Batcher,
     BatchFull,
     Event,
+    Failed,
     Finished,
     GrammarError,
     Sampling,
     TokenText,
     open_model,
 )
+from appliance.llm.direct_writes import DirectWrites
 from appliance.llm.embedding import Embedder, EmbedInputError
 from appliance.llm.fitting import DoesNotFit, fit_conversation
 from appliance.llm.llama_log import LlamaLog
 from appliance.llm.memory import N_BATCH
 from appliance.llm.protocol import (
+    Attach,
     Cancel,
     ChatMessage,
     Done,
@@ -66,6 +70,18 @@ FALLBACK_STOP: Final = [FALLBACK_MARKER]
 LOG_FORMAT: Final = "%(levelname)s:%(name)s:%(message)s"
 # What may be a special token's text in a chat template (`<|im_end|>`, `<end_of_turn>`).
 _MARKER_TEXT: Final = re.compile(r"<[^<>\s]{1,40}>")
+
+
+# Descriptors one read of the supervisor's socket may carry (one an Attach frame).
+MAX_DESCRIPTORS: Final = 64
+
+
+@dataclass(frozen=True)
+class _AttachWith:
+    """An Attach frame and the connection's descriptor that came with it."""
+
+    message: Attach
+    fd: int
 
 
 @dataclass
@@ -108,13 +124,23 @@ class Connection:
         with self._send_lock:
             self._sock.sendall(data)
 
-    def receive(self) -> Iterator[ToWorker]:
+    def receive(self) -> Iterator[ToWorker | _AttachWith]:
+        """Frames in order; each Attach with the next descriptor that came (in order too:
+        each was sent with its own frame)."""
+        descriptors: deque[int] = deque()
         while True:
-            data = self._sock.recv(65536)
+            data, fds, _, _ = socket.recv_fds(self._sock, 65536, MAX_DESCRIPTORS)
+            descriptors.extend(fds)
             if not data:
+                for fd in descriptors:
+                    os.close(fd)
                 return
             for body in self._frames.feed(data):
-                yield decode_to_worker(body)
+                message = decode_to_worker(body)
+                if not isinstance(message, Attach):
+                    yield message
+                elif descriptors:
+                    yield _AttachWith(message, descriptors.popleft())
 
 
 class Worker:
@@ -123,7 +149,7 @@ class Worker:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
-        self.inbox: queue.Queue[ToWorker | None] = queue.Queue()
+        self.inbox: queue.Queue[ToWorker | _AttachWith | None] = queue.Queue()
         self.cancelled: set[int] = set()
         self._model: Any = None
         self._context: Any = None
@@ -138,6 +164,7 @@ class Worker:
         self._last_started = 0
         # Turns of a running conversation left out of its prompt, told in its Done.
         self._left_out: dict[int, int] = {}
+        self._direct = DirectWrites()
 
     def read_forever(self) -> None:
         """Reader thread: cancels take effect at once, everything else is queued."""
@@ -171,7 +198,14 @@ class Worker:
         except BrokenPipeError:
             return
 
-    def _handle(self, message: ToWorker) -> None:
+    def _handle(self, message: ToWorker | _AttachWith) -> None:
+        if isinstance(message, _AttachWith):
+            batcher = self._batcher
+            running = batcher is not None and message.message.id in batcher.running_ids()
+            frames = self._direct.attach(message.message, message.fd, running)
+            if frames:
+                self.connection.send(*frames)
+            return
         try:
             if isinstance(message, Load):
                 self.connection.send(self.load(message))
@@ -213,31 +247,39 @@ class Worker:
             LOGGER.error("llama.cpp failed: %s; ending the running generations", exc)
             for request_id in batcher.running_ids():
                 batcher.cancel(request_id)
-                self._left_out.pop(request_id, None)
-                self.connection.send(
-                    Error(request_id, "generation_failed", f"llama.cpp failed: {exc}")
-                )
+                failed = Failed(request_id, "generation_failed", f"llama.cpp failed: {exc}")
+                self._send_event(failed)
             return
-        if events:
-            self.connection.send(*map(self._frame_of, events))
+        frames = [frame for event in events for frame in self._frames_of(event)]
+        if frames:
+            self.connection.send(*frames)
 
     def _send_event(self, event: Event) -> None:
-        self.connection.send(self._frame_of(event))
+        self.connection.send(*self._frames_of(event))
 
-    def _frame_of(self, event: Event) -> FromWorker:
+    def _frames_of(self, event: Event) -> list[FromWorker]:
+        request_id = event.request_id
         if isinstance(event, TokenText):
-            return Token(event.request_id, event.text, list(event.logprobs))
+            if not event.logprobs:
+                written = self._direct.token(request_id, event.text)
+                if written is not None:
+                    return written
+            return [Token(request_id, event.text, list(event.logprobs))]
+        text, count = self._direct.end(request_id)
         if isinstance(event, Finished):
-            return Done(
-                event.request_id,
+            done = Done(
+                request_id,
                 event.finish_reason,
                 event.prompt_tokens,
                 event.completion_tokens,
                 event.cached_tokens,
-                left_out=self._left_out.pop(event.request_id, 0),
+                left_out=self._left_out.pop(request_id, 0),
+                written_text=text,
+                written_events=count,
             )
-        self._left_out.pop(event.request_id, None)
-        return Error(event.request_id, event.code, event.message)
+            return [done]
+        self._left_out.pop(request_id, None)
+        return [Error(request_id, event.code, event.message)]
 
     def load(self, request: Load) -> Loaded | Error:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -292,6 +334,7 @@ class Worker:
 
     def _unload(self) -> None:
         # The old model goes before the new one loads: two may not fit in memory.
+        self._direct.close()
         for job in self._embeds:
             self.connection.send(Error(job.request_id, "model_unloaded", "the model was unloaded"))
         self._embeds.clear()

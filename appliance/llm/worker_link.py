@@ -8,6 +8,7 @@ one recv, not a reader task's wakeup plus a channel hop to the request's task.
 
 from __future__ import annotations
 
+import array
 import logging
 import socket
 from collections import deque
@@ -112,10 +113,20 @@ class WorkerLink:
             pending.wake()
         self._pending.clear()
 
-    async def send(self, message: ToWorker) -> None:
+    async def send(self, message: ToWorker, descriptor: int | None = None) -> None:
+        """Send a frame; `descriptor` goes with its first byte (SCM_RIGHTS), a duplicate
+        of it into the worker."""
+        data = encode_frame(message)
         try:
             async with self.send_lock:
-                await self.stream.send_all(encode_frame(message))
+                if descriptor is not None:
+                    fds = array.array("i", [descriptor])
+                    try:
+                        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+                        data = data[await self.stream.socket.sendmsg([data], rights) :]
+                    except OSError:
+                        raise trio.BrokenResourceError from None
+                await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise WorkerCrashed("the worker is gone") from None
 
