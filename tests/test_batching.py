@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import llama_cpp
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from appliance.llm.batching import (
     Batcher,
@@ -20,6 +22,7 @@ from appliance.llm.batching import (
     Sampling,
     TextStream,
     TokenText,
+    _overlap,
     open_model,
 )
 from tests.harness import install_tiny_model, short_tempdir
@@ -189,6 +192,21 @@ def test_text_stream_holds_back_partial_utf8_and_stop_prefixes() -> None:
     open_end = TextStream(["###"])
     assert open_end.feed(b"a #") == "a "
     assert open_end.finish() == "#"
+
+
+@given(st.text("<|im_end>#E ", max_size=12), st.text("<|im_end>#E ", min_size=1, max_size=8))
+def test_held_text_is_the_longest_end_that_begins_a_stop_string(text: str, stop: str) -> None:
+    """What TextStream holds back, against the definition: the longest end of the text
+    (shorter than the stop string) that the stop string begins with."""
+    longest = max(
+        (
+            size
+            for size in range(1, min(len(text), len(stop) - 1) + 1)
+            if stop.startswith(text[-size:])
+        ),
+        default=0,
+    )
+    assert _overlap(text, stop) == longest
 
 
 def test_a_full_context_evicts_idle_caches_then_ends_the_youngest_sequence() -> None:

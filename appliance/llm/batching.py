@@ -126,9 +126,13 @@ class TextStream:
 
 def _overlap(text: str, stop: str) -> int:
     """The length of the longest end of `text` that begins `stop`."""
-    for size in range(min(len(text), len(stop) - 1), 0, -1):
-        if stop.startswith(text[-size:]):
-            return size
+    # Such an end starts with stop's first character, within its last len(stop) - 1.
+    first, start = stop[0], max(0, len(text) - len(stop) + 1)
+    at = text.find(first, start)
+    while at >= 0:
+        if stop.startswith(text[at:]):
+            return len(text) - at
+        at = text.find(first, at + 1)
     return 0
 
 
@@ -214,6 +218,7 @@ class Batcher:
         self._slots = [_Slot(seq_id) for seq_id in range(parallel)]
         # A sequence of its own for a padding row (see `_load`); emptied after each decode.
         self._scratch = parallel
+        self._padded = False  # this step's batch has a row of the scratch sequence
         self._batch = llama.llama_batch_init(n_batch, 0, 1)
         self._clock = itertools.count(1)
         self._piece = ctypes.create_string_buffer(PIECE_BYTES)
@@ -294,7 +299,8 @@ class Batcher:
                 return events
             self._load(plan)
             status = llama.llama_decode(self._ctx, self._batch)
-            llama.llama_memory_seq_rm(self._memory, self._scratch, -1, -1)
+            if self._padded:
+                llama.llama_memory_seq_rm(self._memory, self._scratch, -1, -1)
             if status == 0:
                 break
             if status != 1:
@@ -353,9 +359,11 @@ class Batcher:
             if wants_logits:
                 running.logits_at = self._batch.n_tokens - 1
         outputs = sum(1 for slot, _, _ in plan if slot.running and slot.running.logits_at >= 0)
-        if outputs > 1 and outputs % 2 and self._batch.n_tokens < self._n_batch:
+        self._padded = outputs > 1 and outputs % 2 == 1 and self._batch.n_tokens < self._n_batch
+        if self._padded:
             # llama.cpp's CPU kernels take a much slower path for an odd number of logits
-            # rows (Gemma 270M: 3 rows 38 ms, 4 rows 29 ms): one more row, thrown away.
+            # rows (Gemma 270M: 3 rows 38 ms, 4 rows 29 ms): one more row, thrown away
+            # (out of the cache again after the decode).
             self._add(plan[0][1][0], 0, self._scratch, True)
 
     def _add(self, token: int, position: int, seq_id: int, logits: bool) -> None:

@@ -94,8 +94,10 @@ class FastChoice:
     def __init__(self, sampling: Sampling, n_vocab: int) -> None:
         self._n_vocab = n_vocab
         self._greedy = sampling.temperature == 0
-        self._penalty = np.float32(sampling.repeat_penalty)
+        # The penalty as llama.cpp holds it (a float), in a double.
+        self._penalty = float(np.float32(sampling.repeat_penalty))
         self._penalized = sampling.repeat_penalty != 1.0
+        self._row = ctypes.c_float * n_vocab
         # As llama.cpp's penalties sampler: the last PENALTY_LAST_N tokens, their counts.
         self._window: deque[int] = deque()
         self._counts: dict[int, int] = {}
@@ -117,23 +119,27 @@ class FastChoice:
         """The token for batch row `row`; `chain` (sampler_chain(..., adjusted=False))
         chooses when the temperature is not 0."""
         pointer = llama.llama_get_logits_ith(ctx, row)
-        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
-        self.penalize(logits)
+        self.penalize(pointer)
         if self._greedy:
-            token = int(logits.argmax())  # the first of equal maxima, as llama.cpp's greedy
+            row_values = self._row.from_address(ctypes.addressof(pointer.contents))
+            # The first of equal maxima, as llama.cpp's greedy sampler.
+            token = int(np.ctypeslib.as_array(row_values).argmax())
         else:
             token = int(llama.llama_sampler_sample(chain, ctx, row))
         self.accept(token)
         return token
 
-    def penalize(self, logits: npt.NDArray[np.float32]) -> None:
-        """llama.cpp's repeat penalty, in place: the logit of a token in the window is
-        divided by the penalty when above 0, else multiplied by it."""
-        if not self._penalized or not self._counts:
+    def penalize(self, logits: Any) -> None:
+        """llama.cpp's repeat penalty, in place in a row of float32 logits (a ctypes
+        pointer or an array): the logit of a token in the window is divided by the penalty
+        when above 0, else multiplied by it. Python's doubles round to the same float32 as
+        llama.cpp's float arithmetic (a double holds more than twice a float's digits)."""
+        if not self._penalized:
             return
-        ids = np.fromiter(self._counts, dtype=np.intp, count=len(self._counts))
-        values = logits[ids]
-        logits[ids] = np.where(values <= 0, values * self._penalty, values / self._penalty)
+        penalty = self._penalty
+        for token in self._counts:
+            value = float(logits[token])
+            logits[token] = value * penalty if value <= 0 else value / penalty
 
     def accept(self, token: int) -> None:
         if not self._penalized:
