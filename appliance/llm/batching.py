@@ -219,6 +219,9 @@ class Batcher:
         # A sequence of its own for a padding row (see `_load`); emptied after each decode.
         self._scratch = parallel
         self._padded = False  # this step's batch has a row of the scratch sequence
+        # Per token id, seen so far: its bytes, whether it ends a generation.
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
         self._batch = llama.llama_batch_init(n_batch, 0, 1)
         self._clock = itertools.count(1)
         self._piece = ctypes.create_string_buffer(PIECE_BYTES)
@@ -379,7 +382,7 @@ class Batcher:
         token = self._choose(running)
         # A turn marker of the chat template (`<|im_start|>`, `<start_of_turn>`...) is never
         # part of an answer: the answer ends there, as at the end-of-turn token.
-        if llama.llama_vocab_is_eog(self._vocab, token) or token in self._end_tokens:
+        if self._ends_generation(token) or token in self._end_tokens:
             return self._ending(slot, "length" if running.closing else "stop")
         running.generated += 1
         events: list[Event] = []
@@ -425,7 +428,7 @@ class Batcher:
                 logits,
                 lambda: int(llama.llama_sampler_sample(chain, ctx, row)),
             )
-        if sampling.top_logprobs is not None and not llama.llama_vocab_is_eog(self._vocab, token):
+        if sampling.top_logprobs is not None and not self._ends_generation(token):
             running.logprobs.append(candidates.logprob(logits, token, sampling.top_logprobs))
         return token
 
@@ -435,12 +438,26 @@ class Batcher:
         return TokenText(running.request_id, text, logprobs)
 
     def _piece_of(self, token: int) -> bytes:
+        """A token's bytes (llama.cpp's, kept: a token's piece never changes)."""
+        piece = self._pieces.get(token)
+        if piece is not None:
+            return piece
         size = llama.llama_token_to_piece(self._vocab, token, self._piece, PIECE_BYTES, 0, False)
         if size < 0:  # a piece longer than the buffer: ask again with room for it
             buffer = ctypes.create_string_buffer(-size)
             size = llama.llama_token_to_piece(self._vocab, token, buffer, -size, 0, False)
-            return buffer.raw[:size]
-        return self._piece.raw[:size]
+            piece = buffer.raw[:size]
+        else:
+            piece = self._piece.raw[:size]
+        self._pieces[token] = piece
+        return piece
+
+    def _ends_generation(self, token: int) -> bool:
+        """An end-of-generation token of the vocabulary (kept, as the pieces are)."""
+        ends = self._eog.get(token)
+        if ends is None:
+            ends = self._eog[token] = bool(llama.llama_vocab_is_eog(self._vocab, token))
+        return ends
 
     def _ending(self, slot: _Slot, reason: str) -> list[Event]:
         running = slot.running
