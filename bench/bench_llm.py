@@ -17,6 +17,9 @@ runs every runner once, back to back). CPU time that other jobs on the machine t
 measured too; a noisy measurement is taken again. Then four concurrent streams on
 `/v1/completions`, the appliance's rounds alternating with llama.cpp's server's.
 
+SmolLM2's runners all decode with the repeat penalty that the appliance's defaults for it
+set (CHAT_REPEAT_PENALTY): the same samplers, so the same work per token.
+
 Decode rate is (completion tokens - 1) / (last text chunk - first text chunk), the
 completion tokens as the runner's usage counts them: text held back for a stop string
 shows as fewer, fuller chunks, not as fewer tokens.
@@ -58,6 +61,9 @@ from harness import (
     stop,
 )
 
+from appliance.llm.model_defaults import SMOLLM2_SHA256, known_defaults
+from appliance.llm.sampling import PENALTY_LAST_N
+
 NAME: Final = "llm"
 MODEL: Final = "gemma"
 CHAT_MODEL: Final = "smollm2"
@@ -75,6 +81,10 @@ CONCURRENT_MAX_TOKENS: Final = 64
 STREAMS: Final = 4
 SEED: Final = 1234
 SAMPLING: Final[dict[str, Any]] = {"temperature": 0.0, "top_p": 1.0, "seed": SEED}
+# The appliance decodes SmolLM2 with the repeat penalty of its defaults (greedy decoding
+# loops without one); the other runners are asked for the same penalty over the same
+# window (their default is none), so that all choose tokens with the same samplers.
+CHAT_REPEAT_PENALTY: Final = known_defaults(SMOLLM2_SHA256).repeat_penalty or 1.0
 # What the daemon's worker uses by default: APPLIANCE_CONTEXT_SIZE (the model allows more)
 # and every usable core for both decode and batch threads. Set explicitly for all runners.
 N_CTX: Final = 4096
@@ -276,6 +286,10 @@ def _start_runners(stack: contextlib.ExitStack, state: Path) -> tuple[dict[str, 
         skipped = "not built (make llama-server)"
     else:
         args = ["-c", str(N_CTX), "-t", str(THREADS), "-tb", str(THREADS), "-np", str(PARALLEL)]
+        server_sampling = {
+            MODEL: {},
+            CHAT_MODEL: {"repeat_penalty": CHAT_REPEAT_PENALTY, "repeat_last_n": PENALTY_LAST_N},
+        }
         for path, model, alias in ((COMPLETIONS, gemma, MODEL), (CHAT, smollm2, CHAT_MODEL)):
             log = state / f"llama-server-{alias}.log"
             # --jinja: the chat template of the GGUF, as the appliance uses it.
@@ -283,7 +297,7 @@ def _start_runners(stack: contextlib.ExitStack, state: Path) -> tuple[dict[str, 
             port, process = stack.enter_context(opened)
             runners[f"{SERVER} {path}"] = Runner(
                 lambda n, port=port, path=path, alias=alias, **kw: http_stream(
-                    port, n, route=path, extra={"model": alias}, **kw
+                    port, n, route=path, extra={"model": alias, **server_sampling[alias]}, **kw
                 ),
                 {"server": process.pid},
             )
@@ -782,6 +796,7 @@ class DirectBaseline:
         request: dict[str, Any] = {"max_tokens": max_tokens, **SAMPLING}
         if self.chat:
             request["messages"] = [{"role": "user", "content": CHAT_MESSAGE}]
+            request["repeat_penalty"] = CHAT_REPEAT_PENALTY
         else:
             request["prompt"] = PROMPT
         self.process.stdin.write(json.dumps(request).encode() + b"\n")
@@ -843,6 +858,8 @@ def direct_main(argv: list[str]) -> int:
                 temperature=request["temperature"],
                 top_p=request["top_p"],
                 seed=request["seed"],
+                # Over llama-cpp-python's default window (last_n_tokens_size): PENALTY_LAST_N.
+                repeat_penalty=request["repeat_penalty"],
                 stream=True,
             )
         else:

@@ -127,17 +127,19 @@ def test_the_repeat_penalty_chooses_the_tokens_llama_cpps_samplers_choose(
         assert fast != unpenalized, sampling
 
 
-def test_fast_choice_penalizes_as_llama_cpps_penalties_sampler() -> None:
+@pytest.mark.parametrize("penalty", [1.25, 0.5, 1e-50])
+def test_fast_choice_penalizes_as_llama_cpps_penalties_sampler(penalty: float) -> None:
     """Logit for logit, over a window that fills and slides, positive and negative logits:
-    the repeat penalty and greedy choice equal llama.cpp's penalties and greedy samplers."""
+    the repeat penalty and greedy choice equal llama.cpp's penalties and greedy samplers,
+    also for a penalty below 1 and one too small for a float (0 there: C divides by it)."""
     n_vocab = 512
-    sampling = Sampling(1000, 0.0, 1.0, repeat_penalty=1.25)
+    sampling = Sampling(1000, 0.0, 1.0, repeat_penalty=penalty)
     fast = FastChoice.for_sampling(sampling, n_vocab)
     assert fast is not None
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     llama_cpp.llama_sampler_chain_add(
         chain,
-        llama_cpp.llama_sampler_init_penalties(PENALTY_LAST_N, PENALTY_LAST_N, 1.25, 0.0, 0.0),
+        llama_cpp.llama_sampler_init_penalties(PENALTY_LAST_N, PENALTY_LAST_N, penalty, 0.0, 0.0),
     )
     llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
     token_data = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])

@@ -139,7 +139,10 @@ class FastChoice:
         penalty = self._penalty
         for token in self._counts:
             value = float(logits[token])
-            logits[token] = value * penalty if value <= 0 else value / penalty
+            if value <= 0:
+                logits[token] = value * penalty
+            else:  # a penalty too small for a float is 0 there: C's division gives inf
+                logits[token] = value / penalty if penalty else math.inf
 
     def accept(self, token: int) -> None:
         if not self._penalized:
