@@ -8,7 +8,7 @@ reservation and the key's stream count. So a watch task runs beside each body: w
 chunk has waited APPLIANCE_STREAM_STALL_SECONDS for the client, it ends the generation
 (which frees all three) and aborts the connection, which is what ends the blocked send.
 
-Once the first chunk is on its way, a body with a handoff (appliance.llm.handoff) gives
+Once its first chunks are on their way, a body with a handoff (appliance.llm.handoff) gives
 the generation a duplicate of the connection's socket, for its worker to write the token
 events itself; bytes the worker gives back are written here, ahead of the next chunk.
 """
@@ -29,6 +29,10 @@ from appliance.llm.handoff import Handoff
 
 LOGGER = logging.getLogger("appliance.http")
 
+# Chunks the server writes before the generation is handed to its worker: the headers go
+# with the first, and the connection's lookup stays out of the way of the first token
+# (a chat completion's first chunk only says the role).
+HAND_OVER_AFTER: Final = 2
 # SO_LINGER on, 0 seconds: closing sends a reset and drops what the client never took.
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
@@ -90,11 +94,11 @@ class StreamBody:
         self._closed = trio.Event()
         self._stalled = False
         self._after_close: list[Callable[[], None]] = []
-        # Given to the generation with the second chunk asked for (the first one's bytes
-        # have gone to the connection by then), where the route wanted it.
+        # Given to the generation once HAND_OVER_AFTER chunks have gone to the connection,
+        # where the route wanted it.
         self._handoff = handoff if peer is not None else None
         self._connection: socket.socket | None = None
-        self._handed_out = False  # a chunk went to the server
+        self._handed_out = 0  # chunks given to the server
 
     def after_close(self, callback: Callable[[], None]) -> None:
         if self._closed.is_set():
@@ -109,14 +113,14 @@ class StreamBody:
         if self._stalled:
             raise StopAsyncIteration
         self._with_client = False
-        if self._handoff is not None and self._handed_out:
+        if self._handoff is not None and self._handed_out >= HAND_OVER_AFTER:
             self._hand_over(self._handoff)
         try:
             return await self._chunks.__anext__()
         except ClientGone:
             raise StopAsyncIteration from None
         finally:
-            self._handed_out = True
+            self._handed_out += 1
             # Whatever comes back (a chunk, the end), the server sends it next.
             self._handed_at = trio.current_time()
             self._with_client = True
