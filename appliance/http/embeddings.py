@@ -24,7 +24,7 @@ from appliance.http.openai import strict_errors
 from appliance.http.openapi_doc import document_request, document_response, errors
 from appliance.http.remote_generation import REMOTE_PREFIX
 from appliance.http.responses import json_response
-from appliance.llm.errors import DeadlineExceeded, InferenceError
+from appliance.llm.errors import InferenceError
 
 blueprint = Blueprint("embeddings", __name__, url_prefix="/v1")
 strict_errors(blueprint)
@@ -144,12 +144,8 @@ async def embeddings() -> Response:
                 tokens=tokens,
                 owner=key.id,
             )
-        except DeadlineExceeded as exc:
-            raise as_api_error(
-                DeadlineExceeded(f"{exc} ({timeout:.0f} s, APPLIANCE_REQUEST_TIMEOUT)")
-            ) from None
         except InferenceError as exc:
-            raise as_api_error(exc) from None
+            raise as_api_error(exc, timeout) from None
         used = sum(part.tokens for part in parts)
     finally:
         if budget is not None:

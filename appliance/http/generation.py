@@ -123,11 +123,16 @@ _ERROR_PARAMS: Final = {
 }
 
 
-def as_api_error(exc: InferenceError) -> ApiError:
+def as_api_error(exc: InferenceError, timeout: float | None = None) -> ApiError:
+    """The API's error for an engine's failure; a request's deadline (`timeout` seconds,
+    if given) is named with the setting that sets it."""
     retry = isinstance(exc, QueueFull | WorkerCrashed) or exc.code == "context_full"
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if retry else {}
     param = _ERROR_PARAMS.get(exc.code)
-    return ApiError(exc.status, exc.code, str(exc), param=param, headers=headers)
+    message = str(exc)
+    if isinstance(exc, DeadlineExceeded) and timeout is not None:
+        message = f"{message} ({timeout:.0f} s, APPLIANCE_REQUEST_TIMEOUT)"
+    return ApiError(exc.status, exc.code, message, param=param, headers=headers)
 
 
 class Events:
@@ -185,12 +190,8 @@ class Events:
         while True:
             try:
                 event = await self._events.__anext__()
-            except DeadlineExceeded as exc:
-                raise as_api_error(
-                    DeadlineExceeded(f"{exc} ({self._timeout:.0f} s, APPLIANCE_REQUEST_TIMEOUT)")
-                ) from None
             except InferenceError as exc:
-                raise as_api_error(exc) from None
+                raise as_api_error(exc, self._timeout) from None
             if isinstance(event, Token):
                 self._seen += 1
                 self._parts.append(event.text)
