@@ -18,7 +18,10 @@ measured too; a noisy measurement is taken again. Then four concurrent streams o
 `/v1/completions`, the appliance's rounds alternating with llama.cpp's server's.
 
 SmolLM2's runners all decode with the repeat penalty that the appliance's defaults for it
-set (CHAT_REPEAT_PENALTY): the same samplers, so the same work per token.
+set (CHAT_REPEAT_PENALTY): the same samplers, so the same work per token. Each runner loads
+its model as it does by default: llama-cpp-python and llama.cpp's server map the GGUF file
+(4 KB pages), the appliance's worker reads it into huge pages (appliance.llm.huge_pages;
+the kernel's mode is printed as transparent_hugepage).
 
 Decode rate is (completion tokens - 1) / (last text chunk - first text chunk), the
 completion tokens as the runner's usage counts them: text held back for a stop string
@@ -61,6 +64,7 @@ from harness import (
     stop,
 )
 
+from appliance.llm import huge_pages
 from appliance.llm.model_defaults import SMOLLM2_SHA256, known_defaults
 from appliance.llm.sampling import PENALTY_LAST_N
 
@@ -387,7 +391,12 @@ def _single_stream(
 def _single_stream_results(
     summary: dict[str, dict[str, Any]], skipped: str
 ) -> Iterator[dict[str, Any]]:
-    common = {"max_tokens": MAX_TOKENS, "n_ctx": N_CTX, "threads": THREADS}
+    common = {
+        "max_tokens": MAX_TOKENS,
+        "n_ctx": N_CTX,
+        "threads": THREADS,
+        "transparent_hugepage": huge_pages.kernel_mode(),
+    }
     for name, figures in summary.items():
         extra = {}
         if SUPERVISOR in figures["cpu"]:

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
+from appliance.llm import huge_pages
 from appliance.llm.registry import ModelRegistry
 from tests.harness import (
     Daemon,
@@ -377,3 +379,22 @@ async def test_preloaded_models_are_resident_at_ready_and_reported() -> None:
             assert 'appliance_process_rss_bytes{process="worker:two"}' in text
             listed = (await client.get("/api/v1/models")).json()
             assert all(model["loaded"] for model in listed["models"])
+
+
+async def test_a_workers_weights_are_read_into_huge_pages_not_mapped_from_the_file() -> None:
+    if huge_pages.kernel_mode() not in ("always", "madvise"):
+        pytest.skip("the kernel gives no transparent huge pages here")
+    with trio.fail_after(120):
+        async with (
+            daemon_with({"smollm2": install_smollm2}) as daemon,
+            daemon.client(timeout=None) as client,
+        ):
+            answer = await complete(client, "smollm2", max_tokens=4)
+            assert answer.status_code == 200, answer.text
+            pid = (await resident(client))["smollm2"]["pid"]
+            maps = await trio.Path(f"/proc/{pid}/maps").read_text()
+            assert ".gguf" not in maps, "the GGUF file is still mapped"
+            rollup = await trio.Path(f"/proc/{pid}/smaps_rollup").read_text()
+            huge_kb = int(rollup.split("AnonHugePages:", 1)[1].split()[0])
+            # SmolLM2's weights are 98 MB; the KV cache and buffers add to the huge pages.
+            assert huge_kb * 1024 >= 98_000_000, rollup

@@ -175,6 +175,9 @@ def open_model(
 
     model_params = llama.llama_model_default_params()
     model_params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers
+    # Read into memory, not mapped from the file: malloc'd memory can be in huge pages
+    # (appliance.llm.huge_pages), which makes every decode step shorter.
+    model_params.load_mode = llama.LLAMA_LOAD_MODE_NONE
     # verbose: no redirection of the process's stdout and stderr to /dev/null while it
     # loads (llama.cpp's messages go to its log callback, appliance.llm.llama_log; what
     # ggml prints itself when it aborts must reach the journal).

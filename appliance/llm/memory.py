@@ -1,12 +1,13 @@
 """How much memory a resident model needs, estimated from its GGUF header, and the budget.
 
-A worker holds the model's weights (mapped from the file, all of them touched by the first
-decode), its KV cache (`n_ctx` cells shared by every slot: the cache is unified), llama.cpp's
-compute buffers and the worker process itself. llama.cpp reserves its compute buffer for a
-whole batch of logits, but the batcher asks for at most one row per slot (plus a padding
-row), so only that part is counted: the rest is address space never touched. The figures
-are checked against real RSS in the tests (tests/test_model_memory.py); the pool counts the
-larger of the estimate and a worker's real RSS.
+A worker holds the model's weights (read into its memory when it loads the model: see
+appliance.llm.huge_pages), its KV cache (`n_ctx` cells shared by every slot: the cache is
+unified), llama.cpp's compute buffers and the worker process itself. llama.cpp reserves its
+compute buffer for a whole batch of logits, but the batcher asks for at most one row per
+slot (plus a padding row), so only that part is counted: the rest is address space never
+touched. The figures are checked against real RSS in the tests
+(tests/test_resident_models.py); the pool counts the larger of the estimate and a worker's
+real RSS.
 """
 
 from __future__ import annotations

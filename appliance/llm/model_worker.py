@@ -44,6 +44,7 @@ from appliance.llm.errors import (
     WorkerCrashed,
 )
 from appliance.llm.handoff import Handing, Handoff
+from appliance.llm.huge_pages import huge_pages_environment
 from appliance.llm.memory import MemoryEstimate
 from appliance.llm.protocol import (
     Attached,
@@ -296,6 +297,7 @@ class ModelWorker:
                 env={
                     "APPLIANCE_LOG_LEVEL": self.settings.log_level,
                     **binding_environment(self.cores, os.environ, allowed_cores()),
+                    **huge_pages_environment(os.environ),
                 },
             )
         finally:
