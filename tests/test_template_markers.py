@@ -19,8 +19,8 @@ import pytest
 import trio
 
 from appliance.llm.batching import open_model
+from appliance.llm.chat_prompt import FALLBACK_STOP, fallback_prompt, template_markers
 from appliance.llm.protocol import ChatMessage
-from appliance.llm.worker import FALLBACK_STOP, fallback_prompt, template_markers
 from tests.harness import Daemon, install_tiny_model, running_daemon, short_tempdir
 from tests.real_model import install_gemma, install_smollm2, smollm2_path
 

@@ -494,13 +494,13 @@ async def test_a_worker_crash_is_counted_in_metrics() -> None:
 
 
 def loading_worker(daemon: Daemon, exclude: set[int]) -> int | None:
-    """The pid of a worker child (not one of `exclude`) that has mapped its model file:
-    llama.cpp is loading it, or has loaded it."""
+    """The pid of a worker child (not one of `exclude`) that has its model file open:
+    llama.cpp is reading it into memory (it closes the file once loaded)."""
     for child in psutil.Process(daemon.process.pid).children():
         try:
-            mapped = child.pid not in exclude and "worker" in child.cmdline()
-            mapped = mapped and child.memory_maps()
-            if mapped and any(m.path.endswith(".gguf") for m in mapped):
+            opened = child.pid not in exclude and "worker" in child.cmdline()
+            opened = opened and child.open_files()
+            if opened and any(f.path.endswith(".gguf") for f in opened):
                 return child.pid
         except psutil.Error:
             continue
@@ -508,7 +508,7 @@ def loading_worker(daemon: Daemon, exclude: set[int]) -> int | None:
 
 
 async def kill_while_loading(daemon: Daemon, client: httpx.AsyncClient, gone: set[int]) -> None:
-    """SIGKILL the next worker as soon as it maps its model, and wait for its successor."""
+    """SIGKILL the next worker while it reads its model, and wait for its successor."""
     while (loading := loading_worker(daemon, gone)) is None:  # noqa: ASYNC110
         await trio.sleep(0.005)
     os.kill(loading, signal.SIGKILL)

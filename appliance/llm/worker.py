@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import socket
 import sys
 import threading
@@ -34,20 +33,19 @@ from appliance.llm.batching import (
     TokenText,
     open_model,
 )
+from appliance.llm.chat_prompt import FALLBACK_STOP, fallback_prompt, template_markers
 from appliance.llm.direct_writes import DirectWrites
 from appliance.llm.embedding import Embedder, EmbedInputError
 from appliance.llm.fitting import DoesNotFit, fit_conversation
 from appliance.llm.llama_log import LlamaLog
 from appliance.llm.memory import N_BATCH
 from appliance.llm.protocol import (
-    Attach,
     Cancel,
     ChatMessage,
     Done,
     Embed,
     Embedded,
     Error,
-    FrameBuffer,
     FromWorker,
     Generate,
     Load,
@@ -56,32 +54,12 @@ from appliance.llm.protocol import (
     SamplingOptions,
     Token,
     ToWorker,
-    decode_to_worker,
-    encode_frame,
 )
+from appliance.llm.worker_connection import AttachWith, Connection
 
 LOGGER = logging.getLogger("appliance.worker")
 
-# A model without a chat template of its own (a base model) gets this format: each turn
-# starts with a `### Role:` line, and an answer ends wherever the model writes `###`, so no
-# role line ever reaches it (docs/models.md).
-FALLBACK_MARKER: Final = "###"
-FALLBACK_STOP: Final = [FALLBACK_MARKER]
 LOG_FORMAT: Final = "%(levelname)s:%(name)s:%(message)s"
-# What may be a special token's text in a chat template (`<|im_end|>`, `<end_of_turn>`).
-_MARKER_TEXT: Final = re.compile(r"<[^<>\s]{1,40}>")
-
-
-# Descriptors one read of the supervisor's socket may carry (one an Attach frame).
-MAX_DESCRIPTORS: Final = 64
-
-
-@dataclass(frozen=True)
-class _AttachWith:
-    """An Attach frame and the connection's descriptor that came with it."""
-
-    message: Attach
-    fd: int
 
 
 @dataclass
@@ -91,65 +69,13 @@ class _EmbedJob:
     parts: Iterator[Any]
 
 
-def fallback_prompt(messages: list[ChatMessage]) -> str:
-    parts = [f"{FALLBACK_MARKER} {m.role.capitalize()}:\n{m.content}\n" for m in messages]
-    return "".join(parts) + f"{FALLBACK_MARKER} Assistant:\n"
-
-
-def template_markers(model: Any, template: str) -> dict[str, int]:
-    """The control tokens the template writes (its turn markers), by text: the batcher ends
-    an answer at one of them, and their texts are stop strings for a model that spells one
-    out of ordinary tokens."""
-    import llama_cpp as llama
-
-    markers = {}
-    for text in sorted(set(_MARKER_TEXT.findall(template))):
-        tokens = list(model.tokenize(text.encode("utf-8"), add_bos=False, special=True))
-        if len(tokens) == 1 and llama.llama_vocab_is_control(model.vocab, tokens[0]):
-            markers[text] = tokens[0]
-    return markers
-
-
-class Connection:
-    """Blocking frame I/O on the socket the supervisor handed us."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._send_lock = threading.Lock()
-        self._frames = FrameBuffer()
-
-    def send(self, *messages: FromWorker) -> None:
-        """Frames in one write: the events of a decode step wake the supervisor once."""
-        data = b"".join(encode_frame(message) for message in messages)
-        with self._send_lock:
-            self._sock.sendall(data)
-
-    def receive(self) -> Iterator[ToWorker | _AttachWith]:
-        """Frames in order; each Attach with the next descriptor that came (in order too:
-        each was sent with its own frame)."""
-        descriptors: deque[int] = deque()
-        while True:
-            data, fds, _, _ = socket.recv_fds(self._sock, 65536, MAX_DESCRIPTORS)
-            descriptors.extend(fds)
-            if not data:
-                for fd in descriptors:
-                    os.close(fd)
-                return
-            for body in self._frames.feed(data):
-                message = decode_to_worker(body)
-                if not isinstance(message, Attach):
-                    yield message
-                elif descriptors:
-                    yield _AttachWith(message, descriptors.popleft())
-
-
 class Worker:
     """Holds at most one loaded model and runs up to `parallel` generations on it at once,
     one llama.cpp decode per step for all of them (appliance.llm.batching)."""
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
-        self.inbox: queue.Queue[ToWorker | _AttachWith | None] = queue.Queue()
+        self.inbox: queue.Queue[ToWorker | AttachWith | None] = queue.Queue()
         self.cancelled: set[int] = set()
         self._model: Any = None
         self._context: Any = None
@@ -198,8 +124,8 @@ class Worker:
         except BrokenPipeError:
             return
 
-    def _handle(self, message: ToWorker | _AttachWith) -> None:
-        if isinstance(message, _AttachWith):
+    def _handle(self, message: ToWorker | AttachWith) -> None:
+        if isinstance(message, AttachWith):
             batcher = self._batcher
             running = batcher is not None and message.message.id in batcher.running_ids()
             frames = self._direct.attach(message.message, message.fd, running)
