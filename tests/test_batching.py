@@ -20,11 +20,10 @@ from appliance.llm.batching import (
     Failed,
     Finished,
     Sampling,
-    TextStream,
     TokenText,
-    _overlap,
     open_model,
 )
+from appliance.llm.text_stream import TextStream, overlap
 from tests.harness import install_tiny_model, short_tempdir
 
 PARALLEL = 4
@@ -206,7 +205,7 @@ def test_held_text_is_the_longest_end_that_begins_a_stop_string(text: str, stop:
         ),
         default=0,
     )
-    assert _overlap(text, stop) == longest
+    assert overlap(text, stop) == longest
 
 
 def test_a_full_context_evicts_idle_caches_then_ends_the_youngest_sequence() -> None:
