@@ -6,8 +6,8 @@ them misses the TLB tens of thousands of times a token; in a virtual machine eac
 two page tables. Read into memory instead (`open_model` loads without mmap) and allocated
 by glibc with MADV_HUGEPAGE (its `glibc.malloc.hugetlb=1` tunable, glibc 2.35 and later),
 the weights, KV cache and compute buffers lie in 2 MB pages wherever the kernel's
-transparent huge pages are "always" or "madvise" (Debian's default): measured on a 2-core
-VM, a decode step 6 to 9% shorter for SmolLM2 and Gemma 3 (bench `llm`). Where the kernel
+transparent huge pages are "always" or "madvise": measured on a 2-core VM, a decode step 6
+to 9% shorter for SmolLM2 and Gemma 3 (bench `llm`). Where the kernel
 says "never", or glibc is older, the tunable changes nothing and the weights are still in
 ordinary pages. The tunable is read by the dynamic loader, so it is set in the
 environment a worker starts with; an operator's own `glibc.malloc.hugetlb` is kept.
