@@ -118,8 +118,6 @@ def _stream(
                     streamed.worker_held_connection = _holds(worker_pid, local_port)
                 if on_event is not None:
                     on_event(count)
-                if http10 and (name == "done" or data == "[DONE]"):
-                    break  # the server may keep an HTTP/1.0 connection open a while
                 name, data = "", ""
         streamed.complete = True
     except http.client.IncompleteRead:

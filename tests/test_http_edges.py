@@ -193,3 +193,40 @@ async def test_readiness_says_why_not_in_general_terms() -> None:
     assert disk == {"name": "disk", "state": "fail", "detail": "too little free disk space"}
     admin_disk = {c["name"]: c for c in detailed.json()["checks"]}["disk"]
     assert "APPLIANCE_MIN_FREE_DISK_MB" in admin_disk["detail"]
+
+
+async def test_an_answer_that_ends_its_connection_closes_it() -> None:
+    """HTTP/1.0 and `Connection: close`: the server closes the connection after the answer.
+    A client that reads to the end of the connection (an HTTP/1.0 stream has no other end)
+    waited until it gave up; `exchange` fails after 30 s if the server never closes."""
+    with trio.fail_after(120):
+        async with running_daemon() as daemon:
+            auth = b"Authorization: Bearer " + daemon.api_key.encode() + b"\r\n"
+            for version, close in ((b"HTTP/1.0", b""), (b"HTTP/1.1", b"Connection: close\r\n")):
+                request = b"GET /api/v1/health/live " + version + b"\r\nHost: x\r\n" + close
+                [(status, headers, _)] = responses(await exchange(daemon, request + b"\r\n"))
+                assert status == 200, version
+                assert headers["connection"] == "close"
+                # A streamed answer, read as an HTTP/1.0 client reads it: to the close.
+                body = msgspec.json.encode(
+                    {"model": "tiny", "prompt": "the", "max_tokens": 4, "stream": True}
+                )
+                raw = await exchange(
+                    daemon,
+                    b"POST /v1/completions "
+                    + version
+                    + b"\r\nHost: x\r\n"
+                    + close
+                    + auth
+                    + b"Content-Type: application/json\r\n"
+                    + b"Content-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\n\r\n"
+                    + body,
+                )
+                head, _, events = raw.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200"), head
+                if version == b"HTTP/1.1":
+                    assert events.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), events[-80:]
+                else:
+                    assert events.endswith(b"data: [DONE]\n\n"), events[-80:]

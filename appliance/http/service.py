@@ -15,6 +15,7 @@ from hypercorn.trio import serve
 from quart import Quart
 
 from appliance.config import Settings
+from appliance.http.closing import CloseAfterLastBody
 from appliance.http.context import PROBE_USER_AGENT
 from appliance.http.framing import RejectAmbiguousFraming, use_json_protocol_errors
 from appliance.http.proxies import ClientAddress
@@ -103,10 +104,15 @@ class HttpService(Service):
         self._drained = trio.Event()
         self._last_ok = 0.0
         use_json_protocol_errors()
-        # Outermost first: refuse ambiguous framing, then find the client behind proxies.
-        self._asgi = RejectAmbiguousFraming(
-            ClientAddress(self._count_requests, settings.trusted_networks, settings.proxy_header),
-            settings.max_body_bytes,
+        # Outermost first: close what must close, refuse ambiguous framing, then find the
+        # client behind proxies.
+        self._asgi = CloseAfterLastBody(
+            RejectAmbiguousFraming(
+                ClientAddress(
+                    self._count_requests, settings.trusted_networks, settings.proxy_header
+                ),
+                settings.max_body_bytes,
+            )
         )
         # The self-probe checks that the port answers; it talks to itself, so it does not
         # verify the certificate (its name may not be the loopback address). Made once.
