@@ -396,5 +396,7 @@ async def test_a_workers_weights_are_read_into_huge_pages_not_mapped_from_the_fi
             assert ".gguf" not in maps, "the GGUF file is still mapped"
             rollup = await trio.Path(f"/proc/{pid}/smaps_rollup").read_text()
             huge_kb = int(rollup.split("AnonHugePages:", 1)[1].split()[0])
-            # SmolLM2's weights are 98 MB; the KV cache and buffers add to the huge pages.
-            assert huge_kb * 1024 >= 98_000_000, rollup
+            # SmolLM2's weights are 98 MB, and with the KV cache and buffers about 220 MB lie
+            # in huge pages; at least half the weights' worth, where fragmented memory may
+            # leave the kernel short of huge pages (none at all without the change).
+            assert huge_kb * 1024 >= 49_000_000, rollup
