@@ -23,7 +23,7 @@ from appliance.backup.archive import Source
 from appliance.config import Settings, masked
 from appliance.envfile import DEFAULT_ENV_FILE
 from appliance.llm.manifest import MANIFEST_NAME
-from appliance.llm.registry import SUFFIX, InvalidModelName, validate_model_name
+from appliance.llm.model_files import SUFFIX, InvalidModelName, validate_model_name
 from appliance.privacy.keys import DEV_KEY_FILE
 
 REDIS_MEMBER: Final = "redis/dump.rdb"

@@ -5,8 +5,10 @@ header fields, state), so a scan only re-reads files whose size or mtime changed
 SHA-256 recorded for a name is its reference: a later scan or `verify` that computes another
 one marks the model failed ("checksum changed since import") until it is verified clean or
 imported again. The manifest file itself (its records' shape, tolerant reading, atomic and
-locked writing, merging with another writer) is `appliance.llm.manifest`; this module decides
-what goes in it: names, scanning, hashing, import, verify, remove and the default model.
+locked writing, merging with another writer) is `appliance.llm.manifest`, the names a model
+may have and the untrusting read of its file are `appliance.llm.model_files`; this module
+decides what goes in the manifest: scanning, hashing, import, verify, remove and the default
+model.
 
 Everything here is blocking file work. Error messages are one line and name models, never
 absolute paths.
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -50,12 +51,18 @@ from appliance.llm.manifest import (
     save_manifest,
 )
 from appliance.llm.model_defaults import ModelDefaults, known_defaults, updated
+from appliance.llm.model_files import SUFFIX as SUFFIX
+from appliance.llm.model_files import InvalidModelName as InvalidModelName
+from appliance.llm.model_files import (
+    hash_stream,
+    name_problem,
+    open_regular,
+    os_reason,
+)
+from appliance.llm.model_files import validate_model_name as validate_model_name
 
 LOGGER = logging.getLogger("appliance.llm")
 
-SUFFIX: Final = ".gguf"
-CHUNK_BYTES: Final = 1024 * 1024
-MAX_NAME_CHARS: Final = 64
 MAX_REASON_CHARS: Final = 300
 IMPORT_HINT: Final = "appliance models import PATH"
 VERIFY_HINT: Final = "appliance models verify"
@@ -65,19 +72,8 @@ NOT_GGUF: Final = "not a GGUF file (it does not begin with 'GGUF'); expected a .
 # What the header check quotes from a file (key and tensor names, as repr() writes them).
 _QUOTED: Final = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
 OUTSIDE_DIR: Final = "it is a symlink to a file outside the models directory"
-NOT_REGULAR: Final = "it is not a regular file"
-
-_NAME_CHARS: Final = re.compile(r"[A-Za-z0-9._-]+")
-_NAME_RULE: Final = (
-    f"use 1-{MAX_NAME_CHARS} characters from A-Z a-z 0-9 . _ -, "
-    "not starting with '.' or '-' and without '..'"
-)
 
 Progress = Callable[[int, int], None]
-
-
-class InvalidModelName(RegistryError, ValueError):
-    """A model name that cannot name a file directly in the models directory."""
 
 
 class UnknownModel(RegistryError, LookupError):
@@ -96,10 +92,6 @@ class ImportRefused(RegistryError):
     """The file offered for import is not a usable GGUF model, or cannot be copied."""
 
 
-class _NotRegular(OSError):
-    """A FIFO, device or directory where a model file should be; it is never read."""
-
-
 class VerifyResult(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     state: ModelState
@@ -109,31 +101,6 @@ class VerifyResult(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def ok(self) -> bool:
         return self.state == "ok"
-
-
-def validate_model_name(name: str) -> str:
-    """Return `name` if it can name `<name>.gguf` in the models directory, else raise."""
-    problem = _name_problem(name)
-    if problem is not None:
-        raise InvalidModelName(f"invalid model name: {problem}; {_NAME_RULE}")
-    return name
-
-
-def _name_problem(name: str) -> str | None:
-    if not name:
-        return "it is empty"
-    if "/" in name or "\\" in name:
-        return "it contains a path separator"  # never echoed: it may be an absolute path
-    shown = repr(name) if len(name) <= 80 else repr(name[:77] + "...")
-    if len(name) > MAX_NAME_CHARS:
-        return f"{shown} is {len(name)} characters"
-    if not _NAME_CHARS.fullmatch(name):
-        return f"{shown} has other characters"
-    if name[0] in ".-":
-        return f"{shown} starts with {name[0]!r}"
-    if ".." in name:
-        return f"{shown} contains '..'"
-    return None
 
 
 def _one_line(text: str) -> str:
@@ -146,39 +113,6 @@ def _unechoed(reason: str) -> str:
     """The header check's reason with the names it quotes from the file left out: a file
     offered for import lies outside the models dir, and nothing of it is ever echoed."""
     return _QUOTED.sub("<a name in the file>", reason)
-
-
-def _open_regular(path: Path, *, follow: bool) -> int:
-    """Open a regular file for reading; anything else is refused before it is opened.
-
-    The fstat after opening catches a swap between the two; O_NONBLOCK keeps even that
-    case from hanging on a FIFO.
-    """
-    if not stat.S_ISREG(os.stat(path, follow_symlinks=follow).st_mode):
-        raise _NotRegular(NOT_REGULAR)
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
-    fd = os.open(path, flags)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise _NotRegular(NOT_REGULAR)
-    return fd
-
-
-def _stream(
-    fd: int, sink: Callable[[memoryview], object] | None, on_chunk: Callable[[int], None] | None
-) -> str:
-    """SHA-256 of the rest of `fd`, read in CHUNK_BYTES pieces, each also given to `sink`."""
-    digest = hashlib.sha256()
-    buffer = bytearray(CHUNK_BYTES)
-    view = memoryview(buffer)
-    with open(fd, "rb", buffering=0, closefd=False) as source:
-        while count := source.readinto(buffer):
-            digest.update(view[:count])
-            if sink is not None:
-                sink(view[:count])
-            if on_chunk is not None:
-                on_chunk(count)
-    return digest.hexdigest()
 
 
 def _unchanged(record: ModelRecord, info: os.stat_result) -> bool:
@@ -410,7 +344,7 @@ class ModelRegistry:
             if not entry.name.endswith(SUFFIX) or entry.name.startswith("."):
                 continue
             name = entry.name[: -len(SUFFIX)]
-            problem = _name_problem(name)
+            problem = name_problem(name)
             if problem is None:
                 found[name] = Path(entry.path)
             elif entry.name not in self._warned:
@@ -453,17 +387,17 @@ class ModelRegistry:
         if real is None:
             return self._failed(name, old, OUTSIDE_DIR, sha256=reference)
         try:
-            fd = _open_regular(real, follow=False)
+            fd = open_regular(real, follow=False)
         except OSError as exc:
-            return self._failed(name, old, _os_reason(exc), sha256=reference)
+            return self._failed(name, old, os_reason(exc), sha256=reference)
         try:
             info = os.fstat(fd)
             header = self._header(real)
             if isinstance(header, str):
                 return self._failed(name, old, header, sha256=reference, info=info)
-            sha256 = _stream(fd, None, on_chunk)
+            sha256 = hash_stream(fd, None, on_chunk)
         except OSError as exc:
-            return self._failed(name, old, _os_reason(exc), sha256=reference)
+            return self._failed(name, old, os_reason(exc), sha256=reference)
         finally:
             os.close(fd)
         if reference and reference != sha256:
@@ -512,7 +446,7 @@ class ModelRegistry:
         except GGUFHeaderError as exc:
             return str(exc)
         except OSError as exc:
-            return _os_reason(exc)
+            return os_reason(exc)
 
     # -- import --------------------------------------------------------------------------
 
@@ -527,13 +461,13 @@ class ModelRegistry:
 
     def _check_source(self, source: Path) -> None:
         try:
-            fd = _open_regular(source, follow=True)
+            fd = open_regular(source, follow=True)
         except OSError as exc:
-            raise ImportRefused(f"cannot read {source.name!r}: {_os_reason(exc)}") from None
+            raise ImportRefused(f"cannot read {source.name!r}: {os_reason(exc)}") from None
         try:
             magic = os.pread(fd, len(GGUF_MAGIC), 0)
         except OSError as exc:
-            raise ImportRefused(f"cannot read {source.name!r}: {_os_reason(exc)}") from None
+            raise ImportRefused(f"cannot read {source.name!r}: {os_reason(exc)}") from None
         finally:
             os.close(fd)
         if magic != GGUF_MAGIC:
@@ -547,9 +481,9 @@ class ModelRegistry:
     ) -> str:
         """Stream `source` into `write`, hashing what was read; returns the SHA-256."""
         try:
-            fd = _open_regular(source, follow=True)
+            fd = open_regular(source, follow=True)
         except OSError as exc:
-            raise ImportRefused(f"cannot read {source.name!r}: {_os_reason(exc)}") from None
+            raise ImportRefused(f"cannot read {source.name!r}: {os_reason(exc)}") from None
         try:
             total = os.fstat(fd).st_size
             free = shutil.disk_usage(self.models_dir).free
@@ -569,9 +503,9 @@ class ModelRegistry:
             if progress is not None:
                 progress(0, total)
             try:
-                sha256 = _stream(fd, write, advance)
+                sha256 = hash_stream(fd, write, advance)
             except OSError as exc:
-                raise ImportRefused(f"cannot copy {source.name!r}: {_os_reason(exc)}") from None
+                raise ImportRefused(f"cannot copy {source.name!r}: {os_reason(exc)}") from None
             if done != total:
                 raise ImportRefused(f"{source.name!r} changed size while it was being copied")
             return sha256
@@ -619,7 +553,7 @@ class ModelRegistry:
         return {
             record.name: record
             for record in records
-            if _name_problem(record.name) is None and record.file == f"{record.name}{SUFFIX}"
+            if name_problem(record.name) is None and record.file == f"{record.name}{SUFFIX}"
         }
 
     def _commit(
@@ -687,13 +621,6 @@ def _record(
         defaults=old.defaults if old is not None else known_defaults(sha256),
         source=old.source if old is not None else source,
     )
-
-
-def _os_reason(exc: OSError) -> str:
-    # strerror, not str(exc): the latter carries the absolute path.
-    if isinstance(exc, _NotRegular):
-        return NOT_REGULAR
-    return f"cannot read the file: {exc.strerror or type(exc).__name__}"
 
 
 def _mb(size: int) -> int:
